@@ -1,0 +1,127 @@
+"""Acceptance 1: the sparse layers' gradients equal the dense reference, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import trady_peft
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+LAYERS = {
+    "linear": lambda: nn.Linear(12, 7),
+    "conv1d": lambda: nn.Conv1d(6, 5, 3, stride=2, padding=1),
+    "conv2d": lambda: nn.Conv2d(6, 5, 3, stride=2, padding=2, dilation=2),
+    "conv2d_grouped": lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2),
+    "conv2d_depthwise": lambda: nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False),
+    "conv2d_same_reflect": lambda: nn.Conv2d(6, 5, 4, padding="same", padding_mode="reflect"),
+    "hf_conv1d": lambda: Conv1D(7, 12),
+}
+INPUTS = {
+    "linear": (3, 4, 12),
+    "conv1d": (2, 6, 9),
+    "conv2d": (2, 6, 9, 8),
+    "conv2d_grouped": (2, 6, 7, 7),
+    "conv2d_depthwise": (2, 6, 7, 7),
+    "conv2d_same_reflect": (2, 6, 7, 6),
+    "hf_conv1d": (3, 4, 12),
+}
+
+
+class Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def reference_output(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base layer's own computation with ``weight`` in place of its weight."""
+    if isinstance(base, Conv1D):
+        return x @ weight + base.bias
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, base.bias)
+    return base._conv_forward(x, weight, base.bias)
+
+
+def channel_slices(base: nn.Module, dense: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """The rows/columns/slices of a dense weight-shaped tensor owned by ``channels``, written
+    out independently of the library: ``[k, *slice_shape]``."""
+    if isinstance(base, Conv1D):
+        return dense[channels]
+    if isinstance(base, nn.Linear):
+        return dense[:, channels].t()
+    groups = base.groups
+    og, ig = base.out_channels // groups, base.in_channels // groups
+    return torch.stack([dense[(c // ig) * og:(c // ig + 1) * og, c % ig] for c in channels.tolist()])
+
+
+def dense_from_slices(base: nn.Module, channels: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`channel_slices`: a zero weight-shaped tensor holding ``slices``."""
+    dense = torch.zeros_like(base.weight)
+    for c, s in zip(channels.tolist(), slices.to(dense.dtype)):
+        if isinstance(base, Conv1D):
+            dense[c] += s
+        elif isinstance(base, nn.Linear):
+            dense[:, c] += s
+        else:
+            og, ig = base.out_channels // base.groups, base.in_channels // base.groups
+            dense[(c // ig) * og:(c // ig + 1) * og, c % ig] += s
+    return dense
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_delta_and_input_gradients_match_dense_reference(kind):
+    torch.manual_seed(0)
+    base = LAYERS[kind]()
+    reference_base = LAYERS[kind]()
+    reference_base.load_state_dict(base.state_dict())
+    model = get_peft_model(
+        Holder(base), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=0.5, init_weights=False)
+    )
+    tuner, layer = model.base_model, model.base_model.model.layer
+    # Train one period so the accumulated store is non-empty, then draw a new selection.
+    tuner.resample()
+    with torch.no_grad():
+        tuner.trady_bank["default"].weight.normal_()
+    channels = layer.trady_idx["default"].long()
+    assert 0 < channels.numel() < layer.in_features
+    assert layer.trady_indices["default"].numel() > 0
+
+    x = torch.randn(INPUTS[kind], requires_grad=True)
+    out = model(x)
+    probe = torch.randn_like(out)
+    (out * probe).sum().backward()
+
+    # Dense reference: the full effective weight as a leaf.
+    view = layer.trady_delta["default"]
+    w_eff = (
+        reference_base.weight.detach()
+        + dense_from_slices(base, layer.trady_indices["default"].long(), layer.trady_values["default"])
+        + dense_from_slices(base, channels, view().detach())
+    ).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out_ref = reference_output(reference_base, x_ref, w_eff)
+    (out_ref * probe).sum().backward()
+
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    delta_grad = tuner.trady_bank["default"].weight.grad
+    got = delta_grad[view.offset:view.offset + view.numel].view(channels.numel(), *view.slice_shape)
+    torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
+    # The base weight is frozen and receives no gradient.
+    assert layer.base_layer.weight.grad is None

@@ -1,0 +1,52 @@
+"""Tiny models built from code or config (no network), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+class SmallCNN(nn.Module):
+    """A MobileNet-like block stack: a stem conv, a depthwise conv, a grouped conv, a classifier."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.act2 = nn.ReLU6()
+        self.pw = nn.Conv2d(8, 16, 1, groups=2)
+        self.act3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, pixel_values, labels=None):
+        x = self.act1(self.bn1(self.stem(pixel_values)))
+        x = self.act2(self.bn2(self.dw(x)))
+        x = self.act3(self.pw(x))
+        logits = self.classifier(self.pool(x).flatten(1))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN().eval()

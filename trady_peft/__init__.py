@@ -1,0 +1,25 @@
+"""trady-peft: TraDy (ICLR 2026) as a PEFT method for memory-constrained fine-tuning.
+
+``import trady_peft`` registers the method with peft, after which ``get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes
+accept TraDy adapters.
+"""
+
+from ._registration import register as _register
+from .config import TraDyConfig
+from .layer import TraDyLayer
+from .memory import TrainingStepMemory, measure_training_step
+from .model import TraDyModel
+
+__version__ = "0.1.0"
+
+_register()
+
+__all__ = [
+    "TraDyConfig",
+    "TraDyLayer",
+    "TraDyModel",
+    "TrainingStepMemory",
+    "measure_training_step",
+    "__version__",
+]

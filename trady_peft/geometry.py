@@ -1,0 +1,244 @@
+"""How a layer's weight is cut into input channels.
+
+TraDy's unit of update is one *input* channel: a column of a Linear weight, the row of a
+transformers ``Conv1D`` weight (it stores ``[in, out]``), the slice ``W[:, c]`` of a convolution.
+For a grouped or depthwise convolution an input channel only reaches the output channels of its
+group, so its slice is ``W[g * og:(g + 1) * og, c % ig]``.
+
+A :class:`ChannelGeometry` knows, for one layer:
+
+* the shape of one channel's slice (``slice_shape``) and how many values it holds;
+* how to apply the slices of some channels to the matching input channels (``apply``) and the
+  two backward products (``input_grad``, ``slice_grad``), which is all the custom autograd
+  functions in :mod:`trady_peft.autograd` need;
+* how to add slices into the dense weight (``scatter_into``), used by merge and by
+  ``get_delta_weight``.
+
+Everything here works on the *selected* channels only; nothing allocates a dense ``[out, in]``
+tensor except ``scatter_into``, which writes into a weight it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d}
+
+
+@dataclass(frozen=True)
+class ChannelGeometry:
+    """Shape facts of one target layer, seen as a set of input channels.
+
+    Attributes:
+        kind: ``"linear"`` (``nn.Linear``), ``"conv1d_hf"`` (transformers ``Conv1D``) or ``"conv"``.
+        in_channels: number of input channels (``in_features`` for a Linear).
+        out_channels: number of output channels.
+        groups: convolution groups (1 for linear layers).
+        kernel_size: spatial kernel size (empty for linear layers).
+        stride, dilation: convolution stride and dilation.
+        padding: integer padding passed to the convolution.
+        pre_pad: explicit ``F.pad`` amounts when the layer pads asymmetrically or with a mode
+            other than zeros (then ``padding`` is all zeros), else ``None``.
+        pad_mode: ``F.pad`` mode for ``pre_pad``.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    groups: int = 1
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    pre_pad: tuple[int, ...] | None = None
+    pad_mode: str = "constant"
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> ChannelGeometry:
+        """Read the geometry of a supported layer; raise a clear error for anything else."""
+        if isinstance(layer, nn.Linear):
+            return cls("linear", layer.in_features, layer.out_features)
+        if isinstance(layer, Conv1D):
+            return cls("conv1d_hf", layer.weight.shape[0], layer.weight.shape[1])
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            if layer.transposed:
+                raise TypeError(f"Transposed convolutions are not supported by TraDy (got {layer}).")
+            pre_pad, pad_mode, padding = None, "constant", tuple(layer.padding) if not isinstance(
+                layer.padding, str
+            ) else None
+            if layer.padding_mode != "zeros" or padding is None:
+                # F.pad with the module's own amounts, then an unpadded convolution: the same
+                # arithmetic as nn.Conv's _conv_forward, and it also covers padding="same".
+                pre_pad = tuple(layer._reversed_padding_repeated_twice)
+                pad_mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+                padding = (0,) * len(layer.kernel_size)
+            return cls(
+                "conv",
+                layer.in_channels,
+                layer.out_channels,
+                groups=layer.groups,
+                kernel_size=tuple(layer.kernel_size),
+                stride=tuple(layer.stride),
+                padding=padding,
+                dilation=tuple(layer.dilation),
+                pre_pad=pre_pad,
+                pad_mode=pad_mode,
+            )
+        raise TypeError(
+            f"TraDy cannot wrap a {type(layer).__name__}: supported layers are nn.Linear, nn.Conv1d, "
+            "nn.Conv2d and transformers' Conv1D. Remove it from target_modules or add it to exclude_modules."
+        )
+
+    # ----------------------------------------------------------------------------------- shapes
+    @property
+    def channel_dim(self) -> int:
+        """Dimension of the layer input that indexes channels."""
+        return 1 if self.kind == "conv" else -1
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        """Shape of the weight values one input channel owns."""
+        return (self.out_per_group, *self.kernel_size)
+
+    @property
+    def slice_numel(self) -> int:
+        n = self.out_per_group
+        for k in self.kernel_size:
+            n *= k
+        return n
+
+    # ------------------------------------------------------------------------- conv helpers
+    def _output_channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """Output channels reached by each selected input channel of a grouped conv, flattened."""
+        og = self.out_per_group
+        group = torch.div(channels.long(), self.in_per_group, rounding_mode="floor")
+        return (group[:, None] * og + torch.arange(og, device=channels.device)).reshape(-1)
+
+    def _conv_weight(self, slices: torch.Tensor) -> torch.Tensor:
+        """Slices ``[k, og, *kernel]`` as a convolution weight over the k selected channels."""
+        if self.groups == 1:
+            return slices.transpose(0, 1)  # [out, k, *kernel]
+        return slices.reshape(-1, 1, *self.kernel_size)  # one group per selected channel
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
+
+    def padded_shape(self, shape: torch.Size) -> torch.Size:
+        if self.pre_pad is None:
+            return shape
+        dims = list(shape)
+        for i in range(len(self.pre_pad) // 2):
+            dims[-1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
+        return torch.Size(dims)
+
+    def unpad_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Adjoint of :meth:`pad`: padding is linear, so its adjoint does not depend on values."""
+        if self.pre_pad is None:
+            return grad
+        with torch.enable_grad():
+            z = torch.zeros(shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            (g,) = torch.autograd.grad(self.pad(z), z, grad)
+        return g
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        return _CONV_FN[len(self.kernel_size)](
+            x, weight, None, self.stride, self.padding, self.dilation, groups
+        )
+
+    def _conv_backward(self, grad_out, x_or_shape, weight, groups, need_input, need_weight):
+        if isinstance(x_or_shape, torch.Tensor):
+            x = x_or_shape
+        else:  # only the shape is known: the input gradient needs no input values
+            x = grad_out.new_empty(1).expand(x_or_shape)
+        g_in, g_w, _ = torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            weight,
+            None,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0] * len(self.kernel_size),
+            groups,
+            [need_input, need_weight, False],
+        )
+        return g_in, g_w
+
+    # ------------------------------------------------------------------- forward / backward
+    def apply(self, x_sel: torch.Tensor, slices: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """Contribution to the layer output of the selected input channels ``x_sel`` through ``slices``.
+
+        ``x_sel`` holds the selected channels of the (unpadded) layer input, ``slices`` is
+        ``[k, *slice_shape]`` and ``channels`` the k channel indices.
+        """
+        if self.kind != "conv":
+            return x_sel @ slices  # [..., k] @ [k, out]
+        x_sel = self.pad(x_sel)
+        if self.groups == 1:
+            return self._conv(x_sel, self._conv_weight(slices), 1)
+        y = self._conv(x_sel, self._conv_weight(slices), x_sel.shape[1])
+        out = y.new_zeros(y.shape[0], self.out_channels, *y.shape[2:])
+        return out.index_add_(1, self._output_channels(channels), y)
+
+    def input_grad(
+        self, grad_out: torch.Tensor, sel_shape: torch.Size, slices: torch.Tensor, channels: torch.Tensor
+    ) -> torch.Tensor:
+        """Gradient w.r.t. the selected input channels (shape ``sel_shape``) of :meth:`apply`."""
+        if self.kind != "conv":
+            return grad_out @ slices.t()
+        padded = self.padded_shape(sel_shape)
+        if self.groups == 1:
+            g, _ = self._conv_backward(grad_out, padded, self._conv_weight(slices), 1, True, False)
+        else:
+            g_sel = grad_out.index_select(1, self._output_channels(channels))
+            g, _ = self._conv_backward(g_sel, padded, self._conv_weight(slices), sel_shape[1], True, False)
+        return self.unpad_grad(g, sel_shape)
+
+    def slice_grad(
+        self, grad_out: torch.Tensor, x_sel: torch.Tensor, slices: torch.Tensor, channels: torch.Tensor
+    ) -> torch.Tensor:
+        """Gradient w.r.t. ``slices`` of :meth:`apply`, computed from the selected inputs only."""
+        if self.kind != "conv":
+            k = x_sel.shape[-1]
+            return x_sel.reshape(-1, k).t() @ grad_out.reshape(-1, grad_out.shape[-1])
+        x_sel = self.pad(x_sel)
+        weight = self._conv_weight(slices)
+        if self.groups == 1:
+            _, g = self._conv_backward(grad_out, x_sel, weight, 1, False, True)
+            return g.transpose(0, 1)
+        g_sel = grad_out.index_select(1, self._output_channels(channels))
+        _, g = self._conv_backward(g_sel, x_sel, weight, x_sel.shape[1], False, True)
+        return g.reshape(slices.shape)
+
+    # ------------------------------------------------------------------------------ weights
+    def scatter_into(self, weight: torch.Tensor, channels: torch.Tensor, slices: torch.Tensor, alpha=1.0):
+        """Add ``alpha * slices`` of ``channels`` into the dense base ``weight`` in place."""
+        slices = (slices * alpha).to(weight.dtype)
+        channels = channels.long()
+        if self.kind == "linear":  # weight [out, in]: channel = column
+            weight.index_add_(1, channels, slices.t())
+        elif self.kind == "conv1d_hf":  # weight [in, out]: channel = row
+            weight.index_add_(0, channels, slices)
+        elif self.groups == 1:  # weight [out, in, *kernel]
+            weight.index_add_(1, channels, slices.transpose(0, 1))
+        else:  # weight [out, in/groups, *kernel]
+            rows = self._output_channels(channels).view(-1, self.out_per_group)
+            cols = (channels % self.in_per_group)[:, None].expand_as(rows)
+            weight.index_put_((rows, cols), slices, accumulate=True)
+        return weight

@@ -1,0 +1,231 @@
+"""The channel-sparse layer: a frozen base layer plus deltas on a few input channels.
+
+For each adapter a :class:`TraDyLayer` holds
+
+* ``trady_delta[adapter]`` -- a :class:`ChannelDeltaView` onto this layer's segment of the
+  adapter's flat trainable bank (see :mod:`trady_peft.model`): the slices of the channels that
+  train this period, ``[k, *slice_shape]``;
+* ``trady_idx[adapter]`` -- those k channel indices (not saved: the selection is runtime state);
+* ``trady_indices[adapter]`` / ``trady_values[adapter]`` -- every channel updated in earlier
+  periods and its accumulated delta, in fp32 (saved; their size grows with the union of touched
+  channels, so they resize on load).
+
+Forward: ``base(x) + delta(x[idx]) + acc(x[acc_idx])``. The delta path keeps ``x[idx]`` for the
+backward pass and nothing else of ``x``; a convolution's frozen base path keeps no input at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .autograd import SparseChannelDelta, frozen_conv
+from .geometry import ChannelGeometry
+
+
+class ResizableBufferDict(BufferDict):
+    """A persistent ``BufferDict`` whose entries take the checkpoint's shape on load.
+
+    The accumulated store grows with every period, so a checkpoint rarely has the shape of a
+    freshly created layer; ``nn.Module.load_state_dict`` would report a size mismatch.
+    """
+
+    def __init__(self, buffers=None):
+        super().__init__(buffers, persistent=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in list(self._buffers):
+            incoming = state_dict.get(prefix + key)
+            current = self._buffers[key]
+            if incoming is not None and current is not None and incoming.shape != current.shape:
+                self._buffers[key] = current.new_empty(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ChannelDeltaView(nn.Module):
+    """The trainable slices of one layer: a view onto its segment of the adapter's bank.
+
+    Holds no parameter of its own (the bank owns it), so the optimizer, DDP and FSDP see one
+    fixed-size tensor per adapter whatever the number of channels each layer draws.
+    """
+
+    def __init__(self, slice_shape: tuple[int, ...]):
+        super().__init__()
+        self.slice_shape = tuple(slice_shape)
+        self.offset = 0
+        self.count = 0
+        self.__dict__["bank"] = None  # set by the model; a plain reference, not a submodule
+
+    @property
+    def numel(self) -> int:
+        n = self.count
+        for s in self.slice_shape:
+            n *= s
+        return n
+
+    def forward(self) -> torch.Tensor:
+        bank = self.__dict__["bank"]
+        if bank is None or self.count == 0:
+            raise RuntimeError("This TraDy layer has no channel selection installed.")
+        return bank.weight.narrow(0, self.offset, self.numel).view(self.count, *self.slice_shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.count}, slice_shape={self.slice_shape}, offset={self.offset}"
+
+
+class TraDyLayer(nn.Module, BaseTunerLayer):
+    """Wraps one ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or transformers ``Conv1D``."""
+
+    adapter_layer_names = ("trady_delta",)
+    other_param_names = ("trady_idx", "trady_indices", "trady_values")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.geometry = ChannelGeometry.of(base_layer)
+        self.in_features = self.geometry.in_channels
+        self.out_features = self.geometry.out_channels
+        self.trady_delta = nn.ModuleDict()
+        self.trady_idx = BufferDict(persistent=False)
+        self.trady_indices = ResizableBufferDict()
+        self.trady_values = ResizableBufferDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._merged_amount: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ------------------------------------------------------------------------------ adapters
+    @property
+    def delta_dtype(self) -> torch.dtype:
+        """Deltas are kept in fp32, or in the base dtype when it is wider (float64)."""
+        return torch.promote_types(torch.float32, self.base_layer.weight.dtype)
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        """Create the (empty) state of a new adapter on this layer."""
+        device = self.base_layer.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        geom = self.geometry
+        self.trady_delta[adapter_name] = ChannelDeltaView(geom.slice_shape)
+        self.trady_idx[adapter_name] = torch.zeros(0, dtype=torch.int32, device=device)
+        self.trady_indices[adapter_name] = torch.zeros(0, dtype=torch.int32, device=device)
+        self.trady_values[adapter_name] = torch.zeros(0, *geom.slice_shape, dtype=self.delta_dtype, device=device)
+        self.set_adapter(self.active_adapters)
+
+    def install_channels(self, adapter_name: str, channels: torch.Tensor, bank: nn.Module, offset: int) -> None:
+        """Make ``channels`` this layer's trainable channels, backed by ``bank`` at ``offset``."""
+        view = self.trady_delta[adapter_name]
+        view.__dict__["bank"] = bank
+        view.offset, view.count = int(offset), int(channels.numel())
+        self.trady_idx[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
+
+    def current_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """Slices ``[k, *slice_shape]`` trained this period, or None when nothing is selected."""
+        view = self.trady_delta[adapter_name]
+        return view() if view.count and view.__dict__["bank"] is not None else None
+
+    def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulated store with the current period's delta added: ``(indices, values)``.
+
+        Indices are sorted and unique (int32); values are fp32. Nothing is modified.
+        """
+        acc_idx, acc_val = self.trady_indices[adapter_name], self.trady_values[adapter_name]
+        delta = self.current_delta(adapter_name)
+        if delta is None:
+            return acc_idx, acc_val
+        idx = self.trady_idx[adapter_name]
+        union = torch.unique(torch.cat([acc_idx, idx]))  # sorted
+        values = acc_val.new_zeros(union.numel(), *self.geometry.slice_shape)
+        if acc_idx.numel():
+            values.index_add_(0, torch.searchsorted(union, acc_idx), acc_val)
+        values.index_add_(0, torch.searchsorted(union, idx), delta.detach().to(values.dtype))
+        return union.to(torch.int32), values
+
+    def commit(self, adapter_name: str) -> None:
+        """Move the current delta into the accumulated store (the caller zeroes the bank)."""
+        indices, values = self.fold(adapter_name)
+        self.trady_indices[adapter_name] = indices
+        self.trady_values[adapter_name] = values
+
+    def touched_channels(self, adapter_name: str) -> int:
+        """Number of channels of this layer updated so far (stored + current)."""
+        return self.fold(adapter_name)[0].numel()
+
+    # ------------------------------------------------------------------------------- merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's whole update as a dense tensor shaped like the base weight.
+
+        Only for merging/conversion; training never materialises it.
+        """
+        weight = self.base_layer.weight
+        indices, values = self.fold(adapter_name)
+        dense = torch.zeros(weight.shape, dtype=self.delta_dtype, device=weight.device)
+        return self.geometry.scatter_into(dense, indices, values)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' deltas into the base weight (only the touched channels change)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.trady_delta:
+                continue
+            indices, values = self.fold(name)
+            weight = self.base_layer.weight
+            if safe_merge:
+                merged = self.geometry.scatter_into(weight.data.clone(), indices, values)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs found while merging adapter {name!r}; it was not merged.")
+                weight.data = merged
+            else:
+                self.geometry.scatter_into(weight.data, indices, values)
+            self._merged_amount[name] = (indices, values)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract what :meth:`merge` added, in reverse order."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            indices, values = self._merged_amount.pop(name)
+            self.geometry.scatter_into(self.base_layer.weight.data, indices, values, alpha=-1.0)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------- forward
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.geometry.kind == "conv" and not args and not kwargs:
+            return frozen_conv(x, self.base_layer, self.geometry)
+        return self.base_layer(x, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self._base_forward(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.trady_delta:
+                continue
+            view = self.trady_delta[name]
+            has_current = view.count > 0 and view.__dict__["bank"] is not None
+            acc_idx = self.trady_indices[name]
+            if not has_current and not acc_idx.numel():
+                continue
+            idx = self.trady_idx[name] if has_current else acc_idx[:0]
+            delta = view() if has_current else self.trady_values[name][:0]
+            update = SparseChannelDelta.apply(x, delta, idx, acc_idx, self.trady_values[name], self.geometry)
+            result = result + update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "trady." + super().__repr__()

@@ -1,0 +1,316 @@
+"""`TraDyModel`: finds the target layers, wraps them, owns the trainable bank and the draws.
+
+Trainable state (DESIGN.md §2.3-2.4). Each adapter owns one flat fp32 parameter, its *bank*;
+each wrapped layer trains a view onto its own segment of it. The bank's size is fixed when the
+adapter is created, so the optimizer, DDP's reducer and FSDP see the same parameter for the
+whole run; a resample only moves segment boundaries and index buffers, in place. No dense
+``[out, in]`` tensor is ever allocated for training.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from torch import nn
+
+from ._registration import PREFIX
+from .config import TraDyConfig
+from .geometry import SUPPORTED_LAYER_TYPES
+from .layer import TraDyLayer
+from .selection import Candidate, draw_per_layer
+
+
+class DeltaBank(nn.Module):
+    """One adapter's trainable values: a flat fp32 ``weight`` shared out among the layers.
+
+    A leaf module with a ``.weight`` so that FSDP auto-wrapping treats it as its own unit.
+    """
+
+    def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.adapter_name = adapter_name
+        self.weight = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An adapter checkpoint stores the current period's delta folded into
+        # `trady_values`; when such a store is loaded for this adapter, the live delta must
+        # restart from zero or it would count twice.
+        if prefix + "weight" not in state_dict:
+            suffix = f".trady_values.{self.adapter_name}"
+            if any(k.endswith(suffix) for k in state_dict):
+                with torch.no_grad():
+                    self.weight.zero_()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
+
+
+class TraDyModel(BaseTuner):
+    """Applies TraDy to a model. Created by ``peft.get_peft_model`` with a :class:`TraDyConfig`.
+
+    Besides the usual peft tuner API (merge, unload, add/set/delete adapter), it offers
+    :meth:`resample`, which ends a training period: the deltas trained so far are folded into
+    the accumulated store, a new channel set is drawn and the optimizer moments of re-targeted
+    entries are reset.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = TraDyLayer
+    target_module_mapping: dict = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        self._trady_period: dict[str, int] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------- target discovery
+    def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
+        return peft_config  # target_modules=None is resolved in _prepare_model, which sees the model
+
+    def _prepare_model(self, peft_config: TraDyConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is not None:
+            return
+        excluded = set()
+        get_output = getattr(model, "get_output_embeddings", None)
+        output_emb = get_output() if callable(get_output) else None
+        for name in SEQ_CLS_HEAD_NAMES:
+            head = getattr(model, name, None)
+            if isinstance(head, nn.Module):
+                excluded.update(id(m) for m in head.modules())
+        if output_emb is not None:
+            excluded.add(id(output_emb))
+        saved = set(peft_config.modules_to_save or [])
+        names = []
+        for name, module in model.named_modules():
+            if not isinstance(module, SUPPORTED_LAYER_TYPES) or id(module) in excluded:
+                continue
+            parts = name.split(".")
+            if any(".".join(parts[i:j]) in saved for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)):
+                continue
+            if any(isinstance(m, BaseTunerLayer) for m in _ancestors(model, name)):
+                continue
+            names.append(name)
+        if not names:
+            raise ValueError(
+                "TraDy found no nn.Linear, nn.Conv1d, nn.Conv2d or Conv1D layer to adapt in this model; "
+                "pass target_modules explicitly."
+            )
+        peft_config.target_modules = set(names)
+
+    # ---------------------------------------------------------------------------- wrapping
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, TraDyLayer):
+            target.update_layer(adapter_name, config)
+            return
+        if not isinstance(target, SUPPORTED_LAYER_TYPES):
+            raise TypeError(
+                f"Module {current_key!r} is a {type(target).__name__}, which TraDy cannot adapt: supported layers "
+                "are nn.Linear, nn.Conv1d, nn.Conv2d and transformers' Conv1D. Remove it from target_modules."
+            )
+        new_module = TraDyLayer(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        self._create_bank(adapter_name)
+
+    # ----------------------------------------------------------------------------- layers
+    def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
+        """The wrapped layers carrying ``adapter_name``, in module order."""
+        return [
+            (name, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, TraDyLayer) and adapter_name in m.trady_delta
+        ]
+
+    def _candidates(self, adapter_name: str) -> list[Candidate]:
+        config = self.peft_config[adapter_name]
+        return [
+            Candidate(name, layer.geometry.in_channels, config.channels_for(layer.geometry.in_channels))
+            for name, layer in self.trady_layers(adapter_name)
+        ]
+
+    def _create_bank(self, adapter_name: str) -> None:
+        layers = self.trady_layers(adapter_name)
+        config = self.peft_config[adapter_name]
+        capacity = sum(c.quota * layer.geometry.slice_numel for c, (_, layer) in zip(self._candidates(adapter_name), layers))
+        device = layers[0][1].base_layer.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        if not hasattr(self, "trady_bank"):
+            self.trady_bank = nn.ModuleDict()
+        dtype = layers[0][1].delta_dtype
+        bank = DeltaBank(adapter_name, capacity, device, dtype)
+        if not config.init_weights:
+            with torch.no_grad():
+                bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
+        self.trady_bank[adapter_name] = bank
+        bank.weight.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+        self._trady_period[adapter_name] = 0
+        self._install(adapter_name, self._draw(adapter_name, 0))
+
+    def _draw(self, adapter_name: str, period: int) -> dict[str, torch.Tensor]:
+        config = self.peft_config[adapter_name]
+        effective_period = period if config.redraws else 0
+        return draw_per_layer(self._candidates(adapter_name), config.seed, effective_period)
+
+    def _install(self, adapter_name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """Install ``selection`` and return the bank segments whose meaning changed."""
+        bank = self.trady_bank[adapter_name]
+        offset, changed = 0, []
+        for name, layer in self.trady_layers(adapter_name):
+            channels = selection.get(name, torch.zeros(0, dtype=torch.long))
+            view = layer.trady_delta[adapter_name]
+            n = channels.numel() * layer.geometry.slice_numel
+            old = layer.trady_idx[adapter_name]
+            same = view.offset == offset and old.numel() == channels.numel() and torch.equal(old.long().cpu(), channels.long().cpu())
+            if not same and n:
+                changed.append((offset, offset + n))
+            layer.install_channels(adapter_name, channels, bank, offset)
+            offset += n
+        if offset > bank.weight.numel():
+            raise RuntimeError(
+                f"Internal error: the selection needs {offset} trainable values but the bank of adapter "
+                f"{adapter_name!r} holds {bank.weight.numel()}."
+            )
+        return changed
+
+    # ---------------------------------------------------------------------------- periods
+    def period(self, adapter_name: str = "default") -> int:
+        """Index of the current training period (0 before the first resample)."""
+        return self._trady_period[adapter_name]
+
+    @torch.no_grad()
+    def resample(
+        self,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        adapter_name: Optional[str] = None,
+        period: Optional[int] = None,
+    ) -> int:
+        """End the current period and start the next one.
+
+        1. fold the deltas trained this period into each layer's accumulated store;
+        2. draw the channels of the next period (a pure function of seed and period);
+        3. zero the bank in place (same parameter object, so the optimizer keeps tracking it);
+        4. reset ``optimizer``'s state (Adam moments, momentum) for the bank entries whose
+           channel changed.
+
+        Args:
+            optimizer: the optimizer training the adapter, if its state must be reset.
+            adapter_name: the adapter to resample (default: every active adapter).
+            period: the period to draw (default: the current one + 1). Resuming passes it.
+
+        Returns:
+            The new period index.
+        """
+        names = [adapter_name] if adapter_name else list(self.active_adapters)
+        new_period = None
+        for name in names:
+            for _, layer in self.trady_layers(name):
+                layer.commit(name)
+            new_period = self._trady_period[name] + 1 if period is None else period
+            changed = self._install(name, self._draw(name, new_period))
+            bank = self.trady_bank[name].weight
+            bank.zero_()
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, bank, changed)
+            self._trady_period[name] = new_period
+        return new_period
+
+    def selection_summary(self, adapter_name: str = "default") -> dict[str, int]:
+        """Counts for logs: layers, channels selected now, channels touched so far, bank size."""
+        layers = self.trady_layers(adapter_name)
+        return {
+            "period": self._trady_period[adapter_name],
+            "layers": len(layers),
+            "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
+            "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
+            "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
+            "trainable_values": self.trady_bank[adapter_name].weight.numel(),
+        }
+
+    # ------------------------------------------------------------------ adapter housekeeping
+    def _sync_bank_requires_grad(self, active: list[str], inference_mode: bool = False) -> None:
+        for name, bank in getattr(self, "trady_bank", {}).items():
+            bank.weight.requires_grad_(name in active and not inference_mode)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_bank_requires_grad(self.active_adapters, inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name in getattr(self, "trady_bank", {}):
+                self.trady_bank[name].weight.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in getattr(self, "trady_bank", {}):
+            del self.trady_bank[adapter_name]
+        self._trady_period.pop(adapter_name, None)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if enabled:
+            self._sync_bank_requires_grad(self.active_adapters)
+
+    # ----------------------------------------------------------------------- saving
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Save ``(indices, values)`` per layer with the current period folded in; never the bank."""
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        out = {k: v for k, v in out.items() if ".trady_bank." not in f".{k}"}
+        for name, module in model.named_modules():
+            if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
+                continue
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            key_idx = f"{name}.trady_indices.{adapter_name}"
+            key_val = f"{name}.trady_values.{adapter_name}"
+            if key_idx not in out:
+                if module.current_delta(adapter_name) is not None:
+                    raise RuntimeError(
+                        f"Could not find {key_idx!r} in the state dict being saved; refusing to save an adapter "
+                        "that would silently drop the current period's delta."
+                    )
+                continue
+            indices, values = module.fold(adapter_name)
+            out[key_idx], out[key_val] = indices.to(torch.int32), values
+        return out
+
+
+def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tuple[int, int]]) -> int:
+    """Zero the per-entry optimizer state (moments, momentum) of ``parameter`` in ``segments``.
+
+    Works with torch optimizers and accelerate's ``AcceleratedOptimizer`` (its ``.state`` proxies
+    the real one). Returns the number of state tensors touched.
+    """
+    state = optimizer.state.get(parameter) if hasattr(optimizer, "state") else None
+    if not state or not segments:
+        return 0
+    touched = 0
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+            for start, stop in segments:
+                value[start:stop].zero_()
+            touched += 1
+    return touched
+
+
+def _ancestors(model: nn.Module, name: str):
+    module = model
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        yield module
