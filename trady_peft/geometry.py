@@ -227,18 +227,31 @@ class ChannelGeometry:
         return g.reshape(slices.shape)
 
     # ------------------------------------------------------------------------------ weights
-    def scatter_into(self, weight: torch.Tensor, channels: torch.Tensor, slices: torch.Tensor, alpha=1.0):
-        """Add ``alpha * slices`` of ``channels`` into the dense base ``weight`` in place."""
-        slices = (slices * alpha).to(weight.dtype)
+    def _slice_index(self, channels: torch.Tensor):
+        """Advanced index into the dense weight selecting ``[k, *slice_shape]`` (channels unique)."""
         channels = channels.long()
         if self.kind == "linear":  # weight [out, in]: channel = column
-            weight.index_add_(1, channels, slices.t())
-        elif self.kind == "conv1d_hf":  # weight [in, out]: channel = row
-            weight.index_add_(0, channels, slices)
-        elif self.groups == 1:  # weight [out, in, *kernel]
-            weight.index_add_(1, channels, slices.transpose(0, 1))
-        else:  # weight [out, in/groups, *kernel]
-            rows = self._output_channels(channels).view(-1, self.out_per_group)
-            cols = (channels % self.in_per_group)[:, None].expand_as(rows)
-            weight.index_put_((rows, cols), slices, accumulate=True)
+            return (slice(None), channels), lambda t: t.t(), lambda s: s.t()
+        if self.kind == "conv1d_hf":  # weight [in, out]: channel = row
+            return (channels,), lambda t: t, lambda s: s
+        if self.groups == 1:  # weight [out, in, *kernel]
+            return (slice(None), channels), lambda t: t.transpose(0, 1), lambda s: s.transpose(0, 1)
+        rows = self._output_channels(channels).view(-1, self.out_per_group)  # weight [out, in/groups, *kernel]
+        cols = (channels % self.in_per_group)[:, None].expand_as(rows)
+        return (rows, cols), lambda t: t, lambda s: s
+
+    def read_slices(self, weight: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """The slices ``[k, *slice_shape]`` of ``channels`` in a dense weight (a copy)."""
+        index, to_slices, _ = self._slice_index(channels)
+        return to_slices(weight[index]).clone()
+
+    def write_slices(self, weight: torch.Tensor, channels: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+        """Overwrite the slices of ``channels`` (unique) in ``weight`` in place."""
+        index, _, to_weight = self._slice_index(channels)
+        weight[index] = to_weight(slices.to(weight.dtype))
         return weight
+
+    def scatter_into(self, weight: torch.Tensor, channels: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+        """Add ``slices`` of ``channels`` (unique) into the dense ``weight`` in place."""
+        current = self.read_slices(weight, channels)
+        return self.write_slices(weight, channels, current + slices.to(current.dtype))

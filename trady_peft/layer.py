@@ -96,7 +96,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_values = ResizableBufferDict()
         self._disable_adapters = False
         self.merged_adapters = []
-        self._merged_amount: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._merged_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -169,32 +169,34 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         return self.geometry.scatter_into(dense, indices, values)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' deltas into the base weight (only the touched channels change)."""
+        """Add the adapters' deltas into the base weight; only the touched channels change.
+
+        The touched slices' original values are kept, so :meth:`unmerge` restores the base
+        weight bit for bit.
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.base_layer.weight
         for name in adapter_names:
             if name not in self.trady_delta:
                 continue
             indices, values = self.fold(name)
-            weight = self.base_layer.weight
-            if safe_merge:
-                merged = self.geometry.scatter_into(weight.data.clone(), indices, values)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs found while merging adapter {name!r}; it was not merged.")
-                weight.data = merged
-            else:
-                self.geometry.scatter_into(weight.data, indices, values)
-            self._merged_amount[name] = (indices, values)
+            original = self.geometry.read_slices(weight.data, indices)
+            merged = original.to(self.delta_dtype) + values
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs found while merging adapter {name!r}; it was not merged.")
+            self.geometry.write_slices(weight.data, indices, merged)
+            self._merged_originals[name] = (indices, original)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract what :meth:`merge` added, in reverse order."""
+        """Restore the slices :meth:`merge` changed, newest first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            indices, values = self._merged_amount.pop(name)
-            self.geometry.scatter_into(self.base_layer.weight.data, indices, values, alpha=-1.0)
+            indices, original = self._merged_originals.pop(name)
+            self.geometry.write_slices(self.base_layer.weight.data, indices, original)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

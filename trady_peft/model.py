@@ -34,17 +34,6 @@ class DeltaBank(nn.Module):
         self.adapter_name = adapter_name
         self.weight = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # An adapter checkpoint stores the current period's delta folded into
-        # `trady_values`; when such a store is loaded for this adapter, the live delta must
-        # restart from zero or it would count twice.
-        if prefix + "weight" not in state_dict:
-            suffix = f".trady_values.{self.adapter_name}"
-            if any(k.endswith(suffix) for k in state_dict):
-                with torch.no_grad():
-                    self.weight.zero_()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
 
@@ -85,7 +74,7 @@ class TraDyModel(BaseTuner):
         saved = set(peft_config.modules_to_save or [])
         names = []
         for name, module in model.named_modules():
-            if not isinstance(module, SUPPORTED_LAYER_TYPES) or id(module) in excluded:
+            if not isinstance(module, (*SUPPORTED_LAYER_TYPES, TraDyLayer)) or id(module) in excluded:
                 continue
             parts = name.split(".")
             if any(".".join(parts[i:j]) in saved for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)):
@@ -148,14 +137,14 @@ class TraDyModel(BaseTuner):
         device = layers[0][1].base_layer.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
-        if not hasattr(self, "trady_bank"):
-            self.trady_bank = nn.ModuleDict()
+        if not hasattr(self, "channel_bank"):
+            self.channel_bank = nn.ModuleDict()
         dtype = layers[0][1].delta_dtype
         bank = DeltaBank(adapter_name, capacity, device, dtype)
         if not config.init_weights:
             with torch.no_grad():
                 bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
-        self.trady_bank[adapter_name] = bank
+        self.channel_bank[adapter_name] = bank
         bank.weight.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
         self._trady_period[adapter_name] = 0
         self._install(adapter_name, self._draw(adapter_name, 0))
@@ -167,7 +156,7 @@ class TraDyModel(BaseTuner):
 
     def _install(self, adapter_name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
-        bank = self.trady_bank[adapter_name]
+        bank = self.channel_bank[adapter_name]
         offset, changed = 0, []
         for name, layer in self.trady_layers(adapter_name):
             channels = selection.get(name, torch.zeros(0, dtype=torch.long))
@@ -221,7 +210,7 @@ class TraDyModel(BaseTuner):
                 layer.commit(name)
             new_period = self._trady_period[name] + 1 if period is None else period
             changed = self._install(name, self._draw(name, new_period))
-            bank = self.trady_bank[name].weight
+            bank = self.channel_bank[name].weight
             bank.zero_()
             if optimizer is not None:
                 reset_optimizer_state(optimizer, bank, changed)
@@ -237,12 +226,12 @@ class TraDyModel(BaseTuner):
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
-            "trainable_values": self.trady_bank[adapter_name].weight.numel(),
+            "trainable_values": self.channel_bank[adapter_name].weight.numel(),
         }
 
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active: list[str], inference_mode: bool = False) -> None:
-        for name, bank in getattr(self, "trady_bank", {}).items():
+        for name, bank in getattr(self, "channel_bank", {}).items():
             bank.weight.requires_grad_(name in active and not inference_mode)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
@@ -253,13 +242,13 @@ class TraDyModel(BaseTuner):
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            if name in getattr(self, "trady_bank", {}):
-                self.trady_bank[name].weight.requires_grad_(requires_grad)
+            if name in getattr(self, "channel_bank", {}):
+                self.channel_bank[name].weight.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if adapter_name in getattr(self, "trady_bank", {}):
-            del self.trady_bank[adapter_name]
+        if adapter_name in getattr(self, "channel_bank", {}):
+            del self.channel_bank[adapter_name]
         self._trady_period.pop(adapter_name, None)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -268,11 +257,23 @@ class TraDyModel(BaseTuner):
             self._sync_bank_requires_grad(self.active_adapters)
 
     # ----------------------------------------------------------------------- saving
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An adapter file stores the current period's delta folded into `trady_values`, and no
+        # bank. When such a store is loaded for an adapter, its live delta must restart from
+        # zero or it would count twice. (Runs before the children load; torch hands each child
+        # only its own keys, so the bank itself could not tell.)
+        for name, bank in getattr(self, "channel_bank", {}).items():
+            suffix = f".trady_values.{name}"
+            if prefix + f"channel_bank.{name}.weight" not in state_dict and any(k.endswith(suffix) for k in state_dict):
+                with torch.no_grad():
+                    bank.weight.zero_()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Save ``(indices, values)`` per layer with the current period folded in; never the bank."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        out = {k: v for k, v in out.items() if ".trady_bank." not in f".{k}"}
+        out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
         for name, module in model.named_modules():
             if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
                 continue

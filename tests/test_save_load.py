@@ -1,0 +1,159 @@
+"""Acceptance 4: the saved adapter holds only touched channels and reloads exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import trady_peft
+from tests.tiny_models import tiny_cnn, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def train_a_little(model, steps: int = 2, periods: int = 3) -> list[dict[str, set[int]]]:
+    """SGD on random data for a few periods; returns each period's selection per layer."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tuner = model.base_model
+    selections = []
+    for period in range(periods):
+        if period:
+            tuner.resample(optimizer)
+        selections.append({n: set(layer.trady_idx["default"].tolist()) for n, layer in tuner.trady_layers("default")})
+        for _ in range(steps):
+            batch = torch.randn(4, 3, 16, 16)
+            loss = model(pixel_values=batch, labels=torch.tensor([0, 1, 2, 3]))["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return selections
+
+
+def test_fresh_process_reload_reproduces_outputs_and_file_is_sparse(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_cnn(seed=1), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
+    selections = train_a_little(model)  # the last period is saved mid-period (not folded yet)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = model(pixel_values=x)["logits"].detach()
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    touched = {}
+    for name, layer in model.base_model.trady_layers("default"):
+        union = set().union(*(sel[name] for sel in selections))
+        touched[name] = union
+        key = name.removeprefix("model.")
+        idx = tensors[f"base_model.model.{key}.trady_indices"]
+        val = tensors[f"base_model.model.{key}.trady_values"]
+        assert idx.dtype == torch.int32
+        assert set(idx.tolist()) == union  # the union of every period's channels, and no more
+        assert val.shape == (len(union), *layer.geometry.slice_shape)
+    trady_keys = {k for k in tensors if ".trady_" in k}
+    head_keys = {k for k in tensors if "classifier" in k}
+    assert trady_keys | head_keys == set(tensors)
+    assert all(k.endswith((".trady_indices", ".trady_values")) for k in trady_keys)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TRADY"
+
+    out = run_python(f"""
+import torch, trady_peft
+from peft import PeftModel
+from tests.tiny_models import tiny_cnn
+import warnings
+io = torch.load({str(tmp_path / "io.pt")!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = PeftModel.from_pretrained(tiny_cnn(seed=1), {str(tmp_path / "adapter")!r}).eval()
+assert not [w for w in caught if "missing adapter keys" in str(w.message)], [str(w.message) for w in caught]
+got = model(pixel_values=io["x"])["logits"]
+assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
+print("EXACT")
+""")
+    assert "EXACT" in out
+
+
+def test_file_grows_with_the_union_of_touched_channels(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1))
+    tuner = model.base_model
+    seen: dict[str, set[int]] = {n: set() for n, _ in tuner.trady_layers("default")}
+    counts = []
+    for period in range(4):
+        if period:
+            tuner.resample()
+        with torch.no_grad():  # pretend a period of training moved every selected value
+            tuner.channel_bank["default"].weight.add_(0.01)
+        for name, layer in tuner.trady_layers("default"):
+            seen[name] |= set(layer.trady_idx["default"].tolist())
+        model.save_pretrained(tmp_path / f"p{period}")
+        tensors = load_file(tmp_path / f"p{period}" / "adapter_model.safetensors")
+        saved = sum(t.numel() for k, t in tensors.items() if k.endswith("trady_indices"))
+        counts.append(saved)
+        assert saved == sum(len(s) for s in seen.values())
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+
+
+def test_config_and_automodel_load_after_import(tmp_path):
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(tiny_gpt2(), trady_peft.TraDyConfig(channels_per_layer=4, init_weights=False))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    ids = torch.arange(12).view(2, 6)
+    expected = model(input_ids=ids).logits.detach()
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "io.pt")
+    out = run_python(f"""
+import torch, trady_peft
+from peft import AutoPeftModelForCausalLM, PeftConfig
+config = PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})
+assert type(config).__name__ == "TraDyConfig", type(config)
+io = torch.load({str(tmp_path / "io.pt")!r})
+model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+torch.testing.assert_close(model(input_ids=io["ids"]).logits, io["expected"], rtol=0, atol=1e-6)
+print("OK")
+""")
+    assert "OK" in out
+
+
+def test_import_twice_and_reload_do_not_raise():
+    out = run_python("""
+import importlib, trady_peft, trady_peft as again
+importlib.reload(trady_peft)
+from peft import get_peft_model
+from torch import nn
+model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), trady_peft.TraDyConfig(target_modules=["0"]))
+print(type(model.base_model).__name__)
+""")
+    assert "TraDyModel" in out
+
+
+def test_reload_into_live_model_does_not_double_count(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))
+    train_a_little(model, periods=2)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    expected = model(pixel_values=x)["logits"].detach()
+    model.save_pretrained(tmp_path)
+    # Loading the adapter into the same live model (current delta still in the bank) must not
+    # add the folded delta a second time.
+    model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    torch.testing.assert_close(model(pixel_values=x)["logits"], expected, rtol=1e-6, atol=1e-6)
+    assert isinstance(model, PeftModel)
