@@ -67,7 +67,7 @@ def channel_slices(base: nn.Module, dense: torch.Tensor, channels: torch.Tensor)
         return dense[:, channels].t()
     groups = base.groups
     og, ig = base.out_channels // groups, base.in_channels // groups
-    return torch.stack([dense[(c // ig) * og:(c // ig + 1) * og, c % ig] for c in channels.tolist()])
+    return torch.stack([dense[(c // ig) * og : (c // ig + 1) * og, c % ig] for c in channels.tolist()])
 
 
 def dense_from_slices(base: nn.Module, channels: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def dense_from_slices(base: nn.Module, channels: torch.Tensor, slices: torch.Ten
             dense[:, c] += s
         else:
             og, ig = base.out_channels // base.groups, base.in_channels // base.groups
-            dense[(c // ig) * og:(c // ig + 1) * og, c % ig] += s
+            dense[(c // ig) * og : (c // ig + 1) * og, c % ig] += s
     return dense
 
 
@@ -121,7 +121,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
     delta_grad = tuner.channel_bank["default"].weight.grad
-    got = delta_grad[view.offset:view.offset + view.numel].view(channels.numel(), *view.slice_shape)
+    got = delta_grad[view.offset : view.offset + view.numel].view(channels.numel(), *view.slice_shape)
     torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
     # The base weight is frozen and receives no gradient.
     assert layer.base_layer.weight.grad is None

@@ -131,7 +131,7 @@ def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     assert torch.all(bank == 0)
     for name, layer in layers:
         view = layer.trady_delta["default"]
-        segment = exp_avg[view.offset:view.offset + view.numel]
+        segment = exp_avg[view.offset : view.offset + view.numel]
         unchanged = torch.equal(before[name][0], layer.trady_idx["default"]) and before[name][1] == view.offset
         assert (segment.abs().sum() > 0) == unchanged, name
 

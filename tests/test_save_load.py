@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_python(code: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,7 +50,9 @@ def train_a_little(model, steps: int = 2, periods: int = 3) -> list[dict[str, se
 
 def test_fresh_process_reload_reproduces_outputs_and_file_is_sparse(tmp_path):
     torch.manual_seed(0)
-    model = get_peft_model(tiny_cnn(seed=1), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
+    model = get_peft_model(
+        tiny_cnn(seed=1), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"])
+    )
     selections = train_a_little(model)  # the last period is saved mid-period (not folded yet)
     model.eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))

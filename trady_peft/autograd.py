@@ -55,9 +55,7 @@ class SparseChannelDelta(torch.autograd.Function):
             out = y if out is None else out + y
         ctx.geometry, ctx.dim, ctx.x_shape = geometry, dim, x.shape
         # Keep x[idx] only if the delta needs a gradient; the slices are resident (bank / buffer).
-        ctx.save_for_backward(
-            x_sel if ctx.needs_input_grad[1] else None, delta, idx, acc_idx, acc
-        )
+        ctx.save_for_backward(x_sel if ctx.needs_input_grad[1] else None, delta, idx, acc_idx, acc)
         return out
 
     @staticmethod

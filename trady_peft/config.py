@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -31,7 +30,7 @@ class TraDyConfig(PeftConfig):
         ```
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex (full match) of the layers TraDy may update. Supported: "
@@ -39,23 +38,23 @@ class TraDyConfig(PeftConfig):
             "None: every supported layer except the output embedding and `modules_to_save`."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of layers never to wrap."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only wrap layers with these indices (see `layers_pattern`)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') for `layers_to_transform`."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": "Modules trained in full and saved with the adapter, e.g. the classifier head "
             "(the paper always trains the classifier)."
         },
     )
-    channels_per_layer: Union[int, float] = field(
+    channels_per_layer: int | float = field(
         default=0.1,
         metadata={
             "help": "How many input channels train in each target layer per period: an int (count) or a "
@@ -95,9 +94,7 @@ class TraDyConfig(PeftConfig):
             )
         cpl = self.channels_per_layer
         if isinstance(cpl, bool) or not isinstance(cpl, (int, float)):
-            raise ValueError(
-                f"channels_per_layer={cpl!r} must be an int (a count) or a float in (0, 1] (a fraction)."
-            )
+            raise ValueError(f"channels_per_layer={cpl!r} must be an int (a count) or a float in (0, 1] (a fraction).")
         if isinstance(cpl, float) and not 0.0 < cpl <= 1.0:
             raise ValueError(
                 f"channels_per_layer={cpl!r} is a fraction and must lie in (0, 1]; pass an int for a count."
@@ -119,4 +116,3 @@ class TraDyConfig(PeftConfig):
     def redraws(self) -> bool:
         """Whether the strategy draws new channels at every period (the D- strategies)."""
         return self.strategy in ("trady", "d-full-random")
-

@@ -70,9 +70,11 @@ class ChannelGeometry:
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             if layer.transposed:
                 raise TypeError(f"Transposed convolutions are not supported by TraDy (got {layer}).")
-            pre_pad, pad_mode, padding = None, "constant", tuple(layer.padding) if not isinstance(
-                layer.padding, str
-            ) else None
+            pre_pad, pad_mode, padding = (
+                None,
+                "constant",
+                tuple(layer.padding) if not isinstance(layer.padding, str) else None,
+            )
             if layer.padding_mode != "zeros" or padding is None:
                 # F.pad with the module's own amounts, then an unpadded convolution: the same
                 # arithmetic as nn.Conv's _conv_forward, and it also covers padding="same".
@@ -156,9 +158,7 @@ class ChannelGeometry:
         return g
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        return _CONV_FN[len(self.kernel_size)](
-            x, weight, None, self.stride, self.padding, self.dilation, groups
-        )
+        return _CONV_FN[len(self.kernel_size)](x, weight, None, self.stride, self.padding, self.dilation, groups)
 
     def _conv_backward(self, grad_out, x_or_shape, weight, groups, need_input, need_weight):
         if isinstance(x_or_shape, torch.Tensor):

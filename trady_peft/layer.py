@@ -17,7 +17,7 @@ backward pass and nothing else of ``x``; a convolution's frozen base path keeps 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -125,7 +125,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         view.offset, view.count = int(offset), int(channels.numel())
         self.trady_idx[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
 
-    def current_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def current_delta(self, adapter_name: str) -> torch.Tensor | None:
         """Slices ``[k, *slice_shape]`` trained this period, or None when nothing is selected."""
         view = self.trady_delta[adapter_name]
         return view() if view.count and view.__dict__["bank"] is not None else None
@@ -168,7 +168,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         dense = torch.zeros(weight.shape, dtype=self.delta_dtype, device=weight.device)
         return self.geometry.scatter_into(dense, indices, values)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas into the base weight; only the touched channels change.
 
         The touched slices' original values are kept, so :meth:`unmerge` restores the base
@@ -191,7 +191,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the slices :meth:`merge` changed, newest first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class TrainingStepMemory:
     optimizer_state: int
     saved_by_module: dict[str, int] = field(default_factory=dict)
     saved_by_module_type: dict[str, int] = field(default_factory=dict)
-    peak_allocated: Optional[int] = None
+    peak_allocated: int | None = None
     loss: float = float("nan")
 
     @property
@@ -82,8 +82,8 @@ def _loss_of(output: Any) -> torch.Tensor:
 
 def measure_training_step(
     model: nn.Module,
-    inputs: Union[torch.Tensor, Mapping[str, Any]],
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    inputs: torch.Tensor | Mapping[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainingStepMemory:
     """Run one real training step of ``model`` on ``inputs`` and measure its memory.
 

@@ -9,8 +9,6 @@ whole run; a resample only moves segment boundaries and index buffers, in place.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
@@ -104,7 +102,9 @@ class TraDyModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
+    def inject_adapter(
+        self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
+    ):
         super().inject_adapter(
             model,
             adapter_name,
@@ -133,7 +133,9 @@ class TraDyModel(BaseTuner):
     def _create_bank(self, adapter_name: str) -> None:
         layers = self.trady_layers(adapter_name)
         config = self.peft_config[adapter_name]
-        capacity = sum(c.quota * layer.geometry.slice_numel for c, (_, layer) in zip(self._candidates(adapter_name), layers))
+        capacity = sum(
+            c.quota * layer.geometry.slice_numel for c, (_, layer) in zip(self._candidates(adapter_name), layers)
+        )
         device = layers[0][1].base_layer.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
@@ -163,7 +165,11 @@ class TraDyModel(BaseTuner):
             view = layer.trady_delta[adapter_name]
             n = channels.numel() * layer.geometry.slice_numel
             old = layer.trady_idx[adapter_name]
-            same = view.offset == offset and old.numel() == channels.numel() and torch.equal(old.long().cpu(), channels.long().cpu())
+            same = (
+                view.offset == offset
+                and old.numel() == channels.numel()
+                and torch.equal(old.long().cpu(), channels.long().cpu())
+            )
             if not same and n:
                 changed.append((offset, offset + n))
             layer.install_channels(adapter_name, channels, bank, offset)
@@ -183,9 +189,9 @@ class TraDyModel(BaseTuner):
     @torch.no_grad()
     def resample(
         self,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        adapter_name: Optional[str] = None,
-        period: Optional[int] = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        adapter_name: str | None = None,
+        period: int | None = None,
     ) -> int:
         """End the current period and start the next one.
 
@@ -264,7 +270,9 @@ class TraDyModel(BaseTuner):
         # only its own keys, so the bank itself could not tell.)
         for name, bank in getattr(self, "channel_bank", {}).items():
             suffix = f".trady_values.{name}"
-            if prefix + f"channel_bank.{name}.weight" not in state_dict and any(k.endswith(suffix) for k in state_dict):
+            if prefix + f"channel_bank.{name}.weight" not in state_dict and any(
+                k.endswith(suffix) for k in state_dict
+            ):
                 with torch.no_grad():
                     bank.weight.zero_()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
