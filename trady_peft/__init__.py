@@ -6,6 +6,7 @@ accept TraDy adapters.
 """
 
 from ._registration import register as _register
+from .callback import TraDyCallback
 from .config import TraDyConfig
 from .layer import TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 _register()
 
 __all__ = [
+    "TraDyCallback",
     "TraDyConfig",
     "TraDyLayer",
     "TraDyModel",
