@@ -125,3 +125,33 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
     # The base weight is frozen and receives no gradient.
     assert layer.base_layer.weight.grad is None
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """Like the EfficientNet ports: a padding module runs before an unpadded convolution."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class UnknownConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x * 2)
+
+
+def test_static_padding_conv_subclass_matches_its_own_forward():
+    torch.manual_seed(0)
+    base = StaticSamePaddingConv(4, 6, 3, stride=2, groups=2)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    expected = base(x)
+    model = get_peft_model(Holder(base), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+
+
+def test_conv_subclass_with_unknown_forward_is_refused():
+    with pytest.raises(TypeError, match="UnknownConv.*exclude_modules"):
+        get_peft_model(Holder(UnknownConv(4, 4, 3)), trady_peft.TraDyConfig(target_modules=["layer"]))

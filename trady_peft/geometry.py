@@ -68,6 +68,15 @@ class ChannelGeometry:
         if isinstance(layer, Conv1D):
             return cls("conv1d_hf", layer.weight.shape[0], layer.weight.shape[1])
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            stock = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Conv1d
+            if type(layer).forward is not stock.forward and not isinstance(
+                getattr(layer, "static_padding", None), nn.Module
+            ):
+                raise TypeError(
+                    f"{type(layer).__name__} subclasses {stock.__name__} with its own forward, which TraDy cannot "
+                    "reproduce (only a `static_padding` module applied before the convolution is understood). "
+                    "Add it to exclude_modules."
+                )
             if layer.transposed:
                 raise TypeError(f"Transposed convolutions are not supported by TraDy (got {layer}).")
             pre_pad, pad_mode, padding = (

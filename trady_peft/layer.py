@@ -208,6 +208,11 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # TF-style "same" convolutions (e.g. EfficientNet ports) pad with a module before the
+        # convolution; padding first lets both paths below treat the layer as a stock conv.
+        static_padding = getattr(self.base_layer, "static_padding", None)
+        if self.geometry.kind == "conv" and isinstance(static_padding, nn.Module):
+            x = static_padding(x)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

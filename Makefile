@@ -1,0 +1,46 @@
+# The few commands everyone needs. Each one sets up what it uses, so a fresh clone needs only
+# Python 3.10+ (and root or sudo for the Debian dataset package the quickstart reads).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch is pinned here (a range in pyproject.toml); an unpinned torch would pull CUDA.
+TORCH  ?= torch==2.13.0
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data quickstart test test-slow lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev,examples]"
+	touch $@
+
+# Fashion-MNIST ships as a Debian package (/usr/share/datasets/fashion-mnist).
+data:
+	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
+	  ($(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null)) || \
+	  echo "warning: could not install dataset-fashion-mnist; the quickstart needs it"
+
+quickstart: setup data
+	$(BIN)/python examples/quickstart.py
+
+test: setup data
+	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/ruff check .
+
+test-slow: setup data
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
