@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import trady_peft
+from tests.tiny_models import Holder
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +39,6 @@ INPUTS = {
     "conv2d_same_reflect": (2, 6, 7, 6),
     "hf_conv1d": (3, 4, 12),
 }
-
-
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def reference_output(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

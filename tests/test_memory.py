@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import trady_peft
-from tests.tiny_models import tiny_cnn
+from tests.tiny_models import Holder, tiny_cnn
 
 CASES = {
     # name: (layer factory, input shape, k channels)
@@ -18,15 +18,6 @@ CASES = {
     "conv2d_depthwise": (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32), (4, 32, 12, 12), 4),
     "hf_conv1d": (lambda: Conv1D(32, 64), (8, 16, 64), 8),
 }
-
-
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def saved_by_layer(model, x) -> int:

@@ -7,6 +7,17 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
+class Holder(nn.Module):
+    """Wraps one layer under the name ``layer``, so a config can target it."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class SmallCNN(nn.Module):
     """A MobileNet-like block stack: a stem conv, a depthwise conv, a grouped conv, a classifier."""
 

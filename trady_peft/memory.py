@@ -70,12 +70,9 @@ def _loss_of(output: Any) -> torch.Tensor:
         return loss
     if isinstance(output, torch.Tensor):
         tensor = output
-    elif isinstance(output, Mapping):
-        tensor = next(v for v in output.values() if isinstance(v, torch.Tensor))
-    elif isinstance(output, (tuple, list)):
-        tensor = next(v for v in output if isinstance(v, torch.Tensor))
-    else:
-        tensor = next(v for v in output.values() if isinstance(v, torch.Tensor))
+    else:  # a dict, a ModelOutput or a tuple: its first tensor
+        values = output.values() if hasattr(output, "values") else output
+        tensor = next(v for v in values if isinstance(v, torch.Tensor))
     # A stand-in loss: its backward reaches every trainable entry the forward used.
     return tensor.float().square().mean()
 
