@@ -95,6 +95,23 @@ print("EXACT")
     assert "EXACT" in out
 
 
+def test_low_cpu_mem_usage_and_trainable_reload(tmp_path):
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
+    model.base_model.resample()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model.eval()(pixel_values=x)["logits"].detach()
+    model.save_pretrained(tmp_path)
+    fast = PeftModel.from_pretrained(tiny_cnn(), tmp_path, low_cpu_mem_usage=True).eval()
+    assert not [n for n, t in [*fast.named_parameters(), *fast.named_buffers()] if t.device.type == "meta"]
+    torch.testing.assert_close(fast(pixel_values=x)["logits"], expected, rtol=1e-6, atol=1e-6)
+    trainable = PeftModel.from_pretrained(tiny_cnn(), tmp_path, is_trainable=True)
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == [
+        "base_model.channel_bank.default.weight"
+    ]
+    trainable(pixel_values=x, labels=torch.tensor([0, 1]))["loss"].backward()
+    assert trainable.base_model.channel_bank["default"].weight.grad.abs().sum() > 0
+
+
 def test_file_grows_with_the_union_of_touched_channels(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1))

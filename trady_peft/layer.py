@@ -123,7 +123,9 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         view = self.trady_delta[adapter_name]
         view.__dict__["bank"] = bank
         view.offset, view.count = int(offset), int(channels.numel())
-        self.trady_idx[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
+        # Direct assignment for the same reason as the bank's (see model.DeltaBank): the current
+        # selection is runtime state and must never land on the meta device.
+        self.trady_idx._buffers[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
 
     def current_delta(self, adapter_name: str) -> torch.Tensor | None:
         """Slices ``[k, *slice_shape]`` trained this period, or None when nothing is selected."""

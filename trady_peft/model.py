@@ -30,7 +30,10 @@ class DeltaBank(nn.Module):
     def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.adapter_name = adapter_name
-        self.weight = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
+        # Assigned directly, not through register_parameter: peft builds tuners under
+        # init_empty_weights when loading with low_cpu_mem_usage=True, which would put the bank
+        # on the meta device, and the bank is runtime state that no checkpoint fills in.
+        self._parameters["weight"] = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
