@@ -81,3 +81,44 @@ def test_one_epoch_with_trainer_lowers_the_loss(name, tmp_path):
     assert model.base_model.period() == 4  # 16 steps, a new period every 4
     touched = model.base_model.selection_summary()["touched_channels"]
     assert touched > model.base_model.selection_summary()["selected_channels"]
+
+
+def _folded(model):
+    return {name: layer.fold("default") for name, layer in model.base_model.trady_layers("default")}
+
+
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
+    def make(output_dir, epochs):
+        model = get_peft_model(
+            tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"])
+        )
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=16,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            save_strategy="epoch",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+        )
+        return model, Trainer(
+            model=model, args=args, train_dataset=ColourImages(64), callbacks=[trady_peft.TraDyCallback()]
+        )
+
+    full_model, full = make(tmp_path / "full", 3)
+    full.train()
+    _, interrupted = make(tmp_path / "cut", 2)
+    interrupted.train()
+    resumed_model, resumed = make(tmp_path / "cut", 3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+
+    assert resumed_model.base_model.period() == full_model.base_model.period() == 2
+    for (name, (idx_a, val_a)), (_, (idx_b, val_b)) in zip(
+        _folded(full_model).items(), _folded(resumed_model).items()
+    ):
+        assert torch.equal(idx_a, idx_b), name
+        torch.testing.assert_close(val_a, val_b, rtol=1e-4, atol=1e-6)

@@ -53,17 +53,24 @@ class TraDyCallback(TrainerCallback):
             )
         self.resample_every_steps = resample_every_steps
 
-    def _target_period(self, state) -> int:
+    def _target_period(self, state, *, restoring: bool) -> int:
         if self.resample_every_steps:
+            # Resampling runs in on_step_end, before a checkpoint is written: a checkpoint at
+            # step s already holds period s // N (and its optimizer reset).
             return state.global_step // self.resample_every_steps
-        return math.floor((state.epoch or 0.0) + 1e-9)
+        epoch = state.epoch or 0.0
+        if restoring:
+            # A checkpoint written at epoch 2.0 was written during period 1: period 2 (and its
+            # optimizer reset) only starts at the next on_epoch_begin.
+            return max(0, math.ceil(epoch - 1e-9) - 1)
+        return math.floor(epoch + 1e-9)
 
     def _sync(self, model, state, optimizer, *, restoring: bool) -> None:
         tuner = find_tuner(model)
-        target = self._target_period(state)
+        target = self._target_period(state, restoring=restoring)
         for name in tuner.active_adapters:
             if tuner.period(name) != target:
-                # When restoring a checkpoint the optimizer state was saved under the target
+                # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it.
                 tuner.resample(None if restoring else optimizer, adapter_name=name, period=target)
                 summary = tuner.selection_summary(name)
