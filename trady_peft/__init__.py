@@ -6,6 +6,7 @@ accept TraDy adapters.
 """
 
 from ._registration import register as _register
+from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback
 from .config import TraDyConfig
 from .layer import TraDyLayer
@@ -17,6 +18,11 @@ __version__ = "0.1.0"
 _register()
 
 __all__ = [
+    "Accounting",
+    "Budget",
+    "LayerCost",
+    "memory_accounting",
+    "parse_budget",
     "TraDyCallback",
     "TraDyConfig",
     "TraDyLayer",

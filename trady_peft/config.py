@@ -7,8 +7,13 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
+from .budget import parse_budget
 
+#: Selection strategies, by the paper's names (TraDy §4, MeDyate §4). "d-" redraws every period,
+#: "s-" draws once. "top-k" strategies draw inside the `layer_ranking`'s top `top_k` layers.
 STRATEGIES = ("trady", "s-top-k-random", "d-full-random", "s-full-random")
+DYNAMIC_STRATEGIES = ("trady", "d-full-random")
+TOP_K_STRATEGIES = ("trady", "s-top-k-random")
 
 
 @dataclass
@@ -54,18 +59,46 @@ class TraDyConfig(PeftConfig):
             "(the paper always trains the classifier)."
         },
     )
-    channels_per_layer: int | float = field(
-        default=0.1,
+    memory_budget: int | str | None = field(
+        default=None,
         metadata={
-            "help": "How many input channels train in each target layer per period: an int (count) or a "
-            "float in (0, 1] (fraction of the layer's input channels, at least one)."
+            "help": "Memory the selected channels may use per period: weights + input activations. An int is in "
+            "the paper's units (scalar values per sample, e.g. 27946); a string with a unit is in bytes "
+            "('256KiB', '2MB', '1500000B'), counted for the real batch and dtype. Costs come from a shape probe "
+            "on the first forward pass (or `model.base_model.probe(inputs)`)."
+        },
+    )
+    channels_per_layer: int | float | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of a memory budget: how many input channels train in each target layer per period, "
+            "an int (count) or a float in (0, 1] (fraction). Default when no memory_budget is set: 0.1."
+        },
+    )
+    layer_ranking: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Target layers ordered from most to least important (e.g. by cumulative RGN). The top-K "
+            "strategies draw inside its first `top_k` layers. None: every target layer."
+        },
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "How many layers of `layer_ranking` the top-K strategies use. None: all ranked layers."},
+    )
+    optimizer_state_bytes: int = field(
+        default=8,
+        metadata={
+            "help": "Optimizer state per trained value, counted in byte budgets: 8 for Adam/AdamW, 4 for SGD "
+            "with momentum, 0 for plain SGD (the paper's setting)."
         },
     )
     strategy: str = field(
         default="trady",
         metadata={
-            "help": "Channel selection strategy: 'trady' (redraw uniformly every period), "
-            f"'s-top-k-random' (draw once and keep). One of {STRATEGIES}."
+            "help": "Channel selection strategy: 'trady' (uniform inside the top-K layers, redrawn every period), "
+            "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
+            f"target layer). One of {STRATEGIES}."
         },
     )
     seed: int = field(
@@ -92,8 +125,33 @@ class TraDyConfig(PeftConfig):
                 f"layers_pattern={self.layers_pattern!r} is only used together with layers_to_transform; "
                 "set layers_to_transform too, or drop layers_pattern."
             )
+        if self.memory_budget is not None:
+            if self.channels_per_layer is not None:
+                raise ValueError(
+                    f"Set either memory_budget={self.memory_budget!r} or channels_per_layer="
+                    f"{self.channels_per_layer!r}, not both."
+                )
+            parse_budget(self.memory_budget)  # raises a clear error for a bad value
+        elif self.channels_per_layer is None:
+            self.channels_per_layer = 0.1
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
+            raise ValueError(f"top_k={self.top_k!r} must be a positive int (number of ranked layers), or None.")
+        if self.layer_ranking is not None:
+            if isinstance(self.layer_ranking, str) or not all(isinstance(n, str) for n in self.layer_ranking):
+                raise ValueError("layer_ranking must be a list of layer names, most important first.")
+            self.layer_ranking = list(self.layer_ranking)
+        if (
+            isinstance(self.optimizer_state_bytes, bool)
+            or not isinstance(self.optimizer_state_bytes, int)
+            or (self.optimizer_state_bytes < 0)
+        ):
+            raise ValueError(f"optimizer_state_bytes={self.optimizer_state_bytes!r} must be an int >= 0.")
         cpl = self.channels_per_layer
-        if isinstance(cpl, bool) or not isinstance(cpl, (int, float)):
+        if cpl is None:
+            pass
+        elif isinstance(cpl, bool) or not isinstance(cpl, (int, float)):
             raise ValueError(f"channels_per_layer={cpl!r} must be an int (a count) or a float in (0, 1] (a fraction).")
         if isinstance(cpl, float) and not 0.0 < cpl <= 1.0:
             raise ValueError(
@@ -115,4 +173,9 @@ class TraDyConfig(PeftConfig):
     @property
     def redraws(self) -> bool:
         """Whether the strategy draws new channels at every period (the D- strategies)."""
-        return self.strategy in ("trady", "d-full-random")
+        return self.strategy in DYNAMIC_STRATEGIES
+
+    @property
+    def budget(self):
+        """The parsed :class:`~trady_peft.budget.Budget`, or None when channels_per_layer is used."""
+        return None if self.memory_budget is None else parse_budget(self.memory_budget)

@@ -15,10 +15,11 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 
 from ._registration import PREFIX
-from .config import TraDyConfig
+from .budget import PARAM_AND_GRAD_BYTES, LayerCost, layer_cost, probe_input_shapes
+from .config import TOP_K_STRATEGIES, TraDyConfig
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import TraDyLayer
-from .selection import Candidate, draw_per_layer
+from .selection import Candidate, PricedLayer, draw_per_layer, draw_under_budget
 
 
 class DeltaBank(nn.Module):
@@ -54,7 +55,16 @@ class TraDyModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self._trady_period: dict[str, int] = {}
+        self._trady_costs: dict[str, LayerCost] = {}  # per layer name, from the shape probe
+        self._trady_pending: set[str] = set()  # adapters waiting for the probe to draw
+        self._probing = False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        # Budgets need per-channel activation sizes: probe them on the first forward pass.
+        self._probe_hook = self.model.register_forward_pre_hook(self._probe_on_first_forward, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self._probe_hook.remove()  # the returned base model must not call back into this tuner
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # ------------------------------------------------------------------- target discovery
     def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
@@ -126,38 +136,145 @@ class TraDyModel(BaseTuner):
             if isinstance(m, TraDyLayer) and adapter_name in m.trady_delta
         ]
 
-    def _candidates(self, adapter_name: str) -> list[Candidate]:
+    def candidate_layers(self, adapter_name: str = "default") -> list[tuple[str, TraDyLayer]]:
+        """The layers the adapter's strategy draws from: the ranking's top-K for the top-K
+        strategies when a ``layer_ranking`` is set, else every wrapped layer."""
         config = self.peft_config[adapter_name]
-        return [
-            Candidate(name, layer.geometry.in_channels, config.channels_for(layer.geometry.in_channels))
-            for name, layer in self.trady_layers(adapter_name)
-        ]
+        layers = self.trady_layers(adapter_name)
+        if config.strategy not in TOP_K_STRATEGIES or not config.layer_ranking:
+            return layers
+        ranked = config.layer_ranking[: config.top_k] if config.top_k else config.layer_ranking
+        chosen = []
+        for wanted in ranked:
+            match = [(n, m) for n, m in layers if n == wanted or n.endswith("." + wanted)]
+            if not match:
+                raise ValueError(
+                    f"layer_ranking names {wanted!r}, which is not a TraDy layer of this model. Ranked layers must "
+                    f"be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
+                )
+            chosen += [lm for lm in match if lm not in chosen]
+        order = {n: i for i, (n, _) in enumerate(layers)}
+        return sorted(chosen, key=lambda lm: order[lm[0]])
+
+    def _capacity(self, adapter_name: str) -> int:
+        """Trainable values the adapter's bank holds: exactly what any draw can need, at most.
+
+        For a budget the bound needs no shapes: a draw's weights never cost more than the whole
+        budget, so the bank never holds more than the budget's worth of values.
+        """
+        config = self.peft_config[adapter_name]
+        layers = self.candidate_layers(adapter_name)
+        if config.inference_mode:
+            return 0
+        budget = config.budget
+        if budget is None:
+            return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
+        total = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in layers)
+        per_value = 1 if budget.unit == "values" else PARAM_AND_GRAD_BYTES + config.optimizer_state_bytes
+        return min(total, budget.amount // per_value)
 
     def _create_bank(self, adapter_name: str) -> None:
         layers = self.trady_layers(adapter_name)
         config = self.peft_config[adapter_name]
-        capacity = sum(
-            c.quota * layer.geometry.slice_numel for c, (_, layer) in zip(self._candidates(adapter_name), layers)
-        )
+        capacity = self._capacity(adapter_name)
         device = layers[0][1].base_layer.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
         if not hasattr(self, "channel_bank"):
             self.channel_bank = nn.ModuleDict()
-        dtype = layers[0][1].delta_dtype
-        bank = DeltaBank(adapter_name, capacity, device, dtype)
+        bank = DeltaBank(adapter_name, capacity, device, layers[0][1].delta_dtype)
         if not config.init_weights:
             with torch.no_grad():
                 bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
         self.channel_bank[adapter_name] = bank
         bank.weight.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
         self._trady_period[adapter_name] = 0
+        if config.inference_mode:
+            return
+        if config.budget is not None and not self._has_costs(adapter_name):
+            self._trady_pending.add(adapter_name)  # drawn on the first forward pass
+            return
         self._install(adapter_name, self._draw(adapter_name, 0))
+
+    # ----------------------------------------------------------------------- costs
+    def _has_costs(self, adapter_name: str) -> bool:
+        return all(name in self._trady_costs for name, _ in self.candidate_layers(adapter_name))
+
+    def probe(self, example_inputs) -> None:
+        """Measure each target layer's input size on ``example_inputs`` (one forward, no grad)
+        and draw the selection of adapters that were waiting for it.
+
+        Called automatically on the first forward pass when a ``memory_budget`` is set; call
+        it yourself to draw earlier. In byte budgets, the batch size and dtype of
+        ``example_inputs`` are the ones accounted for.
+        """
+        self._probing = True
+        try:
+            layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
+            shapes = probe_input_shapes(self.model, example_inputs, layers)
+        finally:
+            self._probing = False
+        for name, layer in layers:
+            if name in shapes:
+                self._trady_costs[name] = layer_cost(name, layer.geometry, *shapes[name])
+        for adapter_name in sorted(self._trady_pending):
+            missing = [n for n, _ in self.candidate_layers(adapter_name) if n not in self._trady_costs]
+            if missing:
+                raise RuntimeError(
+                    f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
+                    "unknown. Pass inputs that run the whole model, or leave those layers out of target_modules."
+                )
+            self._install(adapter_name, self._draw(adapter_name, self._trady_period[adapter_name]))
+            self._trady_pending.discard(adapter_name)
+
+    def _probe_on_first_forward(self, module, args, kwargs):
+        if self._trady_pending and not self._probing:
+            self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
+
+    def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
+        """Candidate layers with their per-channel cost in the budget's unit (needs the probe)."""
+        config = self.peft_config[adapter_name]
+        unit = config.budget.unit
+        return [
+            PricedLayer(
+                n, m.geometry.in_channels, self._trady_costs[n].channel_cost(unit, config.optimizer_state_bytes)
+            )
+            for n, m in self.candidate_layers(adapter_name)
+        ]
+
+    def _check_budget(self, adapter_name: str, priced: list[PricedLayer]) -> None:
+        budget = self.peft_config[adapter_name].budget
+        cheapest = min(p.channel_cost for p in priced)
+        whole = sum(p.channel_cost * p.in_channels for p in priced)
+        if budget.amount < cheapest:
+            raise ValueError(
+                f"memory_budget={self.peft_config[adapter_name].memory_budget!r} ({budget}) is too small for a single "
+                f"channel: the cheapest candidate channel costs {cheapest:,} {budget.unit}. Raise the budget."
+            )
+        if budget.amount >= whole:
+            raise ValueError(
+                f"memory_budget={self.peft_config[adapter_name].memory_budget!r} ({budget}) covers every candidate "
+                f"channel ({whole:,} {budget.unit}): nothing would be left out. Use a smaller budget, or full "
+                "fine-tuning."
+            )
 
     def _draw(self, adapter_name: str, period: int) -> dict[str, torch.Tensor]:
         config = self.peft_config[adapter_name]
         effective_period = period if config.redraws else 0
-        return draw_per_layer(self._candidates(adapter_name), config.seed, effective_period)
+        if config.budget is None:
+            candidates = [
+                Candidate(n, m.geometry.in_channels, config.channels_for(m.geometry.in_channels))
+                for n, m in self.candidate_layers(adapter_name)
+            ]
+            return draw_per_layer(candidates, config.seed, effective_period)
+        priced = self.priced_layers(adapter_name)
+        self._check_budget(adapter_name, priced)
+        return draw_under_budget(priced, config.budget.amount, config.seed, effective_period)
+
+    def selected_cost(self, adapter_name: str = "default") -> int:
+        """Cost of the current selection in the budget's unit (needs a budget and the probe)."""
+        unit_cost = {p.name: p.channel_cost for p in self.priced_layers(adapter_name)}
+        return sum(unit_cost[n] * m.trady_delta[adapter_name].count for n, m in self.candidate_layers(adapter_name))
 
     def _install(self, adapter_name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
@@ -218,25 +335,33 @@ class TraDyModel(BaseTuner):
             for _, layer in self.trady_layers(name):
                 layer.commit(name)
             new_period = self._trady_period[name] + 1 if period is None else period
+            self._trady_period[name] = new_period
+            if name in self._trady_pending or self.peft_config[name].inference_mode:
+                continue  # drawn once the probe has run
             changed = self._install(name, self._draw(name, new_period))
             bank = self.channel_bank[name].weight
             bank.zero_()
             if optimizer is not None:
                 reset_optimizer_state(optimizer, bank, changed)
-            self._trady_period[name] = new_period
         return new_period
 
     def selection_summary(self, adapter_name: str = "default") -> dict[str, int]:
         """Counts for logs: layers, channels selected now, channels touched so far, bank size."""
         layers = self.trady_layers(adapter_name)
-        return {
+        summary = {
             "period": self._trady_period[adapter_name],
             "layers": len(layers),
+            "candidate_layers": len(self.candidate_layers(adapter_name)),
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
             "trainable_values": self.channel_bank[adapter_name].weight.numel(),
         }
+        config = self.peft_config[adapter_name]
+        if config.budget is not None and adapter_name not in self._trady_pending:
+            summary["budget"] = config.budget.amount
+            summary["selected_cost"] = self.selected_cost(adapter_name)
+        return summary
 
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active: list[str], inference_mode: bool = False) -> None:
@@ -319,6 +444,13 @@ def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tup
                 value[start:stop].zero_()
             touched += 1
     return touched
+
+
+class _Call:
+    """Positional and keyword arguments of one forward call, for the probe."""
+
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs = args, kwargs
 
 
 def _ancestors(model: nn.Module, name: str):

@@ -42,3 +42,39 @@ def draw_per_layer(candidates: Sequence[Candidate], seed: int, period: int) -> d
         perm = torch.randperm(cand.in_channels, generator=gen)[: cand.quota]
         chosen[cand.name] = torch.sort(perm).values
     return chosen
+
+
+@dataclass(frozen=True)
+class PricedLayer:
+    """A candidate layer with the cost of one of its channels in the budget's unit."""
+
+    name: str
+    in_channels: int
+    channel_cost: int
+
+
+def draw_under_budget(layers: Sequence[PricedLayer], budget: int, seed: int, period: int) -> dict[str, torch.Tensor]:
+    """Draw (layer, channel) pairs uniformly at random until the budget is full.
+
+    The stop rule is the one of the authors' public code (``compute_random_budget_mask`` of the
+    WACV-W 2024 repository): shuffle every candidate pair, take pairs in that order while the
+    cumulative cost stays within ``budget``, and stop at the first pair that would exceed it.
+    The selected cost therefore never exceeds the budget, and every pair has the same chance to
+    come early in the order, whatever its layer.
+
+    Returns sorted int64 channel indices per layer name (layers with nothing drawn are absent).
+    """
+    counts = torch.tensor([layer.in_channels for layer in layers])
+    costs = torch.tensor([layer.channel_cost for layer in layers], dtype=torch.float64)
+    owner = torch.repeat_interleave(torch.arange(len(layers)), counts)  # layer of each global pair
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.randperm(int(counts.sum()), generator=period_generator(seed, period))
+    cumulative = torch.cumsum(costs[owner[order]], 0)
+    taken = order[: int(torch.searchsorted(cumulative, torch.tensor([float(budget)]), right=True))]
+    chosen = {}
+    layer_of = owner[taken]
+    for i, layer in enumerate(layers):
+        picked = taken[layer_of == i] - first[i]
+        if picked.numel():
+            chosen[layer.name] = torch.sort(picked).values
+    return chosen

@@ -1,0 +1,83 @@
+"""The paper's CNNs rebuilt from public descriptions, for reproducing its memory accounting.
+
+Only the architectures: the MCUNet/tiny-training ImageNet checkpoints are not obtainable
+offline, so these start from random weights and serve shape/cost checks, not accuracy.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """The MobileNet width rule: round to a multiple of ``divisor``, never lose more than 10%."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=False)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=False),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.conv(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 as in the MCUNet / tiny-training model zoo.
+
+    ``mobilenet_v2_w035()`` is "mbv2-w0.35": width multiplier 0.35, widths divisible by 8,
+    last conv 448 channels (1280 × 0.35, not kept at 1280), 52 convolutions.
+    """
+
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
+
+    def __init__(self, width: float = 0.35, num_classes: int = 1000, last_channels: int = 1280):
+        super().__init__()
+        cin = make_divisible(32 * width)
+        features: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=False))
+        ]
+        for expand, c, n, s in self.SETTINGS:
+            cout = make_divisible(c * width)
+            for i in range(n):
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, expand))
+                cin = cout
+        last = make_divisible(last_channels * width)
+        features.append(
+            nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=False))
+        )
+        self.features = nn.Sequential(*features)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def mobilenet_v2_w035(num_classes: int = 1000) -> MobileNetV2:
+    return MobileNetV2(width=0.35, num_classes=num_classes)

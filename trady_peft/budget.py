@@ -1,0 +1,260 @@
+"""How memory is counted: per-channel costs, the budget and its units.
+
+The paper (TraDy Eq. 3-4) charges one input channel ``c`` of layer ``i`` with
+
+* its weights, ``C'·k·k`` values (for a grouped conv, the output channels of ``c``'s group
+  only: ``C'/groups·k·k``; for a Linear, ``out_features``), and
+* its slice of the layer input for one sample: ``H·W`` values for a convolution, the number of
+  tokens (all dims but batch and channel) for a Linear.
+
+A budget in **values** (an ``int``: the paper's "memory units", one scalar each, batch not
+counted) reproduces the paper's numbers. A budget in **bytes** (a string with a unit:
+``"256KiB"``, ``"2MB"``, ``"1500000B"``) is what a device really has: a trained weight value costs
+its fp32 parameter, its gradient and ``optimizer_state_bytes`` of optimizer state, and an
+activation value costs its dtype's size for every sample of the real batch.
+
+The per-channel input sizes come from a *shape probe*: one forward pass without gradients on a
+sample batch, with hooks recording each target layer's input shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
+
+_BYTE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*$")
+#: bytes of one trained fp32 value: the parameter and its gradient (optimizer state comes on top).
+PARAM_AND_GRAD_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed memory budget: an amount in ``unit`` (``"values"`` or ``"bytes"``)."""
+
+    amount: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.amount:,} {self.unit}"
+
+
+def parse_budget(value: int | str) -> Budget:
+    """Parse ``memory_budget``: an int is in the paper's units (values), a string with a unit in bytes.
+
+    >>> parse_budget(27946)
+    Budget(amount=27946, unit='values')
+    >>> parse_budget("256KiB")
+    Budget(amount=262144, unit='bytes')
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"memory_budget={value!r} is not a budget; pass an int (values) or e.g. '256KiB'.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"memory_budget={value!r} must be positive.")
+        return Budget(value, "values")
+    if isinstance(value, str):
+        match = _BUDGET_RE.match(value)
+        if match and match.group(2).lower() in _BYTE_UNITS:
+            amount = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+            if amount > 0:
+                return Budget(amount, "bytes")
+        raise ValueError(
+            f"memory_budget={value!r} is not understood: pass an int for the paper's units (scalar values per "
+            "sample), or a positive number of bytes with a unit: B, KB, MB, GB, KiB, MiB, GiB (e.g. '256KiB')."
+        )
+    raise ValueError(f"memory_budget={value!r} must be an int (values) or a string such as '2MB' (bytes).")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one input channel of one layer.
+
+    Attributes:
+        name: the layer's qualified name.
+        input_channels: number of input channels.
+        weights: weight values one channel owns.
+        activations: input values one channel holds for one sample (``H·W`` or tokens).
+        batch_size: samples in the probed batch.
+        activation_bytes: bytes per activation element (the probed input dtype).
+    """
+
+    name: str
+    input_channels: int
+    weights: int
+    activations: int
+    batch_size: int = 1
+    activation_bytes: int = 4
+
+    def channel_cost(self, unit: str, optimizer_state_bytes: int = 0) -> int:
+        """Cost of one channel in ``unit``: weights + activations (values), or their bytes."""
+        if unit == "values":
+            return self.weights + self.activations
+        return self.weights * (PARAM_AND_GRAD_BYTES + optimizer_state_bytes) + (
+            self.activations * self.batch_size * self.activation_bytes
+        )
+
+
+@dataclass
+class Accounting:
+    """Result of :func:`memory_accounting`: per-layer rows and totals over the target layers."""
+
+    rows: list[LayerCost]
+    unit: str
+    optimizer_state_bytes: int = 0
+
+    def _scale(self, row: LayerCost, part: str) -> int:
+        n = getattr(row, part) * row.input_channels
+        if self.unit == "values":
+            return n
+        if part == "weights":
+            return n * (PARAM_AND_GRAD_BYTES + self.optimizer_state_bytes)
+        return n * row.batch_size * row.activation_bytes
+
+    @property
+    def total_weights(self) -> int:
+        return sum(self._scale(r, "weights") for r in self.rows)
+
+    @property
+    def total_activations(self) -> int:
+        return sum(self._scale(r, "activations") for r in self.rows)
+
+    @property
+    def total(self) -> int:
+        return self.total_weights + self.total_activations
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer, totals at the bottom."""
+        unit = self.unit
+        head = f"{'layer':<48}{'in ch':>7}{'weights/ch':>12}{'acts/ch':>10}{'weights':>14}{'activations':>14}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name[-48:]:<48}{r.input_channels:>7}{r.weights:>12,}{r.activations:>10,}"
+                f"{self._scale(r, 'weights'):>14,}{self._scale(r, 'activations'):>14,}"
+            )
+        lines.append("-" * len(head))
+        lines.append(f"{'total (' + unit + ')':<77}{self.total_weights:>14,}{self.total_activations:>14,}")
+        lines.append(f"{'weights + activations':<77}{self.total:>28,}")
+        return "\n".join(lines)
+
+
+def _call(model: nn.Module, inputs: Any):
+    if hasattr(inputs, "args") and hasattr(inputs, "kwargs"):
+        return model(*inputs.args, **inputs.kwargs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def probe_input_shapes(
+    model: nn.Module, inputs: Any, layers: Iterable[tuple[str, nn.Module]]
+) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Run ``model`` once without gradients and record the input shape and dtype of ``layers``."""
+    shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    handles = []
+    for name, layer in layers:
+
+        def hook(module, args, name=name):
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = (args[0].shape, args[0].dtype)
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def layer_cost(name: str, geometry: ChannelGeometry, shape: torch.Size, dtype: torch.dtype) -> LayerCost:
+    """Per-channel cost of a layer from the shape of its input (batch first)."""
+    dims = list(shape)
+    channel_dim = geometry.channel_dim % len(dims)
+    per_sample = 1
+    for d, size in enumerate(dims):
+        if d not in (0, channel_dim):
+            per_sample *= size
+    batch = dims[0] if len(dims) > 1 else 1
+    element = torch.empty(0, dtype=dtype).element_size()
+    return LayerCost(name, geometry.in_channels, geometry.slice_numel, per_sample, batch, element)
+
+
+def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer TraDy can train: TraDy layers if ``model`` has them, else every Linear/Conv/Conv1D."""
+    from .layer import TraDyLayer
+
+    tradys = [(n, m) for n, m in model.named_modules() if isinstance(m, TraDyLayer)]
+    if tradys:
+        return tradys
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, SUPPORTED_LAYER_TYPES):
+            layers.append((name, module))
+    return layers
+
+
+def memory_accounting(
+    model: nn.Module,
+    example_inputs: Any,
+    unit: str = "values",
+    target_modules: Iterable[str] | None = None,
+    optimizer_state_bytes: int = 8,
+) -> Accounting:
+    """Per-layer memory accounting of the layers TraDy may update, from a shape probe.
+
+    Args:
+        model: a plain model or a TraDy ``PeftModel`` (then its wrapped layers are counted).
+        example_inputs: a tensor, a dict of keyword arguments or a tuple of positional
+            arguments for one forward pass. Its batch size counts only for ``unit="bytes"``.
+        unit: ``"values"`` (the paper's units, per sample) or ``"bytes"`` (real batch and dtype,
+            weights as fp32 parameter + gradient + ``optimizer_state_bytes``).
+        target_modules: qualified names to count (default: every Conv/Linear/Conv1D, or the
+            TraDy layers of a ``PeftModel``).
+        optimizer_state_bytes: optimizer state per trained value, for ``unit="bytes"``
+            (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD as in the paper).
+
+    Returns:
+        An :class:`Accounting` with ``rows``, ``total_weights``, ``total_activations`` and ``table()``.
+
+    Example:
+        ```python
+        acc = trady_peft.memory_accounting(model, torch.zeros(1, 3, 128, 128))
+        print(acc.table())
+        ```
+    """
+    if unit not in ("values", "bytes"):
+        raise ValueError(f"unit={unit!r} must be 'values' (the paper's units) or 'bytes'.")
+    layers = supported_layers(model)
+    if target_modules is not None:
+        wanted = set(target_modules)
+        layers = [(n, m) for n, m in layers if n in wanted or any(n.endswith("." + w) for w in wanted)]
+    if not layers:
+        raise ValueError("No Linear, Conv1d, Conv2d or Conv1D layer to account for in this model.")
+    shapes = probe_input_shapes(model, example_inputs, layers)
+    rows = []
+    for name, module in layers:
+        if name not in shapes:
+            continue  # not reached by this input
+        base = getattr(module, "base_layer", module)
+        rows.append(layer_cost(name, ChannelGeometry.of(base), *shapes[name]))
+    return Accounting(rows, unit, optimizer_state_bytes if unit == "bytes" else 0)
