@@ -7,7 +7,7 @@ accept TraDy adapters.
 
 from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
-from .callback import TraDyCallback
+from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
 from .layer import TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
@@ -22,6 +22,7 @@ __all__ = [
     "Budget",
     "LayerCost",
     "memory_accounting",
+    "next_period",
     "parse_budget",
     "TraDyCallback",
     "TraDyConfig",

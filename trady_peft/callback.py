@@ -8,12 +8,16 @@ the interrupted run had, and every process of a distributed run draws the same c
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from collections.abc import Iterable, Mapping
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .config import ORACLE_STRATEGIES
 from .model import TraDyModel
 
 logger = logging.getLogger(__name__)
@@ -65,24 +69,82 @@ class TraDyCallback(TrainerCallback):
             return max(0, math.ceil(epoch - 1e-9) - 1)
         return math.floor(epoch + 1e-9)
 
-    def _sync(self, model, state, optimizer, *, restoring: bool) -> None:
+    def _sync(self, model, state, optimizer, *, restoring: bool, dataloader=None) -> None:
         tuner = find_tuner(model)
         target = self._target_period(state, restoring=restoring)
         for name in tuner.active_adapters:
-            if tuner.period(name) != target:
+            if tuner.period(name) != target or name in tuner._trady_pending:
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it.
-                tuner.resample(None if restoring else optimizer, adapter_name=name, period=target)
+                next_period(model, None if restoring else optimizer, batches=dataloader, period=target, adapter=name)
                 summary = tuner.selection_summary(name)
                 logger.info("TraDy period %d (%s): %s", target, name, summary)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._sync(model, state, optimizer, restoring=True)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._sync(model, state, optimizer, restoring=True, dataloader=train_dataloader)
 
-    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if not self.resample_every_steps:
-            self._sync(model, state, optimizer, restoring=False)
+            self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.resample_every_steps:
-            self._sync(model, state, optimizer, restoring=False)
+            self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def next_period(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: Iterable | None = None,
+    period: int | None = None,
+    adapter: str | None = None,
+) -> int:
+    """Start the next TraDy period in a plain PyTorch / Accelerate loop (what the callback does).
+
+    Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s moments
+    of re-targeted entries. The Det-RGN oracles first score channels on up to
+    ``gradient_batches`` of ``batches`` (e.g. the training dataloader).
+
+    Example:
+        ```python
+        for epoch in range(epochs):
+            if epoch:
+                trady_peft.next_period(model, optimizer, batches=train_loader)
+            for batch in train_loader:
+                ...
+        ```
+
+    Returns:
+        The new period index.
+    """
+    tuner = find_tuner(model)
+    names = [adapter] if adapter else list(tuner.active_adapters)
+    new_period = None
+    for name in names:
+        config = tuner.peft_config[name]
+        target = tuner.period(name) + 1 if period is None else period
+        needs_scores = config.strategy in ORACLE_STRATEGIES and (
+            config.strategy == "d-det-rgn" or name not in tuner._oracle_scores
+        )
+        if needs_scores:
+            if batches is None:
+                raise ValueError(f"strategy={config.strategy!r} scores channels on data: pass batches=train_loader.")
+            device = next(tuner.channel_bank[name].parameters()).device
+            sample = [_to_device(b, device) for b in itertools.islice(batches, config.gradient_batches)]
+            tuner.score_channels(sample, adapter_name=name)
+        if name in tuner._trady_pending:
+            tuner._trady_period[name] = target
+            tuner._draw_pending()
+            new_period = target
+            continue
+        new_period = tuner.resample(optimizer, adapter_name=name, period=target)
+        logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
+    return new_period

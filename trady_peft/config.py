@@ -11,9 +11,11 @@ from .budget import parse_budget
 
 #: Selection strategies, by the paper's names (TraDy §4, MeDyate §4). "d-" redraws every period,
 #: "s-" draws once. "top-k" strategies draw inside the `layer_ranking`'s top `top_k` layers.
-STRATEGIES = ("trady", "s-top-k-random", "d-full-random", "s-full-random")
-DYNAMIC_STRATEGIES = ("trady", "d-full-random")
-TOP_K_STRATEGIES = ("trady", "s-top-k-random")
+STRATEGIES = ("trady", "s-top-k-random", "d-full-random", "s-full-random", "d-det-rgn", "s-det-rgn", "medyate")
+DYNAMIC_STRATEGIES = ("trady", "d-full-random", "d-det-rgn", "medyate")
+TOP_K_STRATEGIES = ("trady", "s-top-k-random", "medyate")
+#: Strategies that need the full gradient of every candidate channel (memory-infeasible oracles).
+ORACLE_STRATEGIES = ("d-det-rgn", "s-det-rgn")
 
 
 @dataclass
@@ -86,6 +88,17 @@ class TraDyConfig(PeftConfig):
         default=None,
         metadata={"help": "How many layers of `layer_ranking` the top-K strategies use. None: all ranked layers."},
     )
+    gradient_batches: int = field(
+        default=8,
+        metadata={"help": "Batches of full gradient the Det-RGN oracles score channels on at each selection."},
+    )
+    medyate_alpha: float = field(
+        default=0.2,
+        metadata={
+            "help": "MeDyate: K is the smallest number of ranked layers whose total memory M_K satisfies "
+            "budget / M_K <= medyate_alpha (the paper's alpha_opt = 0.2)."
+        },
+    )
     optimizer_state_bytes: int = field(
         default=8,
         metadata={
@@ -98,7 +111,10 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "Channel selection strategy: 'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
-            f"target layer). One of {STRATEGIES}."
+            "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient: "
+            "an oracle that needs memory the budget does not allow), 'medyate' (top-K layers with K from the "
+            "budget, channels drawn in proportion to their last-seen gradient norm). One of "
+            f"{STRATEGIES}. All but the random ones need memory_budget."
         },
     )
     seed: int = field(
@@ -161,6 +177,16 @@ class TraDyConfig(PeftConfig):
             raise ValueError(f"channels_per_layer={cpl!r} must be at least 1 channel.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; choose one of {STRATEGIES}.")
+        if self.strategy in (*ORACLE_STRATEGIES, "medyate") and self.memory_budget is None:
+            raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
+        if (
+            isinstance(self.gradient_batches, bool)
+            or not isinstance(self.gradient_batches, int)
+            or (self.gradient_batches < 1)
+        ):
+            raise ValueError(f"gradient_batches={self.gradient_batches!r} must be a positive int.")
+        if not isinstance(self.medyate_alpha, (int, float)) or not 0 < self.medyate_alpha <= 1:
+            raise ValueError(f"medyate_alpha={self.medyate_alpha!r} must lie in (0, 1]; the paper uses 0.2.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int.")
 

@@ -16,10 +16,17 @@ from torch import nn
 
 from ._registration import PREFIX
 from .budget import PARAM_AND_GRAD_BYTES, LayerCost, layer_cost, probe_input_shapes
-from .config import TOP_K_STRATEGIES, TraDyConfig
+from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import TraDyLayer
-from .selection import Candidate, PricedLayer, draw_per_layer, draw_under_budget
+from .selection import (
+    Candidate,
+    PricedLayer,
+    draw_per_layer,
+    draw_under_budget,
+    draw_weighted_under_budget,
+    greedy_under_budget,
+)
 
 
 class DeltaBank(nn.Module):
@@ -56,7 +63,9 @@ class TraDyModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self._trady_period: dict[str, int] = {}
         self._trady_costs: dict[str, LayerCost] = {}  # per layer name, from the shape probe
-        self._trady_pending: set[str] = set()  # adapters waiting for the probe to draw
+        self._trady_pending: set[str] = set()  # adapters waiting for the probe (or oracle scores) to draw
+        self._oracle_scores: dict[str, dict[str, torch.Tensor]] = {}  # Det RGN: full-gradient channel norms
+        self._medyate: dict[str, _MeDyateState] = {}
         self._probing = False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         # Budgets need per-channel activation sizes: probe them on the first forward pass.
@@ -142,7 +151,7 @@ class TraDyModel(BaseTuner):
         config = self.peft_config[adapter_name]
         layers = self.trady_layers(adapter_name)
         if config.strategy not in TOP_K_STRATEGIES or not config.layer_ranking:
-            return layers
+            return layers if config.strategy != "medyate" else self._medyate_top_k(adapter_name, layers)
         ranked = config.layer_ranking[: config.top_k] if config.top_k else config.layer_ranking
         chosen = []
         for wanted in ranked:
@@ -153,8 +162,23 @@ class TraDyModel(BaseTuner):
                     f"be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
                 )
             chosen += [lm for lm in match if lm not in chosen]
+        if config.strategy == "medyate" and not config.top_k:
+            chosen = self._medyate_top_k(adapter_name, chosen)
         order = {n: i for i, (n, _) in enumerate(layers)}
         return sorted(chosen, key=lambda lm: order[lm[0]])
+
+    def _medyate_top_k(self, adapter_name: str, ranked: list) -> list:
+        """MeDyate's K: the fewest ranked layers whose memory M_K gives budget / M_K <= alpha."""
+        config = self.peft_config[adapter_name]
+        if not all(n in self._trady_costs for n, _ in ranked):
+            return ranked  # before the probe: every ranked layer (an upper bound for the bank)
+        unit, spent = config.budget.unit, 0
+        for k, (name, layer) in enumerate(ranked, start=1):
+            cost = self._trady_costs[name].channel_cost(unit, config.optimizer_state_bytes)
+            spent += cost * layer.geometry.in_channels
+            if config.budget.amount / spent <= config.medyate_alpha:
+                return ranked[:k]
+        return ranked
 
     def _capacity(self, adapter_name: str) -> int:
         """Trainable values the adapter's bank holds: exactly what any draw can need, at most.
@@ -191,10 +215,18 @@ class TraDyModel(BaseTuner):
         self._trady_period[adapter_name] = 0
         if config.inference_mode:
             return
-        if config.budget is not None and not self._has_costs(adapter_name):
-            self._trady_pending.add(adapter_name)  # drawn on the first forward pass
+        if config.strategy == "medyate":
+            self._medyate[adapter_name] = _MeDyateState(self, adapter_name)
+        if not self._ready(adapter_name):
+            self._trady_pending.add(adapter_name)  # drawn after the probe (and, for oracles, the scoring)
             return
         self._install(adapter_name, self._draw(adapter_name, 0))
+
+    def _ready(self, adapter_name: str) -> bool:
+        config = self.peft_config[adapter_name]
+        if config.budget is not None and not self._has_costs(adapter_name):
+            return False
+        return config.strategy not in ORACLE_STRATEGIES or adapter_name in self._oracle_scores
 
     # ----------------------------------------------------------------------- costs
     def _has_costs(self, adapter_name: str) -> bool:
@@ -217,6 +249,9 @@ class TraDyModel(BaseTuner):
         for name, layer in layers:
             if name in shapes:
                 self._trady_costs[name] = layer_cost(name, layer.geometry, *shapes[name])
+        self._draw_pending()
+
+    def _draw_pending(self) -> None:
         for adapter_name in sorted(self._trady_pending):
             missing = [n for n, _ in self.candidate_layers(adapter_name) if n not in self._trady_costs]
             if missing:
@@ -224,6 +259,8 @@ class TraDyModel(BaseTuner):
                     f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
                     "unknown. Pass inputs that run the whole model, or leave those layers out of target_modules."
                 )
+            if not self._ready(adapter_name):
+                continue
             self._install(adapter_name, self._draw(adapter_name, self._trady_period[adapter_name]))
             self._trady_pending.discard(adapter_name)
 
@@ -269,7 +306,69 @@ class TraDyModel(BaseTuner):
             return draw_per_layer(candidates, config.seed, effective_period)
         priced = self.priced_layers(adapter_name)
         self._check_budget(adapter_name, priced)
-        return draw_under_budget(priced, config.budget.amount, config.seed, effective_period)
+        budget = config.budget.amount
+        if config.strategy in ORACLE_STRATEGIES:
+            norms = self._oracle_scores.get(adapter_name)
+            if norms is None:
+                raise RuntimeError(
+                    f"strategy={config.strategy!r} needs channel scores: call "
+                    "model.base_model.score_channels(batches) before resample(), or train with TraDyCallback."
+                )
+            rgn = [norms[p.name] / p.channel_cost for p in priced]  # TraDy Eq. 7
+            return greedy_under_budget(priced, rgn, budget)
+        if config.strategy == "medyate" and self._medyate[adapter_name].has_history:
+            weights = self._medyate[adapter_name].weights([p.name for p in priced])
+            return draw_weighted_under_budget(priced, weights, budget, config.seed, effective_period)
+        return draw_under_budget(priced, budget, config.seed, effective_period)
+
+    # --------------------------------------------------------------- gradient statistics
+    def score_channels(self, batches, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Det-RGN oracle: the full-gradient norm of every input channel of the candidate layers.
+
+        Runs forward and backward on ``batches`` (dicts of model inputs with labels, or
+        tensors) with the candidate layers' dense base weights temporarily trainable, and
+        keeps ``||dL/dW[:, c]||_2`` of the gradient summed over the batches. This needs the
+        dense gradients the budget is meant to avoid: it is the paper's upper-bound baseline,
+        not something to deploy. Returns and stores the norms per layer.
+        """
+        names = [adapter_name] if adapter_name else list(self.active_adapters)
+        layers = {n: m for name in names for n, m in self.candidate_layers(name)}
+        flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
+        # Set every existing gradient aside (backward would add into it) and put it back after.
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.channel_bank.parameters())
+        saved_grads = {id(p): (p, p.grad) for p in params}
+        for p in params:
+            p.grad = None
+        for m in layers.values():
+            m.base_layer.weight.requires_grad_(True)
+        try:
+            for batch in batches:
+                if self._trady_pending and not self._has_costs_for_all():
+                    self.probe(batch)
+                with torch.enable_grad():
+                    _loss(_call_model(self.model, batch)).backward()
+            norms = {}
+            for n, m in layers.items():
+                grad = m.base_layer.weight.grad
+                if grad is None:
+                    raise RuntimeError(f"Layer {n!r} received no gradient from the scoring batches.")
+                channels = torch.arange(m.geometry.in_channels, device=grad.device)
+                slices = m.geometry.read_slices(grad, channels)
+                norms[n] = slices.reshape(slices.shape[0], -1).double().norm(dim=1).cpu()
+        finally:
+            for n, m in layers.items():
+                m.base_layer.weight.grad = None
+                m.base_layer.weight.requires_grad_(flags[n])
+            for p, grad in saved_grads.values():
+                p.grad = grad
+        _all_reduce_mean(norms)
+        for name in names:
+            self._oracle_scores[name] = {n: norms[n] for n, _ in self.candidate_layers(name)}
+        self._draw_pending()
+        return norms
+
+    def _has_costs_for_all(self) -> bool:
+        return all(self._has_costs(name) for name in self._trady_pending)
 
     def selected_cost(self, adapter_name: str = "default") -> int:
         """Cost of the current selection in the budget's unit (needs a budget and the probe)."""
@@ -336,6 +435,8 @@ class TraDyModel(BaseTuner):
                 layer.commit(name)
             new_period = self._trady_period[name] + 1 if period is None else period
             self._trady_period[name] = new_period
+            if name in self._medyate:
+                self._medyate[name].end_period()
             if name in self._trady_pending or self.peft_config[name].inference_mode:
                 continue  # drawn once the probe has run
             changed = self._install(name, self._draw(name, new_period))
@@ -444,6 +545,86 @@ def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tup
                 value[start:stop].zero_()
             touched += 1
     return touched
+
+
+class _MeDyateState:
+    """MeDyate's channel statistics N (MeDyate Alg. 1).
+
+    During a period, a hook on the bank adds each backward's per-channel gradient norm of the
+    selected channels. At the period's end, the mean norm of each selected channel is written
+    into N; after the first period, channels never selected get the largest value seen (to
+    explore them), and keep it until they are selected.
+    """
+
+    def __init__(self, tuner: TraDyModel, adapter_name: str):
+        self.tuner, self.adapter_name = tuner, adapter_name
+        self.norms: dict[str, torch.Tensor] = {}  # N, per layer
+        self.seen: dict[str, torch.Tensor] = {}
+        self.period_sum: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.has_history = False
+        self.layers = tuner.trady_layers(adapter_name)
+        tuner.channel_bank[adapter_name].weight.register_hook(self._on_grad)
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        for name, layer in self.layers:
+            view = layer.trady_delta[self.adapter_name]
+            if not view.count:
+                continue
+            seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
+            total = self.period_sum.setdefault(name, torch.zeros(layer.geometry.in_channels, dtype=torch.float64))
+            total.index_add_(0, layer.trady_idx[self.adapter_name].long().cpu(), seg.double().norm(dim=1).cpu())
+        self.steps += 1
+
+    def end_period(self) -> None:
+        if not self.steps:
+            return
+        _all_reduce_mean(self.period_sum)
+        for name, layer in self.layers:
+            channels = layer.trady_idx[self.adapter_name].long().cpu()
+            c = layer.geometry.in_channels
+            norms = self.norms.setdefault(name, torch.zeros(c, dtype=torch.float64))
+            seen = self.seen.setdefault(name, torch.zeros(c, dtype=torch.bool))
+            if name in self.period_sum and channels.numel():
+                norms[channels] = self.period_sum[name][channels] / self.steps
+                seen[channels] = True
+        if not self.has_history:  # end of the first period: unexplored channels get the max
+            top = max(
+                (float(n[s].max()) for n, s in zip(self.norms.values(), self.seen.values()) if s.any()), default=1.0
+            )
+            for name in self.norms:
+                self.norms[name][~self.seen[name]] = top
+            self.has_history = True
+        self.period_sum, self.steps = {}, 0
+
+    def weights(self, names: list[str]) -> list[torch.Tensor]:
+        return [self.norms[n] for n in names]
+
+
+def _all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
+    """Average statistics over the processes of a distributed run, so that all ranks draw alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for key in sorted(tensors):
+        t = tensors[key]
+        work = t.to(torch.float64)
+        dist.all_reduce(work)
+        t.copy_(work / dist.get_world_size())
+
+
+def _call_model(model: nn.Module, batch):
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    return model(**batch)
+
+
+def _loss(output) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("Scoring channels needs batches with labels, so that the model returns a loss.")
+    return loss
 
 
 class _Call:

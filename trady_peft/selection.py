@@ -7,6 +7,7 @@ exactly what the uninterrupted single-process run draws, without communication.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,24 @@ class PricedLayer:
     channel_cost: int
 
 
+def _take_until_budget(layers: Sequence[PricedLayer], order: torch.Tensor, budget: int) -> dict[str, torch.Tensor]:
+    """Walk global (layer, channel) pairs in ``order``; keep them while the cumulative cost fits
+    the budget, stop at the first that does not. Returns sorted channels per layer name."""
+    counts = torch.tensor([layer.in_channels for layer in layers])
+    costs = torch.tensor([layer.channel_cost for layer in layers], dtype=torch.float64)
+    owner = torch.repeat_interleave(torch.arange(len(layers)), counts)  # layer of each global pair
+    first = torch.cumsum(counts, 0) - counts
+    cumulative = torch.cumsum(costs[owner[order]], 0)
+    taken = order[: int(torch.searchsorted(cumulative, torch.tensor([float(budget)]), right=True))]
+    chosen = {}
+    layer_of = owner[taken]
+    for i, layer in enumerate(layers):
+        picked = taken[layer_of == i] - first[i]
+        if picked.numel():
+            chosen[layer.name] = torch.sort(picked).values
+    return chosen
+
+
 def draw_under_budget(layers: Sequence[PricedLayer], budget: int, seed: int, period: int) -> dict[str, torch.Tensor]:
     """Draw (layer, channel) pairs uniformly at random until the budget is full.
 
@@ -64,17 +83,31 @@ def draw_under_budget(layers: Sequence[PricedLayer], budget: int, seed: int, per
 
     Returns sorted int64 channel indices per layer name (layers with nothing drawn are absent).
     """
-    counts = torch.tensor([layer.in_channels for layer in layers])
-    costs = torch.tensor([layer.channel_cost for layer in layers], dtype=torch.float64)
-    owner = torch.repeat_interleave(torch.arange(len(layers)), counts)  # layer of each global pair
-    first = torch.cumsum(counts, 0) - counts
-    order = torch.randperm(int(counts.sum()), generator=period_generator(seed, period))
-    cumulative = torch.cumsum(costs[owner[order]], 0)
-    taken = order[: int(torch.searchsorted(cumulative, torch.tensor([float(budget)]), right=True))]
-    chosen = {}
-    layer_of = owner[taken]
-    for i, layer in enumerate(layers):
-        picked = taken[layer_of == i] - first[i]
-        if picked.numel():
-            chosen[layer.name] = torch.sort(picked).values
-    return chosen
+    total = sum(layer.in_channels for layer in layers)
+    order = torch.randperm(total, generator=period_generator(seed, period))
+    return _take_until_budget(layers, order, budget)
+
+
+def draw_weighted_under_budget(
+    layers: Sequence[PricedLayer], weights: Sequence[torch.Tensor], budget: int, seed: int, period: int
+) -> dict[str, torch.Tensor]:
+    """Like :func:`draw_under_budget`, with pairs drawn without replacement with probability
+    proportional to ``weights`` (one tensor per layer; MeDyate's rule).
+
+    The weighted order uses Efraimidis-Spirakis keys ``u ** (1 / w)``: sorting by them is a
+    draw without replacement proportional to ``w``. Zero weights come last.
+    """
+    w = torch.cat([t.double().reshape(-1) for t in weights]).clamp_min(0)
+    u = torch.rand(w.numel(), generator=period_generator(seed, period), dtype=torch.float64)
+    keys = torch.where(w > 0, torch.log(u) / w.clamp_min(1e-300), torch.full_like(w, -math.inf))
+    order = torch.argsort(keys, descending=True, stable=True)
+    return _take_until_budget(layers, order, budget)
+
+
+def greedy_under_budget(
+    layers: Sequence[PricedLayer], scores: Sequence[torch.Tensor], budget: int
+) -> dict[str, torch.Tensor]:
+    """Deterministic: pairs in decreasing ``scores`` (ties by position), same stop rule (Det RGN)."""
+    s = torch.cat([t.double().reshape(-1) for t in scores])
+    order = torch.argsort(-s, stable=True)
+    return _take_until_budget(layers, order, budget)

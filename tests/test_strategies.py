@@ -1,0 +1,115 @@
+"""The gradient-informed strategies: Det RGN (oracle) and MeDyate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import trady_peft
+from tests.tiny_models import tiny_cnn
+from trady_peft.selection import PricedLayer, draw_weighted_under_budget
+
+BATCHES = [
+    {
+        "pixel_values": torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)),
+        "labels": torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(100 + i)),
+    }
+    for i in range(3)
+]
+
+
+def dense_channel_norms(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Reference: the full gradient of a plain copy of the model, channel norms taken by hand."""
+    model.zero_grad()  # same (eval) mode as the PEFT model under test
+    for batch in BATCHES:
+        model(**batch)["loss"].backward()
+    out = {}
+    for name in names:
+        conv = model.get_submodule(name)
+        g, groups = conv.weight.grad, conv.groups
+        og, ig = conv.out_channels // groups, conv.in_channels // groups
+        out[name] = torch.tensor(
+            [float(g[(c // ig) * og : (c // ig + 1) * og, c % ig].norm()) for c in range(conv.in_channels)]
+        )
+    return out
+
+
+def test_det_rgn_takes_the_channels_with_the_highest_reweighted_gradient_norm():
+    budget = 400
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=budget, strategy="d-det-rgn"))
+    tuner = model.base_model
+    tuner.probe(BATCHES[0])
+    assert tuner.selection_summary()["selected_channels"] == 0  # waiting for scores
+    tuner.score_channels(BATCHES)
+    assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradient behind
+
+    names = [n for n, _ in tuner.trady_layers("default")]
+    norms = dense_channel_norms(tiny_cnn(), names)
+    priced = {p.name: p for p in tuner.priced_layers()}
+    ranked = sorted(
+        ((float(norms[n][c]) / priced[n].channel_cost, n, c) for n in names for c in range(priced[n].in_channels)),
+        key=lambda t: -t[0],
+    )
+    expected, spent = set(), 0
+    for _, n, c in ranked:
+        if spent + priced[n].channel_cost > budget:
+            break
+        spent += priced[n].channel_cost
+        expected.add((n, c))
+    got = {(n, c) for n, m in tuner.trady_layers("default") for c in m.trady_idx["default"].tolist()}
+    assert got == expected and tuner.selected_cost() == spent
+
+
+def test_weighted_draw_follows_the_weights():
+    layers = [PricedLayer("a", 4, 10), PricedLayer("b", 4, 10)]
+    weights = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 4.0, 8.0, 8.0])]
+    w = torch.cat(weights)
+    counts = torch.zeros(8)
+    runs = 6000
+    for seed in range(runs):
+        chosen = draw_weighted_under_budget(layers, weights, budget=10, seed=seed, period=0)  # one channel fits
+        for name, channels in chosen.items():
+            counts[channels + (4 if name == "b" else 0)] += 1
+    assert counts[4] == 0  # zero weight: never drawn
+    expected = runs * w / w.sum()
+    mask = w > 0
+    chi2 = float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+    df = int(mask.sum()) - 1
+    assert chi2 < df * (1 - 2 / (9 * df) + 3.29 * math.sqrt(2 / (9 * df))) ** 3, chi2
+
+
+def test_medyate_records_last_seen_norms_and_explores_unseen_channels():
+    config = trady_peft.TraDyConfig(memory_budget=300, strategy="medyate", modules_to_save=["classifier"])
+    model = get_peft_model(tiny_cnn(), config)
+    tuner = model.base_model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model(**BATCHES[0])  # probe + the first, uniform, draw
+    first = {n: sorted(m.trady_idx["default"].tolist()) for n, m in tuner.trady_layers("default")}
+    for batch in BATCHES:
+        model(**batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tuner.resample(optimizer)
+
+    state = tuner._medyate["default"]
+    top = max(float(state.norms[n][c].max()) for n, c in first.items() if c)
+    for name, selected in first.items():
+        norms, seen = state.norms[name], state.seen[name]
+        assert seen.sum() == len(selected)
+        assert torch.all(norms[~seen] == top)  # unexplored channels get the largest norm seen
+        if selected:
+            assert torch.all(norms[selected] > 0)
+    assert 0 < tuner.selected_cost() <= 300
+
+
+def test_medyate_k_follows_the_alpha_rule():
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
+    tuner = model.base_model
+    tuner.probe(BATCHES[0])
+    layers = tuner.trady_layers("default")
+    costs = [tuner._trady_costs[n].channel_cost("values") * m.geometry.in_channels for n, m in layers]
+    k = next(i for i in range(1, len(costs) + 1) if 300 / sum(costs[:i]) <= 0.2)
+    assert len(tuner.candidate_layers()) == k
