@@ -18,14 +18,14 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3):
         super().__init__()
         hidden = cin * expand
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=False)]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU6(inplace=False),
             nn.Conv2d(hidden, cout, 1, bias=False),
@@ -81,3 +81,46 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2_w035(num_classes: int = 1000) -> MobileNetV2:
     return MobileNetV2(width=0.35, num_classes=num_classes)
+
+
+class MCUNet(nn.Module):
+    """An MCUNet / ProxylessNAS-style net: stem conv, inverted residual blocks with per-block
+    expansion and kernel size, global pooling, classifier (no final 1x1 mixing conv)."""
+
+    def __init__(self, stem: int, blocks: list[tuple[int, int, int, int]], num_classes: int = 1000):
+        super().__init__()
+        features: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=False))
+        ]
+        cin = stem
+        for expand, cout, stride, kernel in blocks:
+            features.append(InvertedResidual(cin, cout, stride, expand, kernel))
+            cin = cout
+        self.features = nn.Sequential(*features)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def mcunet_in1(num_classes: int = 1000) -> MCUNet:
+    """MCUNet-in1 ("mcunet-5fps_imagenet" of the MCUNet model zoo): (expand, out, stride, kernel) per block,
+    from the zoo's public configuration."""
+    blocks = [
+        (1, 8, 1, 3),
+        (4, 16, 2, 3),
+        (3, 16, 1, 3),
+        (3, 24, 2, 7),
+        (5, 24, 1, 3),
+        (5, 40, 2, 3),
+        (4, 40, 1, 7),
+        (4, 48, 1, 5),
+        (3, 48, 1, 3),
+        (4, 48, 1, 3),
+        (5, 96, 2, 7),
+        (4, 96, 1, 5),
+        (4, 96, 1, 5),
+        (6, 160, 1, 3),
+    ]
+    return MCUNet(16, blocks, num_classes)

@@ -15,7 +15,7 @@ from trady_peft.budget import parse_budget
 from trady_peft.selection import PricedLayer, draw_under_budget, period_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paper_models import mobilenet_v2_w035  # noqa: E402
+from paper_models import mcunet_in1, mobilenet_v2_w035  # noqa: E402
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 
@@ -34,6 +34,25 @@ def test_mobilenet_v2_w035_accounting_matches_the_paper():
     acc = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
     assert len(acc.rows) == 52
     assert (acc.total_weights, acc.total_activations, acc.total) == (288_864, 963_456, 1_252_320)
+
+
+def test_mcunet_in1_accounting_matches_the_paper():
+    model = mcunet_in1().eval()
+    acc = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
+    assert (acc.total_weights, acc.total_activations, acc.total) == (463_216, 846_592, 1_309_808)
+
+
+def test_budget_command_prints_the_table(capsys):
+    from trady_peft.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    spec = f"{root / 'benchmarks' / 'paper_models.py'}:mobilenet_v2_w035"
+    assert main(["budget", "--model", spec, "--input-shape", "3,128,128", "--convs-only"]) == 0
+    out = capsys.readouterr().out
+    assert "288,864" in out and "963,456" in out and "1,252,320" in out
+    assert out.count("\n") > 52  # one row per convolution
+    with pytest.raises(SystemExit):
+        main(["budget", "--model", spec, "--input-shape", "3,x,128"])
 
 
 def test_bytes_accounting_counts_batch_dtype_and_optimizer_state():
