@@ -52,7 +52,9 @@ def test_budget_command_prints_the_table(capsys):
     assert "288,864" in out and "963,456" in out and "1,252,320" in out
     assert out.count("\n") > 52  # one row per convolution
     with pytest.raises(SystemExit):
-        main(["budget", "--model", spec, "--input-shape", "3,x,128"])
+        main(["budget", "--model", spec, "--input-shape", "3,a,128"])  # not a shape
+    with pytest.raises(SystemExit, match="Check --input-shape"):
+        main(["budget", "--model", spec, "--input-shape", "128,128"])  # not this model's input
 
 
 def test_bytes_accounting_counts_batch_dtype_and_optimizer_state():
