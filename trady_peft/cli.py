@@ -69,13 +69,16 @@ def cmd_budget(args) -> int:
     targets = None
     if args.convs_only:
         targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-    acc = memory_accounting(
-        model,
-        example_inputs(model, args.input_shape, args.batch_size),
-        unit=args.unit,
-        target_modules=targets,
-        optimizer_state_bytes=args.optimizer_state_bytes,
-    )
+    inputs = example_inputs(model, args.input_shape, args.batch_size)
+    try:
+        acc = memory_accounting(
+            model, inputs, unit=args.unit, target_modules=targets, optimizer_state_bytes=args.optimizer_state_bytes
+        )
+    except RuntimeError as err:
+        raise SystemExit(
+            f"The model did not run on inputs of shape {[args.batch_size, *args.input_shape]}: {err}. "
+            "Check --input-shape (one sample, without the batch dimension)."
+        ) from None
     print(acc.table())
     return 0
 
