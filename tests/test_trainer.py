@@ -79,6 +79,9 @@ def test_one_epoch_with_trainer_lowers_the_loss(name, tmp_path):
     # Untrained adapters leave the loss exactly where it was; a working one moves it clearly.
     assert after < before - 0.1, (before, after)
     assert model.base_model.period() == 4  # 16 steps, a new period every 4
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["trady/period"] for h in logged[:5]] == [0, 0, 0, 1, 1]  # the resample at step 4 runs before its log
+    assert all(h["trady/selected_channels"] > 0 for h in logged)
     touched = model.base_model.selection_summary()["touched_channels"]
     assert touched > model.base_model.selection_summary()["selected_channels"]
 

@@ -91,6 +91,24 @@ class TraDyCallback(TrainerCallback):
         if self.resample_every_steps:
             self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
 
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        """Add the selection's figures to the Trainer's log (``trainer.state.log_history``)."""
+        if model is None or logs is None or "loss" not in logs:
+            return
+        tuner = find_tuner(model)
+        name = tuner.active_adapters[0]
+        summary = tuner.selection_summary(name)
+        stats = {
+            "trady/period": summary["period"],
+            "trady/selected_channels": summary["selected_channels"],
+            "trady/touched_channels": summary["touched_channels"],
+        }
+        if "selected_cost" in summary:
+            stats["trady/budget_used"] = round(summary["selected_cost"] / summary["budget"], 4)
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
 
 def _to_device(batch, device):
     if isinstance(batch, torch.Tensor):

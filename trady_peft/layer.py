@@ -157,7 +157,10 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     def touched_channels(self, adapter_name: str) -> int:
         """Number of channels of this layer updated so far (stored + current)."""
-        return self.fold(adapter_name)[0].numel()
+        idx = (
+            self.trady_idx[adapter_name] if self.trady_delta[adapter_name].count else self.trady_idx[adapter_name][:0]
+        )
+        return torch.unique(torch.cat([self.trady_indices[adapter_name], idx])).numel()
 
     # ------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
