@@ -87,15 +87,22 @@ class MCUNet(nn.Module):
     """An MCUNet / ProxylessNAS-style net: stem conv, inverted residual blocks with per-block
     expansion and kernel size, global pooling, classifier (no final 1x1 mixing conv)."""
 
-    def __init__(self, stem: int, blocks: list[tuple[int, int, int, int]], num_classes: int = 1000):
+    def __init__(
+        self, stem: int, blocks: list[tuple[int, int, int, int]], num_classes: int = 1000, mix: int | None = None
+    ):
         super().__init__()
         features: list[nn.Module] = [
             nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=False))
         ]
         cin = stem
         for expand, cout, stride, kernel in blocks:
+            if expand == 0:  # a searched-away ("zero") block: identity
+                continue
             features.append(InvertedResidual(cin, cout, stride, expand, kernel))
             cin = cout
+        if mix:  # ProxylessNAS's final 1x1 "feature mix" conv
+            features.append(nn.Sequential(nn.Conv2d(cin, mix, 1, bias=False), nn.BatchNorm2d(mix), nn.ReLU6()))
+            cin = mix
         self.features = nn.Sequential(*features)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cin, num_classes)
@@ -124,3 +131,33 @@ def mcunet_in1(num_classes: int = 1000) -> MCUNet:
         (6, 160, 1, 3),
     ]
     return MCUNet(16, blocks, num_classes)
+
+
+def proxyless_w03(num_classes: int = 1000) -> MCUNet:
+    """ProxylessNAS-w0.3 ("proxyless-w0.3-r176_imagenet" of the MCUNet model zoo), from the zoo's public
+    configuration; two searched-away blocks are identities (expand 0 below); feature mix conv 96 -> 384."""
+    blocks = [
+        (1, 8, 1, 3),
+        (3, 16, 2, 5),
+        (3, 16, 1, 3),
+        (0, 16, 1, 0),
+        (0, 16, 1, 0),
+        (3, 16, 2, 7),
+        (3, 16, 1, 3),
+        (3, 16, 1, 5),
+        (3, 16, 1, 5),
+        (6, 24, 2, 7),
+        (3, 24, 1, 5),
+        (3, 24, 1, 5),
+        (3, 24, 1, 5),
+        (6, 32, 1, 5),
+        (3, 32, 1, 5),
+        (3, 32, 1, 5),
+        (3, 32, 1, 5),
+        (6, 64, 2, 7),
+        (6, 64, 1, 7),
+        (3, 64, 1, 7),
+        (3, 64, 1, 7),
+        (6, 96, 1, 7),
+    ]
+    return MCUNet(16, blocks, num_classes, mix=384)

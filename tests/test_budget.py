@@ -15,7 +15,7 @@ from trady_peft.budget import parse_budget
 from trady_peft.selection import PricedLayer, draw_under_budget, period_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paper_models import mcunet_in1, mobilenet_v2_w035  # noqa: E402
+from paper_models import mcunet_in1, mobilenet_v2_w035, proxyless_w03  # noqa: E402
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 
@@ -36,10 +36,15 @@ def test_mobilenet_v2_w035_accounting_matches_the_paper():
     assert (acc.total_weights, acc.total_activations, acc.total) == (288_864, 963_456, 1_252_320)
 
 
-def test_mcunet_in1_accounting_matches_the_paper():
-    model = mcunet_in1().eval()
+@pytest.mark.parametrize(
+    "factory, convs, totals",
+    [(mcunet_in1, 42, (463_216, 846_592, 1_309_808)), (proxyless_w03, 61, (357_680, 804_352, 1_162_032))],
+)
+def test_mcunet_in1_and_proxyless_w03_accounting_matches_the_paper(factory, convs, totals):
+    model = factory().eval()
     acc = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
-    assert (acc.total_weights, acc.total_activations, acc.total) == (463_216, 846_592, 1_309_808)
+    assert len(acc.rows) == convs
+    assert (acc.total_weights, acc.total_activations, acc.total) == totals
 
 
 def test_budget_command_prints_the_table(capsys):
