@@ -47,3 +47,17 @@ def test_quickstart_runs_end_to_end_with_tiny_settings(tmp_path):
     assert 0.0 <= trady["accuracy"] <= 1.0
     # The head-only run keeps nothing below the head; TraDy trains inside the network.
     assert trady["memory"].saved_activations > by_method["head only"]["memory"].saved_activations
+
+
+def test_accelerate_loop_example_trains_under_a_byte_budget():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import accelerate_loop
+    finally:
+        sys.path.pop(0)
+    result = accelerate_loop.main(
+        ["--train-size", "64", "--test-size", "64", "--epochs", "2", "--image-size", "32", "--budget", "1MiB"]
+    )
+    summary = result["summary"]
+    assert summary["period"] == 1
+    assert 0 < summary["selected_cost"] <= summary["budget"] == 1024 * 1024
