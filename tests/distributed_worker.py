@@ -46,7 +46,10 @@ def main(rank: int, world: int, strategy: str, out_dir: str, port: int) -> None:
     torch.save(folded, os.path.join(out_dir, f"adapter{rank}.pt"))
     with open(os.path.join(out_dir, f"selections{rank}.json"), "w") as f:
         json.dump(selections, f)
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can stall it
 
 
 if __name__ == "__main__":

@@ -579,7 +579,19 @@ class _MeDyateState:
     def end_period(self) -> None:
         if not self.steps:
             return
-        _all_reduce_mean(self.period_sum)
+        # One flat tensor over every layer (zeros where nothing trained) keeps the collective
+        # identical on all ranks, whatever each rank saw.
+        flat = {
+            "all": torch.cat(
+                [
+                    self.period_sum.get(n, torch.zeros(m.geometry.in_channels, dtype=torch.float64))
+                    for n, m in self.layers
+                ]
+            )
+        }
+        _all_reduce_mean(flat)
+        sizes = [m.geometry.in_channels for _, m in self.layers]
+        self.period_sum = {n: t for (n, _), t in zip(self.layers, torch.split(flat["all"], sizes))}
         for name, layer in self.layers:
             channels = layer.trady_idx[self.adapter_name].long().cpu()
             c = layer.geometry.in_channels
