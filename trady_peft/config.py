@@ -121,6 +121,14 @@ class TraDyConfig(PeftConfig):
         default=0,
         metadata={"help": "Seed of the channel draws; the draw of period e depends only on (seed, e)."},
     )
+    memory_saving_frozen_path: bool = field(
+        default=True,
+        metadata={
+            "help": "Swap frozen convolutions, batch norms and ReLU-family activations for twins that keep only "
+            "what the backward pass needs (no conv input, no batch-norm input, a 1-bit ReLU mask). Batch norms "
+            "then use their running statistics in training too (frozen, as when fused on a device)."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={

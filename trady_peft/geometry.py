@@ -69,9 +69,8 @@ class ChannelGeometry:
             return cls("conv1d_hf", layer.weight.shape[0], layer.weight.shape[1])
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             stock = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Conv1d
-            if type(layer).forward is not stock.forward and not isinstance(
-                getattr(layer, "static_padding", None), nn.Module
-            ):
+            same_math = type(layer).forward is stock.forward or getattr(type(layer), "_computes_stock_conv", False)
+            if not same_math and not isinstance(getattr(layer, "static_padding", None), nn.Module):
                 raise TypeError(
                     f"{type(layer).__name__} subclasses {stock.__name__} with its own forward, which TraDy cannot "
                     "reproduce (only a `static_padding` module applied before the convolution is understood). "

@@ -17,6 +17,7 @@ from torch import nn
 from ._registration import PREFIX
 from .budget import PARAM_AND_GRAD_BYTES, LayerCost, layer_cost, probe_input_shapes
 from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
+from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import TraDyLayer
 from .selection import (
@@ -73,7 +74,9 @@ class TraDyModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self._probe_hook.remove()  # the returned base model must not call back into this tuner
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        restore(model)  # the plain torch modules again
+        return model
 
     # ------------------------------------------------------------------- target discovery
     def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
@@ -135,6 +138,8 @@ class TraDyModel(BaseTuner):
             state_dict=state_dict,
         )
         self._create_bank(adapter_name)
+        if self.peft_config[adapter_name].memory_saving_frozen_path:
+            apply_memory_saving(self.model)
 
     # ----------------------------------------------------------------------------- layers
     def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
