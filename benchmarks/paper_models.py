@@ -161,3 +161,37 @@ def proxyless_w03(num_classes: int = 1000) -> MCUNet:
         (6, 96, 1, 7),
     ]
     return MCUNet(16, blocks, num_classes, mix=384)
+
+
+def bert_like(num_labels: int = 2):
+    """A BERT-style encoder classifier built from config (random weights): 4 layers, hidden 256."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def llama_like():
+    """A Llama-style decoder built from config (random weights): 4 layers, hidden 256."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config)

@@ -47,11 +47,21 @@ def load_model(spec: str) -> nn.Module:
         ) from None
 
 
-def example_inputs(model: nn.Module, shape: list[int], batch_size: int):
-    """Zeros of ``[batch_size, *shape]``: token ids for a text model, floats otherwise."""
+def example_inputs(model: nn.Module, shape: list[int], batch_size: int, with_labels: bool = False):
+    """A batch of ``[batch_size, *shape]``: random token ids for a text model (with labels for a
+    real loss when asked), random floats otherwise."""
+    g = torch.Generator().manual_seed(0)
     if getattr(model, "main_input_name", None) == "input_ids":
-        return {"input_ids": torch.zeros(batch_size, *shape, dtype=torch.long)}
-    return torch.zeros(batch_size, *shape)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 100)
+        ids = torch.randint(0, vocab, (batch_size, *shape), generator=g)
+        batch = {"input_ids": ids}
+        kind = type(model).__name__
+        if with_labels and kind.endswith("ForCausalLM"):
+            batch["labels"] = ids
+        elif with_labels and kind.endswith("ForSequenceClassification"):
+            batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
+        return batch
+    return torch.randn(batch_size, *shape, generator=g)
 
 
 def _shape(text: str) -> list[int]:
@@ -83,6 +93,37 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def _budget(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def cmd_memory(args) -> int:
+    from .config import TraDyConfig
+    from .report import compare_memory
+
+    probe_model = load_model(args.model)
+    inputs = example_inputs(probe_model, args.input_shape, args.batch_size, with_labels=True)
+    del probe_model
+    try:
+        config = TraDyConfig(
+            memory_budget=args.budget,
+            channels_per_layer=None if args.budget is not None else args.channels_per_layer,
+            strategy=args.strategy,
+            modules_to_save=args.modules_to_save,
+            target_modules=args.target_modules,
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    desc = f"{args.model} | input {[args.batch_size, *args.input_shape]} | {args.optimizer} | one training step"
+    report = compare_memory(
+        lambda: load_model(args.model), inputs, config, lora_r=args.lora_r, optimizer=args.optimizer, description=desc
+    )
+    print(report.table())
+    if args.png:
+        print(f"bar chart: {report.plot(args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trady-peft", description="TraDy memory-constrained fine-tuning tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--optimizer-state-bytes", type=int, default=8, help="per trained value, for --unit bytes")
     budget.add_argument("--convs-only", action="store_true", help="count convolutions only (as the paper does)")
     budget.set_defaults(func=cmd_budget)
+
+    memory = sub.add_parser(
+        "memory",
+        help="measure one training step: TraDy vs LoRA vs full fine-tuning",
+        description="Run one real training step of the model three ways (TraDy under the given budget, peft LoRA "
+        "on the same layers, full fine-tuning) and print what each keeps: weights, trainable parameters, "
+        "gradients, optimizer state and the activations autograd saves for backward (measured with "
+        "torch.autograd.graph.saved_tensors_hooks), split by part of the network.",
+    )
+    memory.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
+    memory.add_argument("--input-shape", type=_shape, required=True, help="one sample, e.g. 3,128,128 or 128 (tokens)")
+    memory.add_argument("--batch-size", type=int, default=8)
+    memory.add_argument("--budget", type=_budget, default=None, help="memory_budget: 27946 (paper units) or '2MiB'")
+    memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
+    memory.add_argument("--strategy", default="trady")
+    memory.add_argument("--modules-to-save", nargs="*", default=None, help="e.g. classifier (trained in full)")
+    memory.add_argument("--target-modules", nargs="*", default=None, help="default: every supported layer")
+    memory.add_argument("--lora-r", type=int, default=8)
+    memory.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    memory.add_argument("--png", default=None, help="also save a bar chart to this PNG file")
+    memory.set_defaults(func=cmd_memory)
     return parser
 
 

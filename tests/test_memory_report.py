@@ -1,0 +1,62 @@
+"""Issue 4, acceptance 2-4: whole-network saving on MobileNetV2-w0.35 and the memory command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import trady_peft
+from trady_peft.cli import main
+from trady_peft.report import analytic_floor, compare_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from paper_models import mobilenet_v2_w035  # noqa: E402
+
+
+def test_mobilenet_v2_saves_over_90_percent_and_sits_near_the_analytic_floor():
+    x = torch.randn(32, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    config = trady_peft.TraDyConfig(memory_budget=27_946, modules_to_save=["classifier"])
+    report = compare_memory(lambda: mobilenet_v2_w035(num_classes=10), x, config)
+    trady = report.row("TraDy").memory.saved_activations
+    full = report.row("full fine-tuning").memory.saved_activations
+    lora = report.row("LoRA").memory.saved_activations
+    floor = analytic_floor(report.trady_model, x)["total"]
+    assert trady <= 0.10 * full and trady <= 0.10 * lora, (trady, full, lora)
+    assert floor <= trady <= 2 * floor, (trady, floor)
+
+
+def test_memory_command_prints_the_table_and_saves_a_png(tmp_path, capsys):
+    png = tmp_path / "memory.png"
+    spec = f"{ROOT / 'tests' / 'tiny_models.py'}:tiny_cnn"
+    code = main(
+        [
+            "memory",
+            "--model",
+            spec,
+            "--input-shape",
+            "3,16,16",
+            "--batch-size",
+            "4",
+            "--modules-to-save",
+            "classifier",
+            "--png",
+            str(png),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    for method in ("TraDy", "LoRA", "full fine-tuning"):
+        assert method in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_command_documents_itself(capsys):
+    try:
+        main(["memory", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    assert "TraDy" in out and "--budget" in out and "--png" in out

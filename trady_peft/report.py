@@ -1,0 +1,234 @@
+"""Side-by-side memory of one training step: TraDy, peft LoRA on the same layers, full fine-tuning.
+
+Every figure is measured by :func:`~trady_peft.memory.measure_training_step` on a fresh copy of
+the model; nothing is estimated. Used by ``trady-peft memory`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from .config import TraDyConfig
+from .layer import TraDyLayer
+from .memory import TrainingStepMemory, measure_training_step
+
+# Module types grouped into the parts of a network a report talks about.
+PATH_GROUPS = {
+    "selected ch.": ("TraDyLayer",),
+    "linear/conv in": ("Linear", "Conv1d", "Conv2d", "Conv1D"),
+    "normalization": ("BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm"),
+    "attention": ("Attention",),
+    "activations": ("ReLU", "GELU", "SiLU", "Tanh", "Hardtanh", "Activation", "MLP"),
+}
+
+
+def group_of(module_type: str) -> str:
+    for group, markers in PATH_GROUPS.items():
+        if any(m in module_type for m in markers):
+            return group
+    return "other"
+
+
+@dataclass
+class MethodMemory:
+    method: str
+    memory: TrainingStepMemory
+    weights: int
+    note: str = ""
+
+    @property
+    def saved_by_group(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind, nbytes in self.memory.saved_by_module_type.items():
+            g = group_of(kind)
+            out[g] = out.get(g, 0) + nbytes
+        return out
+
+
+@dataclass
+class MemoryReport:
+    """Measured memory of one training step per method (see :func:`compare_memory`)."""
+
+    rows: list[MethodMemory]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    trady_model: nn.Module | None = None  # the measured TraDy model, for further analysis
+
+    def row(self, method: str) -> MethodMemory:
+        return next(r for r in self.rows if r.method == method)
+
+    def saving_factor(self, baseline: str) -> float:
+        """``baseline``'s saved-activation bytes over TraDy's."""
+        return self.row(baseline).memory.saved_activations / max(1, self.row("TraDy").memory.saved_activations)
+
+    def table(self) -> str:
+        kib = lambda n: f"{n / 1024:,.0f} KiB"  # noqa: E731
+        head = f"{'method':<20}{'weights':>14}{'trainable':>13}{'gradients':>13}{'optim state':>13}{'saved acts':>14}"
+        lines = [self.description, head, "-" * len(head)] if self.description else [head, "-" * len(head)]
+        for r in self.rows:
+            m = r.memory
+            lines.append(
+                f"{r.method:<20}{kib(r.weights):>14}{kib(m.trainable_parameters):>13}{kib(m.gradients):>13}"
+                f"{kib(m.optimizer_state):>13}{kib(m.saved_activations):>14}"
+            )
+        lines.append("")
+        lines.append("saved activations by part of the network:")
+        groups = sorted({g for r in self.rows for g in r.saved_by_group})
+        lines.append(f"{'':<20}" + "".join(f"{g:>16}" for g in groups))
+        for r in self.rows:
+            sb = r.saved_by_group
+            lines.append(f"{r.method:<20}" + "".join(f"{kib(sb.get(g, 0)):>16}" for g in groups))
+        notes = [f"{r.method}: {r.note}" for r in self.rows if r.note]
+        notes += [f"full fine-tuning / TraDy saved activations: {self.saving_factor('full fine-tuning'):,.1f}x"]
+        notes += [f"{k}: {v}" for k, v in self.extra.items()]
+        if notes:
+            lines.append("")
+            lines += notes
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> str:
+        """Save a bar chart (stacked: trainable, gradients, optimizer state, saved activations) as PNG."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError("Plotting needs matplotlib: pip install 'trady-peft[plot]'.") from err
+        parts = ["trainable_parameters", "gradients", "optimizer_state", "saved_activations"]
+        labels = ["trainable weights", "gradients", "optimizer state", "saved activations"]
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        bottoms = [0.0] * len(self.rows)
+        for part, label in zip(parts, labels):
+            values = [getattr(r.memory, part) / 2**20 for r in self.rows]
+            ax.bar([r.method for r in self.rows], values, bottom=bottoms, label=label)
+            bottoms = [b + v for b, v in zip(bottoms, values)]
+        for i, total in enumerate(bottoms):
+            ax.text(i, total, f"{total:,.1f} MiB", ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel("MiB, one training step (measured)")
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(self.description, 80)), fontsize=8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _weights_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def lora_targets(peft_model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
+    """TraDy's layers that peft LoRA can also wrap (its grouped convs need rank % groups == 0)."""
+    ok, skipped = [], []
+    for name, m in peft_model.base_model.model.named_modules():
+        if isinstance(m, TraDyLayer):
+            groups = m.geometry.groups
+            (ok if groups == 1 or rank % groups == 0 else skipped).append(name)
+    return ok, skipped
+
+
+def compare_memory(
+    build_model: Callable[[], nn.Module],
+    inputs: Any,
+    config: TraDyConfig,
+    lora_r: int = 8,
+    optimizer: str = "adamw",
+    description: str = "",
+) -> MemoryReport:
+    """Measure one training step of TraDy, LoRA (rank ``lora_r``, same layers) and full fine-tuning.
+
+    Args:
+        build_model: returns a fresh pretrained (or config-built) model each call.
+        inputs: one batch: a tensor or a dict of keyword arguments (with labels for a real loss).
+        config: the TraDy configuration (its ``modules_to_save`` train fully in every method).
+        lora_r: LoRA rank.
+        optimizer: ``"adamw"`` or ``"sgd"`` (plain SGD, the paper's setting: no optimizer state).
+    """
+
+    def make_optimizer(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.0)
+        return torch.optim.AdamW(params, lr=0.0)
+
+    rows = []
+    trady = get_peft_model(build_model(), copy.deepcopy(config)).train()
+    trady_mem = measure_training_step(trady, inputs, make_optimizer(trady))
+    summary = trady.base_model.selection_summary()
+    note = f"{summary['selected_channels']:,} of {summary['total_channels']:,} input channels selected"
+    if "selected_cost" in summary:
+        unit = config.budget.unit
+        note += f", cost {summary['selected_cost']:,} of a {summary['budget']:,}-{unit} budget"
+    rows.append(MethodMemory("TraDy", trady_mem, _weights_bytes(trady.get_base_model()), note))
+
+    targets, skipped = lora_targets(trady, lora_r)
+    lora_config = LoraConfig(r=lora_r, target_modules=targets, modules_to_save=config.modules_to_save)
+    lora = get_peft_model(build_model(), lora_config).train()
+    note = f"r={lora_r} on {len(targets)} layers" + (
+        f"; {len(skipped)} grouped convs LoRA cannot wrap" if skipped else ""
+    )
+    rows.append(
+        MethodMemory("LoRA", measure_training_step(lora, inputs, make_optimizer(lora)), _weights_bytes(lora), note)
+    )
+
+    full = build_model().train()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    rows.append(
+        MethodMemory(
+            "full fine-tuning", measure_training_step(full, inputs, make_optimizer(full)), _weights_bytes(full)
+        )
+    )
+    return MemoryReport(rows, description, trady_model=trady)
+
+
+def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
+    """What a perfect implementation of the current selection must keep for backward, in bytes:
+    the selected channels' input values, plus one bit per element of every ReLU-family output
+    between the lowest selected layer and the loss."""
+    from .callback import find_tuner
+    from .frozen_path import FrozenPathHardtanh, FrozenPathLeakyReLU, FrozenPathReLU, FrozenPathReLU6
+
+    relu_types = (
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.LeakyReLU,
+        FrozenPathReLU,
+        FrozenPathReLU6,
+        FrozenPathHardtanh,
+        FrozenPathLeakyReLU,
+    )
+    tuner = find_tuner(trady_model)
+    name = tuner.active_adapters[0]
+    order: list[tuple[nn.Module, int]] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: order.append((mod, out.numel() if torch.is_tensor(out) else 0)))
+        for m in trady_model.modules()
+        if isinstance(m, (TraDyLayer, *relu_types))
+    ]
+    try:
+        with torch.no_grad():
+            trady_model(inputs) if torch.is_tensor(inputs) else trady_model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    selected = 0
+    for layer_name, layer in tuner.trady_layers(name):
+        k = layer.trady_delta[name].count
+        if k:
+            cost = tuner._trady_costs[layer_name]
+            selected += k * cost.activations * cost.batch_size * cost.activation_bytes
+    first = next(i for i, (m, _) in enumerate(order) if isinstance(m, TraDyLayer) and m.trady_delta[name].count)
+    masks = sum((n + 7) // 8 for m, n in order[first + 1 :] if isinstance(m, relu_types))
+    return {"selected_activations": selected, "relu_masks": masks, "total": selected + masks}
