@@ -69,3 +69,19 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_cnn(seed: int = 0) -> SmallCNN:
     torch.manual_seed(seed)
     return SmallCNN().eval()
+
+
+def colour_images_loader(n: int = 64, batch_size: int = 8, seed: int = 0):
+    """A dataloader of images whose class is their brightest colour channel (for rank-layers tests)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    images[torch.arange(n), labels] += 1.0
+    dataset = TensorDataset(images, labels)
+    collate = lambda rows: {  # noqa: E731
+        "pixel_values": torch.stack([r[0] for r in rows]),
+        "labels": torch.stack([r[1] for r in rows]),
+    }
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)

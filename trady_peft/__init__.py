@@ -9,6 +9,7 @@ from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
+from .importance import ImportanceEntry, rank_layers
 from .layer import TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
 from .model import TraDyModel
@@ -20,10 +21,12 @@ _register()
 __all__ = [
     "Accounting",
     "Budget",
+    "ImportanceEntry",
     "LayerCost",
     "memory_accounting",
     "next_period",
     "parse_budget",
+    "rank_layers",
     "TraDyCallback",
     "TraDyConfig",
     "TraDyLayer",

@@ -124,6 +124,46 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def _load_factory(spec: str):
+    if ":" not in spec:
+        raise SystemExit(f"--data {spec!r} must be 'file.py:factory' or 'module:factory' returning a dataloader.")
+    target, factory = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target)
+        sys.path.insert(0, str(path.parent.resolve()))
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, factory)
+
+
+def cmd_rank_layers(args) -> int:
+    from .importance import rank_layers, top_k_for
+
+    model = load_model(args.model)
+    loader = _load_factory(args.data)()
+    entry = rank_layers(
+        model,
+        loader,
+        steps=args.steps,
+        metric=args.metric,
+        lr=args.lr,
+        family=args.family,
+        exclude_modules=args.exclude or (),
+        provenance={"model_spec": args.model, "data": args.data},
+    )
+    path = entry.save(args.output or f"{entry.family}.json")
+    ranking = entry.ranking
+    print(f"{entry.family}: {len(ranking)} layers ranked by cumulative {entry.metric.upper()} over {args.steps} steps")
+    print(f"top-K (97% of the total): {entry.top_k}; half of the total in the top {top_k_for(entry.scores, 0.5)}")
+    for i, name in enumerate(ranking[: min(10, len(ranking))], start=1):
+        print(f"{i:>3}. {name:<60}{entry.scores[name]:.4g}")
+    print(f"written to {path}; use it with TraDyConfig(layer_ranking={str(path)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trady-peft", description="TraDy memory-constrained fine-tuning tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     memory.add_argument("--png", default=None, help="also save a bar chart to this PNG file")
     memory.set_defaults(func=cmd_memory)
+
+    rank = sub.add_parser(
+        "rank-layers",
+        help="rank a model's layers by cumulative RGN or LaRa and write an importance table entry",
+        description="Fine-tune the model (all weights, AdamW) for a few steps on the given data, accumulate each "
+        "layer's reweighted gradient norm (RGN, TraDy) or LaRa (MeDyate), and write the ranking with its top-K "
+        "(97% of the total) and provenance as JSON, for TraDyConfig(layer_ranking=<file>).",
+    )
+    rank.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
+    rank.add_argument("--data", required=True, help="file.py:factory returning a dataloader of batches with labels")
+    rank.add_argument("--steps", type=int, default=50)
+    rank.add_argument("--metric", choices=["rgn", "lara"], default="rgn")
+    rank.add_argument("--lr", type=float, default=1e-3)
+    rank.add_argument("--family", default=None, help="table key (default: model_type or backbone class name)")
+    rank.add_argument("--exclude", nargs="*", default=None, help="layers not to rank, e.g. the classifier head")
+    rank.add_argument("--output", default=None, help="JSON path (default: <family>.json)")
+    rank.set_defaults(func=cmd_rank_layers)
     return parser
 
 

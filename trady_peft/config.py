@@ -80,8 +80,10 @@ class TraDyConfig(PeftConfig):
     layer_ranking: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Target layers ordered from most to least important (e.g. by cumulative RGN). The top-K "
-            "strategies draw inside its first `top_k` layers. None: every target layer."
+            "help": "Target layers ordered from most to least important (names or suffixes), or the path of a "
+            "ranking file from `trady-peft rank-layers`. The top-K strategies draw inside its first `top_k` "
+            "layers. None: the built-in importance table of the model's family if there is one, else every "
+            "target layer."
         },
     )
     top_k: int | None = field(
@@ -162,9 +164,13 @@ class TraDyConfig(PeftConfig):
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
             raise ValueError(f"top_k={self.top_k!r} must be a positive int (number of ranked layers), or None.")
-        if self.layer_ranking is not None:
-            if isinstance(self.layer_ranking, str) or not all(isinstance(n, str) for n in self.layer_ranking):
-                raise ValueError("layer_ranking must be a list of layer names, most important first.")
+        if isinstance(self.layer_ranking, str):
+            self._load_ranking_file(self.layer_ranking)
+        elif self.layer_ranking is not None:
+            if not all(isinstance(n, str) for n in self.layer_ranking):
+                raise ValueError(
+                    "layer_ranking must be a list of layer names (most important first) or a ranking file."
+                )
             self.layer_ranking = list(self.layer_ranking)
         if (
             isinstance(self.optimizer_state_bytes, bool)
@@ -197,6 +203,20 @@ class TraDyConfig(PeftConfig):
             raise ValueError(f"medyate_alpha={self.medyate_alpha!r} must lie in (0, 1]; the paper uses 0.2.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int.")
+
+    def _load_ranking_file(self, path: str) -> None:
+        from .importance import ImportanceEntry
+
+        try:
+            entry = ImportanceEntry.load(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"layer_ranking={path!r} is not a readable ranking file ({err}); pass a list of layer names or the "
+                "JSON written by `trady-peft rank-layers`."
+            ) from None
+        self.layer_ranking = entry.ranking
+        if self.top_k is None:
+            self.top_k = entry.top_k
 
     def channels_for(self, in_channels: int) -> int:
         """Number of channels drawn per period in a layer with ``in_channels`` input channels."""

@@ -9,6 +9,8 @@ whole run; a resample only moves segment boundaries and index buffers, in place.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
@@ -19,6 +21,7 @@ from .budget import PARAM_AND_GRAD_BYTES, LayerCost, layer_cost, probe_input_sha
 from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
+from .importance import builtin_entry, family_of
 from .layer import TraDyLayer
 from .selection import (
     Candidate,
@@ -28,6 +31,8 @@ from .selection import (
     draw_weighted_under_budget,
     greedy_under_budget,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class DeltaBank(nn.Module):
@@ -202,7 +207,36 @@ class TraDyModel(BaseTuner):
         per_value = 1 if budget.unit == "values" else PARAM_AND_GRAD_BYTES + config.optimizer_state_bytes
         return min(total, budget.amount // per_value)
 
+    def _use_importance_table(self, adapter_name: str) -> None:
+        """Fill ``layer_ranking`` / ``top_k`` from the built-in table of the model's family."""
+        config = self.peft_config[adapter_name]
+        if config.layer_ranking is not None or config.strategy not in ("trady", "s-top-k-random"):
+            return
+        found = family_of(self.model)
+        entry = builtin_entry(found[0]) if found else None
+        layer_names = [n for n, _ in self.trady_layers(adapter_name)]
+        present = []
+        if entry is not None:
+            present = [r for r in entry.ranking if any(n == r or n.endswith("." + r) for n in layer_names)]
+        if entry is None or len(present) < len(entry.ranking) / 2:
+            what = f"family {found[0]!r}" if found else f"{type(self.model).__name__}"
+            logger.warning(
+                "TraDy has no importance table for %s: strategy=%r will draw from every target layer (D-Full "
+                "Random). Rank this architecture once with `trady-peft rank-layers` (or trady_peft.rank_layers) "
+                "and pass layer_ranking=<file>, or set strategy='d-full-random' to silence this.",
+                what,
+                config.strategy,
+            )
+            return
+        config.layer_ranking = present
+        if config.top_k is None:
+            config.top_k = min(entry.top_k, len(present))
+        logger.info(
+            "TraDy uses the %s importance table: top %d of %d layers.", entry.family, config.top_k, len(present)
+        )
+
     def _create_bank(self, adapter_name: str) -> None:
+        self._use_importance_table(adapter_name)
         layers = self.trady_layers(adapter_name)
         config = self.peft_config[adapter_name]
         capacity = self._capacity(adapter_name)
