@@ -223,3 +223,13 @@ def test_byte_budget_accounts_for_the_real_batch():
     )
     weights = sum(m.trady_delta["default"].numel * 8 for _, m in tuner.trady_layers("default"))
     assert acts + weights == tuner.selected_cost()
+
+
+def test_evaluation_before_training_does_not_fix_the_byte_accounting():
+    model = budget_model("300KiB", optimizer_state_bytes=0)
+    with torch.no_grad():
+        model(torch.randn(64, 3, 128, 128))  # a large evaluation batch first
+    tuner = model.base_model
+    assert tuner.selection_summary()["selected_channels"] == 0  # still waiting for a training batch
+    model(torch.randn(8, 3, 128, 128))
+    assert all(c.batch_size == 8 for c in tuner._trady_costs.values())

@@ -288,11 +288,14 @@ class TraDyModel(BaseTuner):
         for name, layer in layers:
             if name in shapes:
                 self._trady_costs[name] = layer_cost(name, layer.geometry, *shapes[name])
-        self._draw_pending()
+        self._draw_pending(after_probe=True)
 
-    def _draw_pending(self) -> None:
+    def _draw_pending(self, after_probe: bool = False) -> None:
+        """Draw for adapters that were waiting and now can; before a probe, simply keep waiting."""
         for adapter_name in sorted(self._trady_pending):
             missing = [n for n, _ in self.candidate_layers(adapter_name) if n not in self._trady_costs]
+            if missing and not after_probe:
+                continue
             if missing:
                 raise RuntimeError(
                     f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
@@ -304,7 +307,9 @@ class TraDyModel(BaseTuner):
             self._trady_pending.discard(adapter_name)
 
     def _probe_on_first_forward(self, module, args, kwargs):
-        if self._trady_pending and not self._probing:
+        # Only a training forward (gradients on) tells the real batch: an evaluation pass under
+        # no_grad before training must not fix the byte accounting to its batch size.
+        if self._trady_pending and not self._probing and torch.is_grad_enabled():
             self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
 
     def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
