@@ -9,6 +9,7 @@ from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
+from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
 from .layer import TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
@@ -26,6 +27,7 @@ __all__ = [
     "memory_accounting",
     "next_period",
     "parse_budget",
+    "push_to_hub",
     "rank_layers",
     "TraDyCallback",
     "TraDyConfig",
