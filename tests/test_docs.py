@@ -1,0 +1,24 @@
+"""Issue 6, acceptance 4: every public symbol is documented and appears in the API reference."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import trady_peft
+
+API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+
+
+def test_every_public_symbol_has_a_docstring_in_the_api_reference():
+    missing_doc, missing_ref = [], []
+    for name in trady_peft.__all__:
+        if name.startswith("__"):
+            continue
+        obj = getattr(trady_peft, name)
+        if not (inspect.getdoc(obj) or "").strip():
+            missing_doc.append(name)
+        if f"::: trady_peft.{name}\n" not in API:
+            missing_ref.append(name)
+    assert not missing_doc, f"no docstring: {missing_doc}"
+    assert not missing_ref, f"not in docs/api.md: {missing_ref}"
