@@ -19,23 +19,30 @@ from torch import nn
 from .budget import memory_accounting
 
 
+def resolve_factory(spec: str, flag: str):
+    """The callable named by ``file.py:factory`` or ``package.module:factory``."""
+    target, _, factory = spec.rpartition(":")
+    if not target or not factory:
+        raise SystemExit(f"{flag} {spec!r} must be 'file.py:factory' or 'module:factory'.")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise SystemExit(f"{flag} {spec!r}: file {target!r} does not exist.")
+        sys.path.insert(0, str(path.parent.resolve()))
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, factory):
+        raise SystemExit(f"{flag} {spec!r}: {target!r} has no {factory!r}.")
+    return getattr(module, factory)
+
+
 def load_model(spec: str) -> nn.Module:
     """Build a model from ``file.py:factory``, ``package.module:factory``, or a Hugging Face id/path."""
     if ":" in spec and not Path(spec).exists():
-        target, factory = spec.rsplit(":", 1)
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise SystemExit(f"--model {spec!r}: file {target!r} does not exist.")
-            sys.path.insert(0, str(path.parent.resolve()))
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        if not hasattr(module, factory):
-            raise SystemExit(f"--model {spec!r}: {target!r} has no {factory!r}.")
-        return getattr(module, factory)()
+        return resolve_factory(spec, "--model")()
     from transformers import AutoModel
 
     try:
@@ -124,26 +131,11 @@ def cmd_memory(args) -> int:
     return 0
 
 
-def _load_factory(spec: str):
-    if ":" not in spec:
-        raise SystemExit(f"--data {spec!r} must be 'file.py:factory' or 'module:factory' returning a dataloader.")
-    target, factory = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        sys.path.insert(0, str(path.parent.resolve()))
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    return getattr(module, factory)
-
-
 def cmd_rank_layers(args) -> int:
     from .importance import rank_layers, top_k_for
 
     model = load_model(args.model)
-    loader = _load_factory(args.data)()
+    loader = resolve_factory(args.data, "--data")()
     entry = rank_layers(
         model,
         loader,
