@@ -97,3 +97,12 @@ def test_nothing_is_saved_below_the_lowest_trained_layer():
         k for k in mem.saved_by_module if any(k.endswith(n) for n in ("stem", "bn1", "act1", "dw", "bn2", "act2"))
     ]
     assert below == [], mem.saved_by_module
+
+
+def test_frozen_conv_keeps_the_autocast_dtype():
+    conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    twin = copy.deepcopy(conv)
+    apply_memory_saving(twin)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert twin(x).dtype == conv(x).dtype == torch.bfloat16

@@ -147,3 +147,13 @@ def test_static_padding_conv_subclass_matches_its_own_forward():
 def test_conv_subclass_with_unknown_forward_is_refused():
     with pytest.raises(TypeError, match="UnknownConv.*exclude_modules"):
         get_peft_model(Holder(UnknownConv(4, 4, 3)), trady_peft.TraDyConfig(target_modules=["layer"]))
+
+
+def test_static_padding_conv_with_trainable_base_weight_is_padded_once():
+    torch.manual_seed(0)
+    base = StaticSamePaddingConv(4, 6, 3, stride=1)
+    x = torch.randn(1, 4, 8, 8)
+    expected = base(x)
+    model = get_peft_model(Holder(base), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2))
+    model.base_model.model.layer.base_layer.weight.requires_grad_(True)  # as during Det-RGN scoring
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)

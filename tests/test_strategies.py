@@ -113,3 +113,25 @@ def test_medyate_k_follows_the_alpha_rule():
     costs = [tuner._trady_costs[n].channel_cost("values") * m.geometry.in_channels for n, m in layers]
     k = next(i for i in range(1, len(costs) + 1) if 300 / sum(costs[:i]) <= 0.2)
     assert len(tuner.candidate_layers()) == k
+
+
+def test_deleting_a_pending_adapter_leaves_no_state_behind():
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300))
+    model.add_adapter("other", trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
+    model.delete_adapter("other")
+    tuner = model.base_model
+    assert "other" not in tuner._trady_pending and "other" not in tuner._medyate
+    model(**BATCHES[0])["loss"].backward()  # probes and draws for "default" only
+    assert tuner.selected_cost() <= 300
+
+
+def test_an_adapter_waiting_for_oracle_scores_is_probed_once(monkeypatch):
+    config = trady_peft.TraDyConfig(memory_budget=400, strategy="d-det-rgn", modules_to_save=["classifier"])
+    model = get_peft_model(tiny_cnn(), config)
+    tuner = model.base_model
+    calls = []
+    original = type(tuner).probe
+    monkeypatch.setattr(type(tuner), "probe", lambda self, inputs: calls.append(1) or original(self, inputs))
+    for batch in BATCHES:
+        model(**batch)["loss"].backward()
+    assert len(calls) == 1

@@ -90,7 +90,7 @@ class FrozenConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, geometry: ChannelGeometry):
         y = geometry._conv(geometry.pad(x), weight, geometry.groups)
         if bias is not None:
-            y = y + bias.view(1, -1, *([1] * len(geometry.kernel_size)))
+            y = y + bias.to(y.dtype).view(1, -1, *([1] * len(geometry.kernel_size)))
         ctx.geometry, ctx.x_shape = geometry, x.shape
         ctx.save_for_backward(weight)
         return y
@@ -112,8 +112,9 @@ class FrozenConv(torch.autograd.Function):
 def frozen_conv(x: torch.Tensor, conv: torch.nn.Module, geometry: ChannelGeometry) -> torch.Tensor:
     """Run a frozen ``nn.Conv1d``/``nn.Conv2d`` without keeping its input for backward.
 
-    Falls back to the module itself when its weight trains (then the input is needed).
+    Falls back to the stock convolution when its weight trains (then the input is needed). Like
+    :class:`FrozenConv`, the fallback applies no subclass padding: callers pad beforehand.
     """
     if conv.weight.requires_grad:
-        return conv(x)
+        return conv._conv_forward(x, conv.weight, conv.bias)
     return FrozenConv.apply(x, conv.weight, conv.bias, geometry)

@@ -33,6 +33,7 @@ from torch import nn
 
 from .budget import layer_cost, probe_input_shapes, supported_layers
 from .geometry import ChannelGeometry
+from .memory import required_loss
 
 logger = logging.getLogger(__name__)
 TABLES = Path(__file__).resolve().parent / "tables"
@@ -130,13 +131,6 @@ def builtin_entry(family: str) -> ImportanceEntry | None:
     return ImportanceEntry.load(path) if path.exists() else None
 
 
-def _loss(output) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None:
-        raise ValueError("rank_layers needs batches with labels so that the model returns a loss.")
-    return loss
-
-
 def rank_layers(
     model: nn.Module,
     dataloader: Iterable,
@@ -200,7 +194,7 @@ def rank_layers(
                     if n in shapes:
                         costs[n] = layer_cost(n, ChannelGeometry.of(m), *shapes[n])
             output = model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
-            _loss(output).backward()
+            required_loss(output, "rank_layers").backward()
             with torch.no_grad():
                 for n, m in layers:
                     if m.weight.grad is None or n not in costs:

@@ -208,7 +208,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------------------- forward
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.geometry.kind == "conv" and not args and not kwargs:
+        if self.geometry.kind == "conv":  # x is already padded by any static_padding (see forward)
             return frozen_conv(x, self.base_layer, self.geometry)
         return self.base_layer(x, *args, **kwargs)
 

@@ -62,6 +62,14 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def required_loss(output: Any, purpose: str) -> torch.Tensor:
+    """``output.loss`` (or ``output["loss"]``), or a clear error saying labels are needed for ``purpose``."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError(f"{purpose} needs batches with labels, so that the model returns a loss.")
+    return loss
+
+
 def _loss_of(output: Any) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):

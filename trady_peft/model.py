@@ -17,12 +17,13 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 
 from ._registration import PREFIX
-from .budget import PARAM_AND_GRAD_BYTES, LayerCost, layer_cost, probe_input_shapes
+from .budget import PARAM_AND_GRAD_BYTES, LayerCost, _call, layer_cost, probe_input_shapes
 from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .importance import builtin_entry, family_of
 from .layer import TraDyLayer
+from .memory import required_loss
 from .selection import (
     Candidate,
     PricedLayer,
@@ -309,7 +310,7 @@ class TraDyModel(BaseTuner):
     def _probe_on_first_forward(self, module, args, kwargs):
         # Only a training forward (gradients on) tells the real batch: an evaluation pass under
         # no_grad before training must not fix the byte accounting to its batch size.
-        if self._trady_pending and not self._probing and torch.is_grad_enabled():
+        if self._trady_pending and not self._probing and torch.is_grad_enabled() and not self._has_costs_for_all():
             self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
 
     def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
@@ -390,7 +391,7 @@ class TraDyModel(BaseTuner):
                 if self._trady_pending and not self._has_costs_for_all():
                     self.probe(batch)
                 with torch.enable_grad():
-                    _loss(_call_model(self.model, batch)).backward()
+                    required_loss(_call(self.model, batch), "Scoring channels").backward()
             norms = {}
             for n, m in layers.items():
                 grad = m.base_layer.weight.grad
@@ -529,6 +530,11 @@ class TraDyModel(BaseTuner):
         if adapter_name in getattr(self, "channel_bank", {}):
             del self.channel_bank[adapter_name]
         self._trady_period.pop(adapter_name, None)
+        self._trady_pending.discard(adapter_name)
+        self._oracle_scores.pop(adapter_name, None)
+        medyate = self._medyate.pop(adapter_name, None)
+        if medyate is not None:
+            medyate.hook.remove()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -608,7 +614,11 @@ class _MeDyateState:
         self.steps = 0
         self.has_history = False
         self.layers = tuner.trady_layers(adapter_name)
-        tuner.channel_bank[adapter_name].weight.register_hook(self._on_grad)
+        bank = tuner.channel_bank[adapter_name].weight
+        trains = bank.requires_grad
+        bank.requires_grad_(True)  # a tensor hook can only be registered on a tensor that requires grad
+        self.hook = bank.register_hook(self._on_grad)
+        bank.requires_grad_(trains)
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         for name, layer in self.layers:
@@ -668,19 +678,6 @@ def _all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
         work = t.to(torch.float64)
         dist.all_reduce(work)
         t.copy_(work / dist.get_world_size())
-
-
-def _call_model(model: nn.Module, batch):
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    return model(**batch)
-
-
-def _loss(output) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None:
-        raise ValueError("Scoring channels needs batches with labels, so that the model returns a loss.")
-    return loss
 
 
 class _Call:
