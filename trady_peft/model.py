@@ -626,8 +626,11 @@ class _MeDyateState:
             if not view.count:
                 continue
             seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
-            total = self.period_sum.setdefault(name, torch.zeros(layer.geometry.in_channels, dtype=torch.float64))
-            total.index_add_(0, layer.trady_idx[self.adapter_name].long().cpu(), seg.double().norm(dim=1).cpu())
+            # Accumulated where the gradient lives: no host sync per layer and step.
+            total = self.period_sum.get(name)
+            if total is None:
+                total = self.period_sum[name] = grad.new_zeros(layer.geometry.in_channels, dtype=torch.float64)
+            total.index_add_(0, layer.trady_idx[self.adapter_name].long(), seg.double().norm(dim=1))
         self.steps += 1
 
     def end_period(self) -> None:
@@ -638,7 +641,9 @@ class _MeDyateState:
         flat = {
             "all": torch.cat(
                 [
-                    self.period_sum.get(n, torch.zeros(m.geometry.in_channels, dtype=torch.float64))
+                    self.period_sum[n].cpu()
+                    if n in self.period_sum
+                    else torch.zeros(m.geometry.in_channels, dtype=torch.float64)
                     for n, m in self.layers
                 ]
             )
