@@ -156,6 +156,14 @@ def cmd_rank_layers(args) -> int:
     return 0
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, input_shape: bool) -> None:
+    parser.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
+    if input_shape:
+        parser.add_argument(
+            "--input-shape", type=_shape, required=True, help="one sample, e.g. 3,128,128 or 128 (tokens)"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trady-peft", description="TraDy memory-constrained fine-tuning tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print what one input channel of each layer costs (weights and input activations) and the "
         "totals, in the paper's units (values per sample) or in bytes.",
     )
-    budget.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
-    budget.add_argument("--input-shape", type=_shape, required=True, help="one sample, e.g. 3,128,128 or 128 (tokens)")
+    _add_model_arguments(budget, input_shape=True)
     budget.add_argument("--batch-size", type=int, default=1, help="batch size (counts in bytes only)")
     budget.add_argument("--unit", choices=["values", "bytes"], default="values")
     budget.add_argument("--optimizer-state-bytes", type=int, default=8, help="per trained value, for --unit bytes")
@@ -181,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gradients, optimizer state and the activations autograd saves for backward (measured with "
         "torch.autograd.graph.saved_tensors_hooks), split by part of the network.",
     )
-    memory.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
-    memory.add_argument("--input-shape", type=_shape, required=True, help="one sample, e.g. 3,128,128 or 128 (tokens)")
+    _add_model_arguments(memory, input_shape=True)
     memory.add_argument("--batch-size", type=int, default=8)
     memory.add_argument("--budget", type=_budget, default=None, help="memory_budget: 27946 (paper units) or '2MiB'")
     memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
@@ -201,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layer's reweighted gradient norm (RGN, TraDy) or LaRa (MeDyate), and write the ranking with its top-K "
         "(97% of the total) and provenance as JSON, for TraDyConfig(layer_ranking=<file>).",
     )
-    rank.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
+    _add_model_arguments(rank, input_shape=False)
     rank.add_argument("--data", required=True, help="file.py:factory returning a dataloader of batches with labels")
     rank.add_argument("--steps", type=int, default=50)
     rank.add_argument("--metric", choices=["rgn", "lara"], default="rgn")

@@ -127,10 +127,19 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         # selection is runtime state and must never land on the meta device.
         self.trady_idx._buffers[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
 
+    def _current_idx(self, adapter_name: str) -> torch.Tensor:
+        """Channels trained this period (empty when nothing is selected)."""
+        idx = self.trady_idx[adapter_name]
+        return idx if self.current_delta_installed(adapter_name) else idx[:0]
+
+    def current_delta_installed(self, adapter_name: str) -> bool:
+        """Whether this layer has channels to train this period (a selection backed by the bank)."""
+        view = self.trady_delta[adapter_name]
+        return bool(view.count) and view.__dict__["bank"] is not None
+
     def current_delta(self, adapter_name: str) -> torch.Tensor | None:
         """Slices ``[k, *slice_shape]`` trained this period, or None when nothing is selected."""
-        view = self.trady_delta[adapter_name]
-        return view() if view.count and view.__dict__["bank"] is not None else None
+        return self.trady_delta[adapter_name]() if self.current_delta_installed(adapter_name) else None
 
     def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulated store with the current period's delta added: ``(indices, values)``.
@@ -157,10 +166,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     def touched_channels(self, adapter_name: str) -> int:
         """Number of channels of this layer updated so far (stored + current)."""
-        idx = (
-            self.trady_idx[adapter_name] if self.trady_delta[adapter_name].count else self.trady_idx[adapter_name][:0]
-        )
-        return torch.unique(torch.cat([self.trady_indices[adapter_name], idx])).numel()
+        return torch.unique(torch.cat([self.trady_indices[adapter_name], self._current_idx(adapter_name)])).numel()
 
     # ------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -229,7 +235,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             if name not in self.trady_delta:
                 continue
             view = self.trady_delta[name]
-            has_current = view.count > 0 and view.__dict__["bank"] is not None
+            has_current = self.current_delta_installed(name)
             acc_idx = self.trady_indices[name]
             if not has_current and not acc_idx.numel():
                 continue

@@ -197,18 +197,9 @@ def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
     the selected channels' input values, plus one bit per element of every ReLU-family output
     between the lowest selected layer and the loss."""
     from .callback import find_tuner
-    from .frozen_path import FrozenPathHardtanh, FrozenPathLeakyReLU, FrozenPathReLU, FrozenPathReLU6
 
-    relu_types = (
-        nn.ReLU,
-        nn.ReLU6,
-        nn.Hardtanh,
-        nn.LeakyReLU,
-        FrozenPathReLU,
-        FrozenPathReLU6,
-        FrozenPathHardtanh,
-        FrozenPathLeakyReLU,
-    )
+    # The memory-saving twins subclass these, so they are covered too (ReLU6 is a Hardtanh).
+    relu_types = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)
     tuner = find_tuner(trady_model)
     name = tuner.active_adapters[0]
     order: list[tuple[nn.Module, int]] = []
