@@ -53,7 +53,7 @@ def main():
     names, weights, acts = [], [], []
     for name, layer in tuner.trady_layers("default"):
         k = layer.trady_delta["default"].count
-        cost = tuner._trady_costs[name]
+        cost = tuner.layer_costs[name]
         names.append(name)
         weights.append(k * cost.weights)
         acts.append(k * cost.activations)

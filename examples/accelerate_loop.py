@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-        summary = trady_peft.callback.find_tuner(model).selection_summary()
+        summary = trady_peft.find_tuner(model).selection_summary()
         accelerator.print(
             f"epoch {epoch}: loss {loss.item():.3f}, {summary['selected_channels']} channels, "
             f"{summary['selected_cost']:,} of {summary['budget']:,} bytes of budget used"

@@ -94,7 +94,7 @@ def test_medyate_records_last_seen_norms_and_explores_unseen_channels():
         optimizer.zero_grad()
     tuner.resample(optimizer)
 
-    state = tuner._medyate["default"]
+    state = tuner.selection_states["default"].statistics
     top = max(float(state.norms[n][c].max()) for n, c in first.items() if c)
     for name, selected in first.items():
         norms, seen = state.norms[name], state.seen[name]
@@ -110,7 +110,7 @@ def test_medyate_k_follows_the_alpha_rule():
     tuner = model.base_model
     tuner.probe(BATCHES[0])
     layers = tuner.trady_layers("default")
-    costs = [tuner._trady_costs[n].channel_cost("values") * m.geometry.in_channels for n, m in layers]
+    costs = [tuner.layer_costs[n].channel_cost("values") * m.geometry.in_channels for n, m in layers]
     k = next(i for i in range(1, len(costs) + 1) if 300 / sum(costs[:i]) <= 0.2)
     assert len(tuner.candidate_layers()) == k
 
@@ -120,7 +120,7 @@ def test_deleting_a_pending_adapter_leaves_no_state_behind():
     model.add_adapter("other", trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
     model.delete_adapter("other")
     tuner = model.base_model
-    assert "other" not in tuner._trady_pending and "other" not in tuner._medyate
+    assert "other" not in tuner.selection_states and "other" not in tuner.channel_bank
     model(**BATCHES[0])["loss"].backward()  # probes and draws for "default" only
     assert tuner.selected_cost() <= 300
 

@@ -13,7 +13,7 @@ from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
 from .layer import TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
-from .model import TraDyModel
+from .model import TraDyModel, find_tuner
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ _register()
 __all__ = [
     "Accounting",
     "Budget",
+    "find_tuner",
     "ImportanceEntry",
     "LayerCost",
     "memory_accounting",

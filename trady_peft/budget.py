@@ -101,13 +101,54 @@ class LayerCost:
     batch_size: int = 1
     activation_bytes: int = 4
 
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of this channel's input slice kept for backward, for the whole batch."""
+        return self.activations * self.batch_size * self.activation_bytes
+
     def channel_cost(self, unit: str, optimizer_state_bytes: int = 0) -> int:
         """Cost of one channel in ``unit``: weights + activations (values), or their bytes."""
         if unit == "values":
             return self.weights + self.activations
-        return self.weights * (PARAM_AND_GRAD_BYTES + optimizer_state_bytes) + (
-            self.activations * self.batch_size * self.activation_bytes
-        )
+        return self.weights * (PARAM_AND_GRAD_BYTES + optimizer_state_bytes) + self.saved_bytes
+
+    def draw_price(self, unit: str) -> tuple[int, ...]:
+        """What drawing this channel spends of each part of the budget (see :func:`draw_limits`):
+        ``(weights + activations,)`` in values; ``(trainable values, saved input bytes)`` in bytes."""
+        if unit == "values":
+            return (self.weights + self.activations,)
+        return (self.weights, self.saved_bytes)
+
+    def larger(self, other: LayerCost) -> LayerCost:
+        """The more expensive of two measurements of the same layer (by saved bytes)."""
+        return other if other.saved_bytes > self.saved_bytes else self
+
+
+def bytes_per_trained_value(optimizer_state_bytes: int) -> int:
+    """Bytes one trainable value costs: fp32 parameter + gradient + optimizer state."""
+    return PARAM_AND_GRAD_BYTES + optimizer_state_bytes
+
+
+def bank_capacity(budget: Budget, total_values: int, optimizer_state_bytes: int, bank_share: float) -> int:
+    """Trainable values an adapter's bank holds under ``budget``.
+
+    In values (the paper's units) a draw's weights never exceed the budget, so neither does the
+    bank. In bytes the bank is a fixed cost, whatever a draw uses: its parameter, gradient and
+    optimizer state are dense. It gets ``bank_share`` of the budget; the rest bounds the saved
+    inputs of the selected channels, so that bank + saved inputs <= budget at every step.
+    """
+    if budget.unit == "values":
+        return min(total_values, budget.amount)
+    per_value = bytes_per_trained_value(optimizer_state_bytes)
+    return min(total_values, int(budget.amount * bank_share) // per_value)
+
+
+def draw_limits(budget: Budget, capacity: int, optimizer_state_bytes: int) -> tuple[int, ...]:
+    """The limit of each part of :meth:`LayerCost.draw_price`: ``(budget,)`` in values;
+    ``(bank capacity, budget - bank bytes)`` in bytes."""
+    if budget.unit == "values":
+        return (budget.amount,)
+    return (capacity, budget.amount - capacity * bytes_per_trained_value(optimizer_state_bytes))
 
 
 @dataclass

@@ -8,30 +8,19 @@ the interrupted run had, and every process of a distributed run draws the same c
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .config import ORACLE_STRATEGIES
-from .model import TraDyModel
+from .compat import move_callback_first
+from .model import find_tuner
+from .state import Phase
 
 logger = logging.getLogger(__name__)
-
-
-def find_tuner(model: nn.Module) -> TraDyModel:
-    """The :class:`TraDyModel` inside a ``PeftModel`` (also when wrapped by DDP/FSDP/accelerate)."""
-    for module in model.modules():
-        if isinstance(module, TraDyModel):
-            return module
-    raise ValueError(
-        f"No TraDy adapter found in this {type(model).__name__}: create it with "
-        "peft.get_peft_model(model, trady_peft.TraDyConfig(...)) before training."
-    )
 
 
 class TraDyCallback(TrainerCallback):
@@ -73,12 +62,17 @@ class TraDyCallback(TrainerCallback):
         tuner = find_tuner(model)
         target = self._target_period(state, restoring=restoring)
         for name in tuner.active_adapters:
-            if tuner.period(name) != target or name in tuner._trady_pending:
+            if tuner.period(name) != target or tuner.phase(name) is not Phase.DRAWN:
                 # When restoring, the optimizer state just loaded belongs to the target
-                # period's layout already: keep it.
-                next_period(model, None if restoring else optimizer, batches=dataloader, period=target, adapter=name)
-                summary = tuner.selection_summary(name)
-                logger.info("TraDy period %d (%s): %s", target, name, summary)
+                # period's layout already: keep it (the checkpoint carried the selection).
+                tuner.advance(target, None if restoring else optimizer, batches=dataloader, adapter_name=name)
+                logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
+            if optimizer is not None:
+                tuner.attach_optimizer(optimizer, name)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        # Run before the report_to integrations, so that they receive the trady/* metrics.
+        move_callback_first(self)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         self._sync(model, state, optimizer, restoring=True, dataloader=train_dataloader)
@@ -92,30 +86,24 @@ class TraDyCallback(TrainerCallback):
             self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        """Add the selection's figures to the Trainer's log (``trainer.state.log_history``)."""
+        """Add the selection's figures (numbers) to the Trainer's logs, before the integrations see them."""
         if model is None or logs is None or "loss" not in logs:
             return
         tuner = find_tuner(model)
-        name = tuner.active_adapters[0]
-        summary = tuner.selection_summary(name)
+        summary = tuner.selection_summary(tuner.active_adapters[0])
         stats = {
-            "trady/period": summary["period"],
-            "trady/selected_channels": summary["selected_channels"],
-            "trady/touched_channels": summary["touched_channels"],
+            "trady/period": int(summary["period"]),
+            "trady/selected_channels": int(summary["selected_channels"]),
+            "trady/touched_channels": int(summary["touched_channels"]),
         }
-        if "selected_cost" in summary:
-            stats["trady/budget_used"] = round(summary["selected_cost"] / summary["budget"], 4)
+        if "budget_used" in summary:
+            stats["trady/budget_used"] = float(summary["budget_used"])
+            stats["trady/footprint_bytes" if summary["unit"] == "bytes" else "trady/selected_cost"] = int(
+                summary["selected_cost"]
+            )
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def next_period(
@@ -127,9 +115,9 @@ def next_period(
 ) -> int:
     """Start the next TraDy period in a plain PyTorch / Accelerate loop (what the callback does).
 
-    Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s moments
-    of re-targeted entries. The Det-RGN oracles first score channels on up to
-    ``gradient_batches`` of ``batches`` (e.g. the training dataloader).
+    Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s state
+    for re-targeted entries (see `TraDyModel.advance`). The Det-RGN oracles first score
+    channels on up to ``gradient_batches`` of ``batches`` (e.g. the training dataloader).
 
     Example:
         ```python
@@ -144,25 +132,7 @@ def next_period(
         The new period index.
     """
     tuner = find_tuner(model)
-    names = [adapter] if adapter else list(tuner.active_adapters)
-    new_period = None
-    for name in names:
-        config = tuner.peft_config[name]
-        target = tuner.period(name) + 1 if period is None else period
-        needs_scores = config.strategy in ORACLE_STRATEGIES and (
-            config.strategy == "d-det-rgn" or name not in tuner._oracle_scores
-        )
-        if needs_scores:
-            if batches is None:
-                raise ValueError(f"strategy={config.strategy!r} scores channels on data: pass batches=train_loader.")
-            device = next(tuner.channel_bank[name].parameters()).device
-            sample = [_to_device(b, device) for b in itertools.islice(batches, config.gradient_batches)]
-            tuner.score_channels(sample, adapter_name=name)
-        if name in tuner._trady_pending:
-            tuner._trady_period[name] = target
-            tuner._draw_pending()
-            new_period = target
-            continue
-        new_period = tuner.resample(optimizer, adapter_name=name, period=target)
+    new_period = tuner.advance(period, optimizer, batches=batches, adapter_name=adapter)
+    for name in [adapter] if adapter else tuner.active_adapters:
         logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
     return new_period

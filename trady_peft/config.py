@@ -8,14 +8,16 @@ from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
 from .budget import parse_budget
+from .strategies import STRATEGIES as _STRATEGIES
 
-#: Selection strategies, by the paper's names (TraDy §4, MeDyate §4). "d-" redraws every period,
-#: "s-" draws once. "top-k" strategies draw inside the `layer_ranking`'s top `top_k` layers.
-STRATEGIES = ("trady", "s-top-k-random", "d-full-random", "s-full-random", "d-det-rgn", "s-det-rgn", "medyate")
-DYNAMIC_STRATEGIES = ("trady", "d-full-random", "d-det-rgn", "medyate")
-TOP_K_STRATEGIES = ("trady", "s-top-k-random", "medyate")
+#: Selection strategies, by the paper's names (TraDy §4, MeDyate §4); see trady_peft.strategies.
+#: "d-" redraws every period, "s-" draws once.
+STRATEGIES = tuple(_STRATEGIES)
+DYNAMIC_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.redraws)
+#: Strategies that draw inside a layer ranking (the importance table when none is given).
+TOP_K_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.layers != "all")
 #: Strategies that need the full gradient of every candidate channel (memory-infeasible oracles).
-ORACLE_STRATEGIES = ("d-det-rgn", "s-det-rgn")
+ORACLE_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.needs_scores)
 
 
 @dataclass
@@ -99,6 +101,15 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "MeDyate: K is the smallest number of ranked layers whose total memory M_K satisfies "
             "budget / M_K <= medyate_alpha (the paper's alpha_opt = 0.2)."
+        },
+    )
+    bank_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Byte budgets only: the share of `memory_budget` given to the trainable bank (parameter, "
+            "gradient and optimizer state of the selected channels' weights, a fixed cost for the whole run); the "
+            "rest bounds the saved inputs of the selected channels. The per-period summary suggests a better share "
+            "when one part stays unused."
         },
     )
     optimizer_state_bytes: int = field(
@@ -201,6 +212,15 @@ class TraDyConfig(PeftConfig):
             raise ValueError(f"gradient_batches={self.gradient_batches!r} must be a positive int.")
         if not isinstance(self.medyate_alpha, (int, float)) or not 0 < self.medyate_alpha <= 1:
             raise ValueError(f"medyate_alpha={self.medyate_alpha!r} must lie in (0, 1]; the paper uses 0.2.")
+        if (
+            isinstance(self.bank_share, bool)
+            or not isinstance(self.bank_share, (int, float))
+            or not (0.0 < self.bank_share < 1.0)
+        ):
+            raise ValueError(
+                f"bank_share={self.bank_share!r} must lie strictly between 0 and 1 (the share of a byte budget "
+                "for the trainable bank; the rest bounds the saved inputs). The default is 0.5."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int.")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .callback import find_tuner
 from .memory import TrainingStepMemory
+from .model import find_tuner
 
 
 def model_card_section(

@@ -1,39 +1,45 @@
-"""`TraDyModel`: finds the target layers, wraps them, owns the trainable bank and the draws.
+"""`TraDyModel`: wraps the target layers, owns the trainable bank, and moves from period to period.
 
 Trainable state (DESIGN.md §2.3-2.4). Each adapter owns one flat fp32 parameter, its *bank*;
 each wrapped layer trains a view onto its own segment of it. The bank's size is fixed when the
-adapter is created, so the optimizer, DDP's reducer and FSDP see the same parameter for the
-whole run; a resample only moves segment boundaries and index buffers, in place. No dense
-``[out, in]`` tensor is ever allocated for training.
+adapter is created, so the optimizer and DDP see the same parameter for the whole run; a new
+period only moves segment boundaries and index buffers, in place. No dense ``[out, in]`` tensor
+is ever allocated for training.
+
+Where the rest lives: which channels a strategy picks (:mod:`~trady_peft.strategies`,
+:mod:`~trady_peft.selection`), what a period's state holds and what a checkpoint carries
+(:mod:`~trady_peft.state`), how bytes are counted (:mod:`~trady_peft.budget`), the gradient
+statistics (:mod:`~trady_peft.scoring`), the optimizer reset (:mod:`~trady_peft.optim`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ._registration import PREFIX
-from .budget import PARAM_AND_GRAD_BYTES, LayerCost, _call, layer_cost, probe_input_shapes
-from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
+from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
+from .compat import in_backward
+from .config import TraDyConfig
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .importance import builtin_entry, family_of
-from .layer import TraDyLayer
-from .memory import required_loss
-from .selection import (
-    Candidate,
-    PricedLayer,
-    draw_per_layer,
-    draw_under_budget,
-    draw_weighted_under_budget,
-    greedy_under_budget,
-)
+from .layer import ResizableBufferDict, TraDyLayer
+from .optim import reset_optimizer_state
+from .scoring import ChannelNormStatistics, full_gradient_norms
+from .selection import Candidate, PricedLayer
+from .state import Phase, SelectionState
+from .strategies import alpha_top_k, get_strategy
+from .targets import default_targets
 
 logger = logging.getLogger(__name__)
+#: A period with fewer channels than this gets a warning with the numbers.
+FEW_CHANNELS = 4
 
 
 class DeltaBank(nn.Module):
@@ -54,13 +60,24 @@ class DeltaBank(nn.Module):
         return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
 
 
+def find_tuner(model: nn.Module) -> TraDyModel:
+    """The :class:`TraDyModel` inside a ``PeftModel`` (also when wrapped by DDP/FSDP/accelerate)."""
+    for module in model.modules():
+        if isinstance(module, TraDyModel):
+            return module
+    raise ValueError(
+        f"No TraDy adapter found in this {type(model).__name__}: create it with "
+        "peft.get_peft_model(model, trady_peft.TraDyConfig(...)) before training."
+    )
+
+
 class TraDyModel(BaseTuner):
-    """Applies TraDy to a model. Created by ``peft.get_peft_model`` with a :class:`TraDyConfig`.
+    """Applies TraDy to a model. Created by ``peft.get_peft_model`` with a `TraDyConfig`.
 
     Besides the usual peft tuner API (merge, unload, add/set/delete adapter), it offers
-    :meth:`resample`, which ends a training period: the deltas trained so far are folded into
-    the accumulated store, a new channel set is drawn and the optimizer moments of re-targeted
-    entries are reset.
+    `advance`, the one way to move to a period: the deltas trained so far are folded into the
+    accumulated store, the period's channels are drawn and the optimizer state of re-targeted
+    entries is reset.
     """
 
     prefix: str = PREFIX
@@ -68,57 +85,40 @@ class TraDyModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        self._trady_period: dict[str, int] = {}
-        self._trady_costs: dict[str, LayerCost] = {}  # per layer name, from the shape probe
-        self._trady_pending: set[str] = set()  # adapters waiting for the probe (or oracle scores) to draw
-        self._oracle_scores: dict[str, dict[str, torch.Tensor]] = {}  # Det RGN: full-gradient channel norms
-        self._medyate: dict[str, _MeDyateState] = {}
-        self._probing = False
+        self.selection_states: dict[str, SelectionState] = {}
+        self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
+        self._input_dims: dict = {}  # largest size of each model input seen in training
+        self._probing, self._forward_depth, self._optimizer = False, 0, None
+        self._norm_hooks: dict = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        # Budgets need per-channel activation sizes: probe them on the first forward pass.
-        self._probe_hook = self.model.register_forward_pre_hook(self._probe_on_first_forward, with_kwargs=True)
+        self._call_hooks = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._after_forward, always_call=True),
+        ]
+        self.register_load_state_dict_post_hook(TraDyModel._restore_states)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
-        self._probe_hook.remove()  # the returned base model must not call back into this tuner
+        for hook in self._call_hooks:
+            hook.remove()  # the returned base model must not call back into this tuner
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         restore(model)  # the plain torch modules again
         return model
 
-    # ------------------------------------------------------------------- target discovery
+    # ----------------------------------------------------------------------------- wrapping
     def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
         return peft_config  # target_modules=None is resolved in _prepare_model, which sees the model
 
     def _prepare_model(self, peft_config: TraDyConfig, model: nn.Module) -> None:
         if peft_config.target_modules is not None:
             return
-        excluded = set()
-        get_output = getattr(model, "get_output_embeddings", None)
-        output_emb = get_output() if callable(get_output) else None
-        for name in SEQ_CLS_HEAD_NAMES:
-            head = getattr(model, name, None)
-            if isinstance(head, nn.Module):
-                excluded.update(id(m) for m in head.modules())
-        if output_emb is not None:
-            excluded.add(id(output_emb))
-        saved = set(peft_config.modules_to_save or [])
-        names = []
-        for name, module in model.named_modules():
-            if not isinstance(module, (*SUPPORTED_LAYER_TYPES, TraDyLayer)) or id(module) in excluded:
-                continue
-            parts = name.split(".")
-            if any(".".join(parts[i:j]) in saved for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)):
-                continue
-            if any(isinstance(m, BaseTunerLayer) for m in _ancestors(model, name)):
-                continue
-            names.append(name)
+        names = default_targets(model, peft_config)
         if not names:
             raise ValueError(
-                "TraDy found no nn.Linear, nn.Conv1d, nn.Conv2d or Conv1D layer to adapt in this model; "
-                "pass target_modules explicitly."
+                "TraDy found no nn.Linear, nn.Conv1d, nn.Conv2d or Conv1D layer to adapt in this model (after "
+                "layers_to_transform / modules_to_save); pass target_modules explicitly."
             )
         peft_config.target_modules = set(names)
 
-    # ---------------------------------------------------------------------------- wrapping
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, TraDyLayer):
             target.update_layer(adapter_name, config)
@@ -133,152 +133,127 @@ class TraDyModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(
-        self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
-    ):
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, **kwargs):
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, **kwargs)
         self._create_bank(adapter_name)
         if self.peft_config[adapter_name].memory_saving_frozen_path:
             apply_memory_saving(self.model)
 
-    # ----------------------------------------------------------------------------- layers
+    def _create_bank(self, name: str) -> None:
+        config = self.peft_config[name]
+        self._use_importance_table(name)
+        layers = self.trady_layers(name)
+        device = layers[0][1].base_layer.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        if not hasattr(self, "channel_bank"):
+            self.channel_bank = nn.ModuleDict()
+            self.trady_state = ResizableBufferDict()  # the selection state, filled in when saving
+        bank = DeltaBank(name, 0 if config.inference_mode else self._capacity(name), device, layers[0][1].delta_dtype)
+        if not config.init_weights:
+            with torch.no_grad():
+                bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
+        self.channel_bank[name] = bank
+        self.trady_state[name] = torch.zeros(0, dtype=torch.uint8, device=device)
+        bank.weight.requires_grad_(name in self.active_adapters and not config.inference_mode)
+        strategy = get_strategy(config.strategy)
+        statistics = None
+        if strategy.channels == "weighted" and not config.inference_mode:
+            statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
+            trains = bank.weight.requires_grad
+            bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
+            self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
+            bank.weight.requires_grad_(trains)
+        self.selection_states[name] = SelectionState(statistics=statistics)
+        if not config.inference_mode:
+            self._draw_if_ready(name)
+
+    def _use_importance_table(self, name: str) -> None:
+        """Fill ``layer_ranking`` (and ``top_k``) from the built-in table of the model's family."""
+        config = self.peft_config[name]
+        if config.layer_ranking is not None or get_strategy(config.strategy).layers == "all":
+            return
+        found = family_of(self.model)
+        entry = builtin_entry(found[0]) if found else None
+        names = [n for n, _ in self.trady_layers(name)]
+        present = [r for r in entry.ranking if any(_names_match(n, r) for n in names)] if entry else []
+        if entry is None or len(present) < len(entry.ranking) / 2:
+            fallback = "every target layer (D-Full Random)" if config.strategy != "medyate" else "module order"
+            logger.warning(
+                "TraDy has no importance table for %s: strategy=%r will rank layers by %s. Rank this architecture "
+                "once with `trady-peft rank-layers` (or trady_peft.rank_layers) and pass layer_ranking=<file>%s.",
+                f"family {found[0]!r}" if found else type(self.model).__name__,
+                config.strategy,
+                fallback,
+                "" if config.strategy == "medyate" else ", or set strategy='d-full-random' to silence this",
+            )
+            return
+        config.layer_ranking = present
+        if config.top_k is None and config.strategy != "medyate":  # MeDyate's K comes from its alpha rule
+            config.top_k = min(entry.top_k, len(present))
+        logger.info("TraDy uses the %s importance table (%d ranked layers).", entry.family, len(present))
+
+    # ------------------------------------------------------------------------------- layers
     def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
         """The wrapped layers carrying ``adapter_name``, in module order."""
         return [
-            (name, m)
-            for name, m in self.model.named_modules()
+            (n, m)
+            for n, m in self.model.named_modules()
             if isinstance(m, TraDyLayer) and adapter_name in m.trady_delta
         ]
 
     def candidate_layers(self, adapter_name: str = "default") -> list[tuple[str, TraDyLayer]]:
-        """The layers the adapter's strategy draws from: the ranking's top-K for the top-K
-        strategies when a ``layer_ranking`` is set, else every wrapped layer."""
+        """The layers the adapter's strategy draws from, in module order: the ranking's top-K (or,
+        for MeDyate, the ranked layers its alpha rule keeps), else every wrapped layer."""
         config = self.peft_config[adapter_name]
         layers = self.trady_layers(adapter_name)
-        if config.strategy not in TOP_K_STRATEGIES or not config.layer_ranking:
-            return layers if config.strategy != "medyate" else self._medyate_top_k(adapter_name, layers)
-        ranked = config.layer_ranking[: config.top_k] if config.top_k else config.layer_ranking
-        chosen = []
-        for wanted in ranked:
-            match = [(n, m) for n, m in layers if n == wanted or n.endswith("." + wanted)]
-            if not match:
-                raise ValueError(
-                    f"layer_ranking names {wanted!r}, which is not a TraDy layer of this model. Ranked layers must "
-                    f"be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
-                )
-            chosen += [lm for lm in match if lm not in chosen]
-        if config.strategy == "medyate" and not config.top_k:
-            chosen = self._medyate_top_k(adapter_name, chosen)
+        kind = get_strategy(config.strategy).layers
+        if kind == "all" or (not config.layer_ranking and kind == "top-k"):
+            return layers
+        ranked = layers
+        if config.layer_ranking:
+            ranking = config.layer_ranking[: config.top_k] if config.top_k else config.layer_ranking
+            ranked = []
+            for wanted in ranking:
+                match = [(n, m) for n, m in layers if _names_match(n, wanted)]
+                if not match:
+                    raise ValueError(
+                        f"layer_ranking names {wanted!r}, which is not a TraDy layer of this model. Ranked layers "
+                        f"must be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
+                    )
+                ranked += [lm for lm in match if lm not in ranked]
+        if kind == "alpha" and not config.top_k and all(n in self.layer_costs for n, _ in ranked):
+            unit, opt = config.budget.unit, config.optimizer_state_bytes
+            memory = [self.layer_costs[n].channel_cost(unit, opt) * m.geometry.in_channels for n, m in ranked]
+            ranked = ranked[: alpha_top_k(memory, config.budget.amount, config.medyate_alpha)]
         order = {n: i for i, (n, _) in enumerate(layers)}
-        return sorted(chosen, key=lambda lm: order[lm[0]])
+        return sorted(ranked, key=lambda lm: order[lm[0]])
 
-    def _medyate_top_k(self, adapter_name: str, ranked: list) -> list:
-        """MeDyate's K: the fewest ranked layers whose memory M_K gives budget / M_K <= alpha."""
-        config = self.peft_config[adapter_name]
-        if not all(n in self._trady_costs for n, _ in ranked):
-            return ranked  # before the probe: every ranked layer (an upper bound for the bank)
-        unit, spent = config.budget.unit, 0
-        for k, (name, layer) in enumerate(ranked, start=1):
-            cost = self._trady_costs[name].channel_cost(unit, config.optimizer_state_bytes)
-            spent += cost * layer.geometry.in_channels
-            if config.budget.amount / spent <= config.medyate_alpha:
-                return ranked[:k]
-        return ranked
-
-    def _capacity(self, adapter_name: str) -> int:
-        """Trainable values the adapter's bank holds: exactly what any draw can need, at most.
-
-        For a budget the bound needs no shapes: a draw's weights never cost more than the whole
-        budget, so the bank never holds more than the budget's worth of values.
-        """
-        config = self.peft_config[adapter_name]
-        layers = self.candidate_layers(adapter_name)
-        if config.inference_mode:
-            return 0
-        budget = config.budget
-        if budget is None:
+    def _capacity(self, name: str) -> int:
+        """Trainable values the bank holds: never more than any draw can use, nor than the budget allows."""
+        config = self.peft_config[name]
+        layers = self.candidate_layers(name)  # before the probe: an upper bound
+        if config.budget is None:
             return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
         total = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in layers)
-        per_value = 1 if budget.unit == "values" else PARAM_AND_GRAD_BYTES + config.optimizer_state_bytes
-        return min(total, budget.amount // per_value)
+        return bank_capacity(config.budget, total, config.optimizer_state_bytes, config.bank_share)
 
-    def _use_importance_table(self, adapter_name: str) -> None:
-        """Fill ``layer_ranking`` / ``top_k`` from the built-in table of the model's family."""
-        config = self.peft_config[adapter_name]
-        if config.layer_ranking is not None or config.strategy not in ("trady", "s-top-k-random"):
-            return
-        found = family_of(self.model)
-        entry = builtin_entry(found[0]) if found else None
-        layer_names = [n for n, _ in self.trady_layers(adapter_name)]
-        present = []
-        if entry is not None:
-            present = [r for r in entry.ranking if any(n == r or n.endswith("." + r) for n in layer_names)]
-        if entry is None or len(present) < len(entry.ranking) / 2:
-            what = f"family {found[0]!r}" if found else f"{type(self.model).__name__}"
-            logger.warning(
-                "TraDy has no importance table for %s: strategy=%r will draw from every target layer (D-Full "
-                "Random). Rank this architecture once with `trady-peft rank-layers` (or trady_peft.rank_layers) "
-                "and pass layer_ranking=<file>, or set strategy='d-full-random' to silence this.",
-                what,
-                config.strategy,
-            )
-            return
-        config.layer_ranking = present
-        if config.top_k is None:
-            config.top_k = min(entry.top_k, len(present))
-        logger.info(
-            "TraDy uses the %s importance table: top %d of %d layers.", entry.family, config.top_k, len(present)
-        )
-
-    def _create_bank(self, adapter_name: str) -> None:
-        self._use_importance_table(adapter_name)
-        layers = self.trady_layers(adapter_name)
-        config = self.peft_config[adapter_name]
-        capacity = self._capacity(adapter_name)
-        device = layers[0][1].base_layer.weight.device
-        if device.type == "meta":
-            device = torch.device("cpu")
-        if not hasattr(self, "channel_bank"):
-            self.channel_bank = nn.ModuleDict()
-        bank = DeltaBank(adapter_name, capacity, device, layers[0][1].delta_dtype)
-        if not config.init_weights:
-            with torch.no_grad():
-                bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
-        self.channel_bank[adapter_name] = bank
-        bank.weight.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
-        self._trady_period[adapter_name] = 0
-        if config.inference_mode:
-            return
-        if config.strategy == "medyate":
-            self._medyate[adapter_name] = _MeDyateState(self, adapter_name)
-        if not self._ready(adapter_name):
-            self._trady_pending.add(adapter_name)  # drawn after the probe (and, for oracles, the scoring)
-            return
-        self._install(adapter_name, self._draw(adapter_name, 0))
-
-    def _ready(self, adapter_name: str) -> bool:
-        config = self.peft_config[adapter_name]
-        if config.budget is not None and not self._has_costs(adapter_name):
-            return False
-        return config.strategy not in ORACLE_STRATEGIES or adapter_name in self._oracle_scores
-
-    # ----------------------------------------------------------------------- costs
-    def _has_costs(self, adapter_name: str) -> bool:
-        return all(name in self._trady_costs for name, _ in self.candidate_layers(adapter_name))
+    # ------------------------------------------------------------------------ prices, probe
+    def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
+        """Candidate layers with what one channel spends of each part of the budget (needs the probe)."""
+        unit = self.peft_config[adapter_name].budget.unit
+        prices = {n: self.layer_costs[n].draw_price(unit) for n, _ in self.candidate_layers(adapter_name)}
+        return [
+            PricedLayer(n, m.geometry.in_channels, prices[n] if len(prices[n]) > 1 else prices[n][0])
+            for n, m in self.candidate_layers(adapter_name)
+        ]
 
     def probe(self, example_inputs) -> None:
-        """Measure each target layer's input size on ``example_inputs`` (one forward, no grad)
-        and draw the selection of adapters that were waiting for it.
+        """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
+        (or redraw) the adapters whose prices changed.
 
-        Called automatically on the first forward pass when a ``memory_budget`` is set; call
-        it yourself to draw earlier. In byte budgets, the batch size and dtype of
-        ``example_inputs`` are the ones accounted for.
+        Runs automatically on the first training forward and whenever a training batch has a
+        larger input than any seen before (a longer sequence, a bigger batch), so that the byte
+        budget stays a bound. Call it with your largest batch to price for it from the start.
         """
         self._probing = True
         try:
@@ -288,214 +263,251 @@ class TraDyModel(BaseTuner):
             self._probing = False
         for name, layer in layers:
             if name in shapes:
-                self._trady_costs[name] = layer_cost(name, layer.geometry, *shapes[name])
-        self._draw_pending(after_probe=True)
-
-    def _draw_pending(self, after_probe: bool = False) -> None:
-        """Draw for adapters that were waiting and now can; before a probe, simply keep waiting."""
-        for adapter_name in sorted(self._trady_pending):
-            missing = [n for n, _ in self.candidate_layers(adapter_name) if n not in self._trady_costs]
-            if missing and not after_probe:
+                cost = layer_cost(name, layer.geometry, *shapes[name])
+                old = self.layer_costs.get(name)
+                self.layer_costs[name] = cost if old is None else old.larger(cost)
+        for adapter in sorted(self.selection_states):
+            state = self.selection_states[adapter]
+            if self.peft_config[adapter].inference_mode or self.peft_config[adapter].budget is None:
                 continue
+            missing = [n for n, _ in self.candidate_layers(adapter) if n not in self.layer_costs]
             if missing:
                 raise RuntimeError(
                     f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
                     "unknown. Pass inputs that run the whole model, or leave those layers out of target_modules."
                 )
-            if not self._ready(adapter_name):
-                continue
-            self._install(adapter_name, self._draw(adapter_name, self._trady_period[adapter_name]))
-            self._trady_pending.discard(adapter_name)
+            state.costs.update({n: self.layer_costs[n] for n, _ in self.candidate_layers(adapter)})
+            if state.selection is None:
+                self._draw_if_ready(adapter)
+            elif not self._fits(adapter, state.selection):
+                logger.warning(
+                    "TraDy: a larger training input than any before arrived; adapter %r redraws period %d under "
+                    "the new prices so that its footprint stays within memory_budget=%r.",
+                    adapter,
+                    state.period,
+                    self.peft_config[adapter].memory_budget,
+                )
+                self._start_period(adapter, state.period, redraw=True)
 
-    def _probe_on_first_forward(self, module, args, kwargs):
-        # Only a training forward (gradients on) tells the real batch: an evaluation pass under
-        # no_grad before training must not fix the byte accounting to its batch size.
-        if self._trady_pending and not self._probing and torch.is_grad_enabled() and not self._has_costs_for_all():
+    def _before_forward(self, module, args, kwargs):
+        self._forward_depth += 1
+        if self._probing or not torch.is_grad_enabled():
+            return  # evaluation under no_grad must not fix the byte accounting to its batch
+        if not any(c.budget is not None and not c.inference_mode for c in self.peft_config.values()):
+            return
+        dims = _input_dims(args, kwargs)
+        grew = any(key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items())
+        if grew:
+            for key, d in dims.items():
+                old = self._input_dims.get(key, d)
+                self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
             self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
 
-    def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
-        """Candidate layers with their per-channel cost in the budget's unit (needs the probe)."""
-        config = self.peft_config[adapter_name]
-        unit = config.budget.unit
-        return [
-            PricedLayer(
-                n, m.geometry.in_channels, self._trady_costs[n].channel_cost(unit, config.optimizer_state_bytes)
-            )
-            for n, m in self.candidate_layers(adapter_name)
-        ]
+    def _after_forward(self, module, args, output):
+        self._forward_depth -= 1
 
-    def _check_budget(self, adapter_name: str, priced: list[PricedLayer]) -> None:
-        budget = self.peft_config[adapter_name].budget
-        cheapest = min(p.channel_cost for p in priced)
-        whole = sum(p.channel_cost * p.in_channels for p in priced)
-        if budget.amount < cheapest:
-            raise ValueError(
-                f"memory_budget={self.peft_config[adapter_name].memory_budget!r} ({budget}) is too small for a single "
-                f"channel: the cheapest candidate channel costs {cheapest:,} {budget.unit}. Raise the budget."
-            )
-        if budget.amount >= whole:
-            raise ValueError(
-                f"memory_budget={self.peft_config[adapter_name].memory_budget!r} ({budget}) covers every candidate "
-                f"channel ({whole:,} {budget.unit}): nothing would be left out. Use a smaller budget, or full "
-                "fine-tuning."
-            )
-
-    def _draw(self, adapter_name: str, period: int) -> dict[str, torch.Tensor]:
-        config = self.peft_config[adapter_name]
-        effective_period = period if config.redraws else 0
-        if config.budget is None:
-            candidates = [
-                Candidate(n, m.geometry.in_channels, config.channels_for(m.geometry.in_channels))
-                for n, m in self.candidate_layers(adapter_name)
-            ]
-            return draw_per_layer(candidates, config.seed, effective_period)
-        priced = self.priced_layers(adapter_name)
-        self._check_budget(adapter_name, priced)
-        budget = config.budget.amount
-        if config.strategy in ORACLE_STRATEGIES:
-            norms = self._oracle_scores.get(adapter_name)
-            if norms is None:
-                raise RuntimeError(
-                    f"strategy={config.strategy!r} needs channel scores: call "
-                    "model.base_model.score_channels(batches) before resample(), or train with TraDyCallback."
-                )
-            rgn = [norms[p.name] / p.channel_cost for p in priced]  # TraDy Eq. 7
-            return greedy_under_budget(priced, rgn, budget)
-        if config.strategy == "medyate" and self._medyate[adapter_name].has_history:
-            weights = self._medyate[adapter_name].weights([p.name for p in priced])
-            return draw_weighted_under_budget(priced, weights, budget, config.seed, effective_period)
-        return draw_under_budget(priced, budget, config.seed, effective_period)
-
-    # --------------------------------------------------------------- gradient statistics
-    def score_channels(self, batches, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Det-RGN oracle: the full-gradient norm of every input channel of the candidate layers.
-
-        Runs forward and backward on ``batches`` (dicts of model inputs with labels, or
-        tensors) with the candidate layers' dense base weights temporarily trainable, and
-        keeps ``||dL/dW[:, c]||_2`` of the gradient summed over the batches. This needs the
-        dense gradients the budget is meant to avoid: it is the paper's upper-bound baseline,
-        not something to deploy. Returns and stores the norms per layer.
-        """
-        names = [adapter_name] if adapter_name else list(self.active_adapters)
-        layers = {n: m for name in names for n, m in self.candidate_layers(name)}
-        flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
-        # Set every existing gradient aside (backward would add into it) and put it back after.
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.channel_bank.parameters())
-        saved_grads = {id(p): (p, p.grad) for p in params}
-        for p in params:
-            p.grad = None
-        for m in layers.values():
-            m.base_layer.weight.requires_grad_(True)
-        try:
-            for batch in batches:
-                if self._trady_pending and not self._has_costs_for_all():
-                    self.probe(batch)
-                with torch.enable_grad():
-                    required_loss(_call(self.model, batch), "Scoring channels").backward()
-            norms = {}
-            for n, m in layers.items():
-                grad = m.base_layer.weight.grad
-                if grad is None:
-                    raise RuntimeError(f"Layer {n!r} received no gradient from the scoring batches.")
-                channels = torch.arange(m.geometry.in_channels, device=grad.device)
-                slices = m.geometry.read_slices(grad, channels)
-                norms[n] = slices.reshape(slices.shape[0], -1).double().norm(dim=1).cpu()
-        finally:
-            for n, m in layers.items():
-                m.base_layer.weight.grad = None
-                m.base_layer.weight.requires_grad_(flags[n])
-            for p, grad in saved_grads.values():
-                p.grad = grad
-        _all_reduce_mean(norms)
-        for name in names:
-            self._oracle_scores[name] = {n: norms[n] for n, _ in self.candidate_layers(name)}
-        self._draw_pending()
-        return norms
-
-    def _has_costs_for_all(self) -> bool:
-        return all(self._has_costs(name) for name in self._trady_pending)
-
-    def selected_cost(self, adapter_name: str = "default") -> int:
-        """Cost of the current selection in the budget's unit (needs a budget and the probe)."""
-        unit_cost = {p.name: p.channel_cost for p in self.priced_layers(adapter_name)}
-        return sum(unit_cost[n] * m.trady_delta[adapter_name].count for n, m in self.candidate_layers(adapter_name))
-
-    def _install(self, adapter_name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-        """Install ``selection`` and return the bank segments whose meaning changed."""
-        bank = self.channel_bank[adapter_name]
-        offset, changed = 0, []
-        for name, layer in self.trady_layers(adapter_name):
-            channels = selection.get(name, torch.zeros(0, dtype=torch.long))
-            view = layer.trady_delta[adapter_name]
-            n = channels.numel() * layer.geometry.slice_numel
-            old = layer.trady_idx[adapter_name]
-            same = (
-                view.offset == offset
-                and old.numel() == channels.numel()
-                and torch.equal(old.long().cpu(), channels.long().cpu())
-            )
-            if not same and n:
-                changed.append((offset, offset + n))
-            layer.install_channels(adapter_name, channels, bank, offset)
-            offset += n
-        if offset > bank.weight.numel():
-            raise RuntimeError(
-                f"Internal error: the selection needs {offset} trainable values but the bank of adapter "
-                f"{adapter_name!r} holds {bank.weight.numel()}."
-            )
-        return changed
-
-    # ---------------------------------------------------------------------------- periods
+    # ------------------------------------------------------------------------------ periods
     def period(self, adapter_name: str = "default") -> int:
-        """Index of the current training period (0 before the first resample)."""
-        return self._trady_period[adapter_name]
+        """Index of the current training period (0 before the first redraw)."""
+        return self.selection_states[adapter_name].period
 
-    @torch.no_grad()
-    def resample(
-        self,
-        optimizer: torch.optim.Optimizer | None = None,
-        adapter_name: str | None = None,
-        period: int | None = None,
-    ) -> int:
-        """End the current period and start the next one.
+    def phase(self, adapter_name: str = "default") -> Phase:
+        """Where the adapter stands: waiting for shapes, waiting for scores, ready, or drawn."""
+        state, config = self.selection_states[adapter_name], self.peft_config[adapter_name]
+        needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budget is not None else []
+        return state.phase(needs_costs, get_strategy(config.strategy).scores_due(state.period, state.scored_period))
 
-        1. fold the deltas trained this period into each layer's accumulated store;
-        2. draw the channels of the next period (a pure function of seed and period);
-        3. zero the bank in place (same parameter object, so the optimizer keeps tracking it);
-        4. reset ``optimizer``'s state (Adam moments, momentum) for the bank entries whose
-           channel changed.
+    def advance(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+        """Move to ``period`` (default: the next one); the one way TraDy's periods change.
+
+        1. fold the deltas trained so far into each layer's accumulated store;
+        2. for the Det-RGN oracles, score channels on up to ``gradient_batches`` of ``batches``;
+        3. draw the period's channels (a pure function of the selection state) and install them;
+        4. zero the bank in place (same parameter object, so the optimizer keeps tracking it) and
+           reset ``optimizer``'s state for the entries whose channel changed, so that they train
+           as under a freshly created optimizer.
 
         Args:
-            optimizer: the optimizer training the adapter, if its state must be reset.
-            adapter_name: the adapter to resample (default: every active adapter).
-            period: the period to draw (default: the current one + 1). Resuming passes it.
+            period: the period to move to (a resumed run passes the one it resumes in).
+            optimizer: the optimizer training the adapter (it must hold the bank).
+            batches: training batches, for the strategies that score channels.
+            adapter_name: the adapter (default: every active adapter).
 
         Returns:
             The new period index.
         """
-        names = [adapter_name] if adapter_name else list(self.active_adapters)
+        if self._forward_depth or in_backward():
+            raise RuntimeError(
+                "next_period / advance was called inside a forward or backward pass; the channels of a period "
+                "must not change while autograd holds their inputs. Call it between optimizer steps."
+            )
         new_period = None
-        for name in names:
-            for _, layer in self.trady_layers(name):
-                layer.commit(name)
-            new_period = self._trady_period[name] + 1 if period is None else period
-            self._trady_period[name] = new_period
-            if name in self._medyate:
-                self._medyate[name].end_period()
-            if name in self._trady_pending or self.peft_config[name].inference_mode:
-                continue  # drawn once the probe has run
-            changed = self._install(name, self._draw(name, new_period))
-            bank = self.channel_bank[name].weight
-            bank.zero_()
+        for name in [adapter_name] if adapter_name else list(self.active_adapters):
+            config, state = self.peft_config[name], self.selection_states[name]
+            new_period = state.period + 1 if period is None else period
             if optimizer is not None:
-                reset_optimizer_state(optimizer, bank, changed)
+                self.attach_optimizer(optimizer, name)
+            strategy = get_strategy(config.strategy)
+            if not config.inference_mode and strategy.scores_due(new_period, state.scored_period):
+                if batches is None:
+                    raise ValueError(
+                        f"strategy={config.strategy!r} scores channels on data: pass batches=train_loader."
+                    )
+                self.score_channels(itertools.islice(batches, config.gradient_batches), name, new_period)
+            if config.inference_mode:
+                state.period = new_period
+                continue
+            self._start_period(name, new_period, optimizer=optimizer)
         return new_period
 
-    def selection_summary(self, adapter_name: str = "default") -> dict[str, int]:
-        """Counts for logs: layers, channels selected now, channels touched so far, bank size."""
+    def resample(self, optimizer=None, adapter_name: str | None = None, period: int | None = None) -> int:
+        """End the current period and start the next (``advance`` without batches)."""
+        return self.advance(period=period, optimizer=optimizer, adapter_name=adapter_name)
+
+    def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
+        state = self.selection_states[name]
+        for _, layer in self.trady_layers(name):
+            layer.commit(name)
+        if state.statistics is not None and not redraw and state.selection is not None:
+            state.statistics.end_period(state.selection)
+        state.period, state.selection = period, None
+        with torch.no_grad():
+            self.channel_bank[name].weight.zero_()
+        self._draw_if_ready(name, optimizer)
+
+    def _draw_if_ready(self, name: str, optimizer=None) -> None:
+        if self.phase(name) is not Phase.READY:
+            return  # drawn once the probe (and, for the oracles, the scoring) has run
+        state, config = self.selection_states[name], self.peft_config[name]
+        selection = self._draw(name, state.period)
+        changed = self._install(name, selection)
+        state.selection = selection
+        bank = self.channel_bank[name].weight
+        optimizer = optimizer or (self._optimizer() if self._optimizer else None)
+        if optimizer is not None:
+            reset_optimizer_state(optimizer, bank, changed)
+        if bank.grad is not None:  # gradient accumulated under the old layout (a redraw between micro-batches)
+            for start, stop in changed:
+                bank.grad[start:stop].zero_()
+        count = sum(t.numel() for t in selection.values())
+        if count < FEW_CHANNELS:
+            logger.warning(
+                "TraDy period %d of adapter %r trains only %d input channel(s) (budget use %s). memory_budget=%r "
+                "barely holds a channel; raise it (or bank_share) for a useful period.",
+                state.period,
+                name,
+                count,
+                self.selection_summary(name).get("budget_used"),
+                config.memory_budget,
+            )
+
+    def _draw(self, name: str, period: int) -> dict[str, torch.Tensor]:
+        config, state = self.peft_config[name], self.selection_states[name]
+        strategy, layers = get_strategy(config.strategy), self.candidate_layers(name)
+        if config.budget is None:
+            candidates = [
+                Candidate(n, m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers
+            ]
+            return strategy.select(candidates, None, config.seed, period)
+        priced = self.priced_layers(name)
+        limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
+        _check_budget(config, priced, limits)
+        norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
+        total = [
+            self.layer_costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced
+        ]
+        return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
+
+    def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
+        config = self.peft_config[name]
+        limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
+        spent = [0] * len(limits)
+        for n, channels in selection.items():
+            for i, part in enumerate(self.layer_costs[n].draw_price(config.budget.unit)):
+                spent[i] += part * channels.numel()
+        return all(s <= limit for s, limit in zip(spent, limits))
+
+    def _install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """Install ``selection`` and return the bank segments whose meaning changed."""
+        bank = self.channel_bank[name]
+        offset, changed = 0, []
+        for layer_name, layer in self.trady_layers(name):
+            channels = selection.get(layer_name, torch.zeros(0, dtype=torch.long))
+            view, old = layer.trady_delta[name], layer.trady_idx[name]
+            n = channels.numel() * layer.geometry.slice_numel
+            same = view.offset == offset and torch.equal(old.long().cpu(), channels.long().cpu())
+            if not same and n:
+                changed.append((offset, offset + n))
+            layer.install_channels(name, channels, bank, offset)
+            offset += n
+        if offset > bank.weight.numel():
+            raise RuntimeError(
+                f"Internal error: the selection needs {offset} trainable values but the bank of adapter {name!r} "
+                f"holds {bank.weight.numel()}."
+            )
+        return changed
+
+    def attach_optimizer(self, optimizer, name: str = "default") -> None:
+        """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
+        bank = self.channel_bank[name].weight
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is not None and bank.numel() and not any(p is bank for g in groups for p in g["params"]):
+            raise ValueError(
+                f"The optimizer given to next_period/advance ({type(optimizer).__name__}) does not hold adapter "
+                f"{name!r}'s trainable bank, so the adapter would never train. Build the optimizer after "
+                "get_peft_model from model.parameters() (or pass the one that trains the model)."
+            )
+        self._optimizer = weakref.ref(optimizer)
+
+    # ------------------------------------------------------------------ gradient statistics
+    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
+        """Det-RGN oracle: the full-gradient norm of every input channel of the candidate layers.
+
+        Runs forward and backward on ``batches`` (dicts of model inputs with labels, or tensors)
+        with the candidate layers' dense base weights temporarily trainable, and stores
+        ``||dL/dW[:, c]||_2`` for the draw of ``period`` (default: the adapter's next draw). This
+        needs the dense gradients the budget is meant to avoid: it is the paper's upper-bound
+        baseline, not something to deploy. Returns the norms per layer.
+        """
+        names = [adapter_name] if adapter_name else list(self.active_adapters)
+        device = self.channel_bank[names[0]].weight.device
+        batches = [_to_device(b, device) for b in batches]
+        layers = {n: m for name in names for n, m in self.candidate_layers(name)}
+        norms = full_gradient_norms(self.model, layers, batches)  # its forwards run the probe if one is due
+        for name in names:
+            state = self.selection_states[name]
+            state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
+            drawn = state.selection is not None
+            state.scored_period = period if period is not None else state.period + int(drawn)
+            if not drawn:
+                self._draw_if_ready(name)
+        return norms
+
+    def _record_norms(self, name: str, grad: torch.Tensor) -> None:
+        statistics = self.selection_states[name].statistics
+        for layer_name, layer in self.trady_layers(name):
+            view = layer.trady_delta[name]
+            if view.count:
+                seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
+                statistics.add(layer_name, layer.trady_idx[name], seg.double().norm(dim=1))
+        statistics.step()
+
+    # ------------------------------------------------------------------------------ summary
+    def selected_cost(self, adapter_name: str = "default") -> int:
+        """What the current selection spends of the budget, in its unit. In bytes: the whole bank
+        (parameter, gradient and optimizer state, a fixed cost) plus the selected channels' saved inputs."""
+        config, state = self.peft_config[adapter_name], self.selection_states[adapter_name]
+        selection = state.selection or {}
+        if config.budget.unit == "values":
+            return sum(self.layer_costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
+        bank = self.channel_bank[adapter_name].weight.numel() * bytes_per_trained_value(config.optimizer_state_bytes)
+        return bank + sum(self.layer_costs[n].saved_bytes * c.numel() for n, c in selection.items())
+
+    def selection_summary(self, adapter_name: str = "default") -> dict:
+        """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
         layers = self.trady_layers(adapter_name)
         summary = {
-            "period": self._trady_period[adapter_name],
+            "period": self.selection_states[adapter_name].period,
             "layers": len(layers),
             "candidate_layers": len(self.candidate_layers(adapter_name)),
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
@@ -503,16 +515,16 @@ class TraDyModel(BaseTuner):
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
             "trainable_values": self.channel_bank[adapter_name].weight.numel(),
         }
-        config = self.peft_config[adapter_name]
-        if config.budget is not None and adapter_name not in self._trady_pending:
-            summary["budget"] = config.budget.amount
-            summary["selected_cost"] = self.selected_cost(adapter_name)
+        budget: Budget | None = self.peft_config[adapter_name].budget
+        if budget is not None and self.selection_states[adapter_name].selection is not None:
+            summary.update(budget=budget.amount, unit=budget.unit, selected_cost=self.selected_cost(adapter_name))
+            summary["budget_used"] = round(summary["selected_cost"] / budget.amount, 4)
         return summary
 
     # ------------------------------------------------------------------ adapter housekeeping
-    def _sync_bank_requires_grad(self, active: list[str], inference_mode: bool = False) -> None:
+    def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
         for name, bank in getattr(self, "channel_bank", {}).items():
-            bank.weight.requires_grad_(name in active and not inference_mode)
+            bank.weight.requires_grad_(name in active and not inference_mode and bank.weight.numel() > 0)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -520,28 +532,27 @@ class TraDyModel(BaseTuner):
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
+        for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
             if name in getattr(self, "channel_bank", {}):
                 self.channel_bank[name].weight.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if adapter_name in getattr(self, "channel_bank", {}):
-            del self.channel_bank[adapter_name]
-        self._trady_period.pop(adapter_name, None)
-        self._trady_pending.discard(adapter_name)
-        self._oracle_scores.pop(adapter_name, None)
-        medyate = self._medyate.pop(adapter_name, None)
-        if medyate is not None:
-            medyate.hook.remove()
+        for store in (getattr(self, "channel_bank", {}), getattr(self, "trady_state", {})):
+            if adapter_name in store:
+                del store[adapter_name]
+        self.selection_states.pop(adapter_name, None)
+        hook = self._norm_hooks.pop(adapter_name, None)
+        if hook is not None:
+            hook.remove()
+        self._sync_bank_requires_grad(self.active_adapters)  # the remaining adapter trains, as with LoRA
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         if enabled:
             self._sync_bank_requires_grad(self.active_adapters)
 
-    # ----------------------------------------------------------------------- saving
+    # ------------------------------------------------------------------------------ saving
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # An adapter file stores the current period's delta folded into `trady_values`, and no
         # bank. When such a store is loaded for an adapter, its live delta must restart from
@@ -556,17 +567,47 @@ class TraDyModel(BaseTuner):
                     bank.weight.zero_()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @staticmethod
+    def _restore_states(tuner: TraDyModel, incompatible_keys) -> None:
+        """After a load: take over the selection state a checkpoint carried (see `trady_peft.state`)."""
+        for name, stored in list(getattr(tuner, "trady_state", {}).items()):
+            if stored is None or not stored.numel():
+                continue
+            tuner.trady_state[name] = stored.new_zeros(0)
+            old = tuner.selection_states[name]
+            if old.statistics is not None:
+                old.statistics.__init__(old.statistics.sizes)
+            state = SelectionState.from_dict(SelectionState.parse_tensor(stored), old.statistics)
+            for n, cost in state.costs.items():
+                tuner.layer_costs[n] = cost if n not in tuner.layer_costs else tuner.layer_costs[n].larger(cost)
+            tuner.selection_states[name] = state
+            if tuner.peft_config[name].inference_mode:
+                continue
+            if state.selection is not None and tuner._install_fits(name, state.selection):
+                tuner._install(name, state.selection)
+            else:
+                state.selection = None
+                tuner._draw_if_ready(name)
+
+    def _install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
+        sizes = {n: m.geometry.slice_numel for n, m in self.trady_layers(name)}
+        needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
+        return set(selection) <= set(sizes) and needed <= self.channel_bank[name].weight.numel()
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Save ``(indices, values)`` per layer with the current period folded in; never the bank."""
+        """Save ``(indices, values)`` per layer with the current period folded in, and the selection
+        state; never the bank."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
+        tuner = find_tuner(model)
+        for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
+            out[key] = tuner.selection_states[adapter_name].to_tensor()
         for name, module in model.named_modules():
             if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
                 continue
             name = name.removeprefix("_fsdp_wrapped_module.")
-            key_idx = f"{name}.trady_indices.{adapter_name}"
-            key_val = f"{name}.trady_values.{adapter_name}"
+            key_idx, key_val = f"{name}.trady_indices.{adapter_name}", f"{name}.trady_values.{adapter_name}"
             if key_idx not in out:
                 if module.current_delta(adapter_name) is not None:
                     raise RuntimeError(
@@ -579,110 +620,45 @@ class TraDyModel(BaseTuner):
         return out
 
 
-def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tuple[int, int]]) -> int:
-    """Zero the per-entry optimizer state (moments, momentum) of ``parameter`` in ``segments``.
-
-    Works with torch optimizers and accelerate's ``AcceleratedOptimizer`` (its ``.state`` proxies
-    the real one). Returns the number of state tensors touched.
-    """
-    state = optimizer.state.get(parameter) if hasattr(optimizer, "state") else None
-    if not state or not segments:
-        return 0
-    touched = 0
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
-            for start, stop in segments:
-                value[start:stop].zero_()
-            touched += 1
-    return touched
-
-
-class _MeDyateState:
-    """MeDyate's channel statistics N (MeDyate Alg. 1).
-
-    During a period, a hook on the bank adds each backward's per-channel gradient norm of the
-    selected channels. At the period's end, the mean norm of each selected channel is written
-    into N; after the first period, channels never selected get the largest value seen (to
-    explore them), and keep it until they are selected.
-    """
-
-    def __init__(self, tuner: TraDyModel, adapter_name: str):
-        self.tuner, self.adapter_name = tuner, adapter_name
-        self.norms: dict[str, torch.Tensor] = {}  # N, per layer
-        self.seen: dict[str, torch.Tensor] = {}
-        self.period_sum: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.has_history = False
-        self.layers = tuner.trady_layers(adapter_name)
-        bank = tuner.channel_bank[adapter_name].weight
-        trains = bank.requires_grad
-        bank.requires_grad_(True)  # a tensor hook can only be registered on a tensor that requires grad
-        self.hook = bank.register_hook(self._on_grad)
-        bank.requires_grad_(trains)
-
-    def _on_grad(self, grad: torch.Tensor) -> None:
-        for name, layer in self.layers:
-            view = layer.trady_delta[self.adapter_name]
-            if not view.count:
-                continue
-            seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
-            # Accumulated where the gradient lives: no host sync per layer and step.
-            total = self.period_sum.get(name)
-            if total is None:
-                total = self.period_sum[name] = grad.new_zeros(layer.geometry.in_channels, dtype=torch.float64)
-            total.index_add_(0, layer.trady_idx[self.adapter_name].long(), seg.double().norm(dim=1))
-        self.steps += 1
-
-    def end_period(self) -> None:
-        if not self.steps:
-            return
-        # One flat tensor over every layer (zeros where nothing trained) keeps the collective
-        # identical on all ranks, whatever each rank saw.
-        flat = {
-            "all": torch.cat(
-                [
-                    self.period_sum[n].cpu()
-                    if n in self.period_sum
-                    else torch.zeros(m.geometry.in_channels, dtype=torch.float64)
-                    for n, m in self.layers
-                ]
-            )
-        }
-        _all_reduce_mean(flat)
-        sizes = [m.geometry.in_channels for _, m in self.layers]
-        self.period_sum = {n: t for (n, _), t in zip(self.layers, torch.split(flat["all"], sizes))}
-        for name, layer in self.layers:
-            channels = layer.trady_idx[self.adapter_name].long().cpu()
-            c = layer.geometry.in_channels
-            norms = self.norms.setdefault(name, torch.zeros(c, dtype=torch.float64))
-            seen = self.seen.setdefault(name, torch.zeros(c, dtype=torch.bool))
-            if name in self.period_sum and channels.numel():
-                norms[channels] = self.period_sum[name][channels] / self.steps
-                seen[channels] = True
-        if not self.has_history:  # end of the first period: unexplored channels get the max
-            top = max(
-                (float(n[s].max()) for n, s in zip(self.norms.values(), self.seen.values()) if s.any()), default=1.0
-            )
-            for name in self.norms:
-                self.norms[name][~self.seen[name]] = top
-            self.has_history = True
-        self.period_sum, self.steps = {}, 0
-
-    def weights(self, names: list[str]) -> list[torch.Tensor]:
-        return [self.norms[n] for n in names]
+def _check_budget(config: TraDyConfig, priced: list[PricedLayer], limits: tuple[int, ...]) -> None:
+    budget = config.budget
+    fits = [p for p in priced if all(c <= limit for c, limit in zip(p.costs, limits))]
+    if not fits:
+        cheapest = min(priced, key=lambda p: sum(p.costs))
+        raise ValueError(
+            f"memory_budget={config.memory_budget!r} ({budget}) is too small for a single channel: the cheapest "
+            f"candidate channel ({cheapest.name}) needs {cheapest.costs} of the limits {limits} "
+            f"({'values' if budget.unit == 'values' else 'bank values, saved-input bytes'}). Raise the budget"
+            + ("." if budget.unit == "values" else ", or move bank_share towards the part that does not fit.")
+        )
+    if all(sum(p.costs[i] * p.in_channels for p in priced) <= limit for i, limit in enumerate(limits)):
+        raise ValueError(
+            f"memory_budget={config.memory_budget!r} ({budget}) covers every candidate channel: nothing would be "
+            "left out. Use a smaller budget, or full fine-tuning."
+        )
 
 
-def _all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
-    """Average statistics over the processes of a distributed run, so that all ranks draw alike."""
-    import torch.distributed as dist
+def _names_match(name: str, wanted: str) -> bool:
+    """Whether the qualified layer ``name`` is ``wanted`` or ends with it (a suffix match)."""
+    return name == wanted or name.endswith("." + wanted)
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for key in sorted(tensors):
-        t = tensors[key]
-        work = t.to(torch.float64)
-        dist.all_reduce(work)
-        t.copy_(work / dist.get_world_size())
+
+def _input_dims(args, kwargs) -> dict:
+    dims = {i: tuple(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    dims.update({k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return dims
+
+
+def _larger(dims: tuple, seen: tuple) -> bool:
+    return len(dims) != len(seen) or any(a > b for a, b in zip(dims, seen))
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 class _Call:
@@ -690,10 +666,3 @@ class _Call:
 
     def __init__(self, args, kwargs):
         self.args, self.kwargs = args, kwargs
-
-
-def _ancestors(model: nn.Module, name: str):
-    module = model
-    for part in name.split(".")[:-1]:
-        module = getattr(module, part)
-        yield module

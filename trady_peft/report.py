@@ -196,7 +196,7 @@ def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
     """What a perfect implementation of the current selection must keep for backward, in bytes:
     the selected channels' input values, plus one bit per element of every ReLU-family output
     between the lowest selected layer and the loss."""
-    from .callback import find_tuner
+    from .model import find_tuner
 
     # The memory-saving twins subclass these, so they are covered too (ReLU6 is a Hardtanh).
     relu_types = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)
@@ -218,7 +218,7 @@ def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
     for layer_name, layer in tuner.trady_layers(name):
         k = layer.trady_delta[name].count
         if k:
-            cost = tuner._trady_costs[layer_name]
+            cost = tuner.layer_costs[layer_name]
             selected += k * cost.activations * cost.batch_size * cost.activation_bytes
     first = next(i for i, (m, _) in enumerate(order) if isinstance(m, TraDyLayer) and m.trady_delta[name].count)
     masks = sum((n + 7) // 8 for m, n in order[first + 1 :] if isinstance(m, relu_types))

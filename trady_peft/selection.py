@@ -1,8 +1,9 @@
-"""Where channels are chosen.
+"""How channels are drawn: the random and greedy draws every strategy is built from.
 
-The channel set of period ``e`` is a pure function of ``(seed, e, the layer list, the
-strategy)``: every process of a distributed run, and a run resumed from a checkpoint, draws
-exactly what the uninterrupted single-process run draws, without communication.
+The channel set of period ``e`` is a pure function of ``(seed, e, the layer list, their prices,
+the strategy's statistics)``: every process of a distributed run, and a run resumed from a
+checkpoint, draws exactly what the uninterrupted single-process run draws, without communication.
+The strategies themselves (which layers, which draw, how often) are in :mod:`trady_peft.strategies`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 # Large odd multiplier so that (seed, period) pairs map to distinct generator seeds.
 _PERIOD_STRIDE = 1_000_003
+#: Largest seed a period generator accepts (torch seeds are unsigned 64-bit integers).
+MAX_GENERATOR_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -47,22 +50,50 @@ def draw_per_layer(candidates: Sequence[Candidate], seed: int, period: int) -> d
 
 @dataclass(frozen=True)
 class PricedLayer:
-    """A candidate layer with the cost of one of its channels in the budget's unit."""
+    """A candidate layer with the price of one of its channels.
+
+    ``channel_cost`` is one number in the budget's unit, or a tuple of numbers when a budget
+    has several parts that must each hold (a byte budget: trainable values of the bank, and
+    bytes of saved inputs). :attr:`costs` always gives the tuple.
+    """
 
     name: str
     in_channels: int
-    channel_cost: int
+    channel_cost: int | tuple[int, ...]
+
+    @property
+    def costs(self) -> tuple[int, ...]:
+        cost = self.channel_cost
+        return tuple(cost) if isinstance(cost, (tuple, list)) else (cost,)
 
 
-def _take_until_budget(layers: Sequence[PricedLayer], order: torch.Tensor, budget: int) -> dict[str, torch.Tensor]:
-    """Walk global (layer, channel) pairs in ``order``; keep them while the cumulative cost fits
-    the budget, stop at the first that does not. Returns sorted channels per layer name."""
+def _limits(budget: int | Sequence[int]) -> torch.Tensor:
+    parts = tuple(budget) if isinstance(budget, (tuple, list)) else (budget,)
+    return torch.tensor(parts, dtype=torch.float64)
+
+
+def _take_until_budget(
+    layers: Sequence[PricedLayer], order: torch.Tensor, budget: int | Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Walk global (layer, channel) pairs in ``order``; keep them while the cumulative cost of
+    every part fits its limit, stop at the first pair that does not.
+
+    When even the first pair does not fit, the first pair in ``order`` that fits on its own is
+    taken, so that a budget able to hold one channel never yields an empty period.
+    Returns sorted channels per layer name.
+    """
+    limits = _limits(budget)
     counts = torch.tensor([layer.in_channels for layer in layers])
-    costs = torch.tensor([layer.channel_cost for layer in layers], dtype=torch.float64)
+    costs = torch.tensor([layer.costs for layer in layers], dtype=torch.float64).reshape(len(layers), -1)
     owner = torch.repeat_interleave(torch.arange(len(layers)), counts)  # layer of each global pair
     first = torch.cumsum(counts, 0) - counts
-    cumulative = torch.cumsum(costs[owner[order]], 0)
-    taken = order[: int(torch.searchsorted(cumulative, torch.tensor([float(budget)]), right=True))]
+    pair_costs = costs[owner[order]]
+    over = (torch.cumsum(pair_costs, 0) > limits).any(dim=1)
+    n = int(over.to(torch.int8).argmax()) if bool(over.any()) else order.numel()
+    taken = order[:n]
+    if n == 0:
+        fits = (pair_costs <= limits).all(dim=1)
+        taken = order[int(fits.to(torch.int8).argmax()) :][:1] if bool(fits.any()) else order[:0]
     chosen = {}
     layer_of = owner[taken]
     for i, layer in enumerate(layers):
@@ -72,14 +103,17 @@ def _take_until_budget(layers: Sequence[PricedLayer], order: torch.Tensor, budge
     return chosen
 
 
-def draw_under_budget(layers: Sequence[PricedLayer], budget: int, seed: int, period: int) -> dict[str, torch.Tensor]:
+def draw_under_budget(
+    layers: Sequence[PricedLayer], budget: int | Sequence[int], seed: int, period: int
+) -> dict[str, torch.Tensor]:
     """Draw (layer, channel) pairs uniformly at random until the budget is full.
 
     The stop rule is the one of the authors' public code (``compute_random_budget_mask`` of the
     WACV-W 2024 repository): shuffle every candidate pair, take pairs in that order while the
     cumulative cost stays within ``budget``, and stop at the first pair that would exceed it.
     The selected cost therefore never exceeds the budget, and every pair has the same chance to
-    come early in the order, whatever its layer.
+    come early in the order, whatever its layer. (One departure: if the very first pair does
+    not fit, the first pair that does is taken instead of drawing nothing.)
 
     Returns sorted int64 channel indices per layer name (layers with nothing drawn are absent).
     """
@@ -89,7 +123,11 @@ def draw_under_budget(layers: Sequence[PricedLayer], budget: int, seed: int, per
 
 
 def draw_weighted_under_budget(
-    layers: Sequence[PricedLayer], weights: Sequence[torch.Tensor], budget: int, seed: int, period: int
+    layers: Sequence[PricedLayer],
+    weights: Sequence[torch.Tensor],
+    budget: int | Sequence[int],
+    seed: int,
+    period: int,
 ) -> dict[str, torch.Tensor]:
     """Like :func:`draw_under_budget`, with pairs drawn without replacement with probability
     proportional to ``weights`` (one tensor per layer; MeDyate's rule).
@@ -105,7 +143,7 @@ def draw_weighted_under_budget(
 
 
 def greedy_under_budget(
-    layers: Sequence[PricedLayer], scores: Sequence[torch.Tensor], budget: int
+    layers: Sequence[PricedLayer], scores: Sequence[torch.Tensor], budget: int | Sequence[int]
 ) -> dict[str, torch.Tensor]:
     """Deterministic: pairs in decreasing ``scores`` (ties by position), same stop rule (Det RGN)."""
     s = torch.cat([t.double().reshape(-1) for t in scores])

@@ -1,0 +1,156 @@
+"""Gradient statistics the gradient-informed strategies draw from.
+
+* :func:`full_gradient_norms` -- Det-RGN's oracle: the norm of the full weight gradient of every
+  input channel of the candidate layers (needs the dense gradients the budget avoids).
+* :class:`ChannelNormStatistics` -- MeDyate's running statistics N: the last-seen gradient norm
+  of every channel (MeDyate Alg. 1).
+
+Both are averaged over the processes of a distributed run before a draw, so that all ranks draw
+alike, and both serialise to plain data for checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import _call
+from .memory import required_loss
+
+
+def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
+    """Average tensors in place over the processes of a distributed run (no-op in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for key in sorted(tensors):
+        t = tensors[key]
+        work = t.to(torch.float64)
+        dist.all_reduce(work)
+        t.copy_(work / dist.get_world_size())
+
+
+def full_gradient_norms(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """``||dL/dW[:, c]||_2`` of every input channel of ``layers`` (TraDy layers), summed over ``batches``.
+
+    The layers' dense base weights are made trainable for the duration, every other gradient is
+    set aside and restored.
+    """
+    flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_grads = {id(p): (p, p.grad) for p in params}
+    for p in params:
+        p.grad = None
+    for m in layers.values():
+        m.base_layer.weight.requires_grad_(True)
+    try:
+        for batch in batches:
+            with torch.enable_grad():
+                required_loss(_call(model, batch), "Scoring channels").backward()
+        norms = {}
+        for n, m in layers.items():
+            grad = m.base_layer.weight.grad
+            if grad is None:
+                raise RuntimeError(f"Layer {n!r} received no gradient from the scoring batches.")
+            channels = torch.arange(m.geometry.in_channels, device=grad.device)
+            slices = m.geometry.read_slices(grad, channels)
+            norms[n] = slices.reshape(slices.shape[0], -1).double().norm(dim=1).cpu()
+    finally:
+        for n, m in layers.items():
+            m.base_layer.weight.grad = None
+            m.base_layer.weight.requires_grad_(flags[n])
+        for p, grad in saved_grads.values():
+            p.grad = grad
+    all_reduce_mean(norms)
+    return norms
+
+
+class ChannelNormStatistics:
+    """MeDyate's channel statistics N (MeDyate Alg. 1), for the layers ``sizes`` (name -> channels).
+
+    During a period, :meth:`add` accumulates each backward's per-channel gradient norm of the
+    selected channels. :meth:`end_period` writes the period's mean norm of each selected channel
+    into N; after the first period, channels never selected get the largest value seen (to
+    explore them), and keep it until they are selected.
+    """
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = dict(sizes)
+        self.norms: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, torch.Tensor] = {}
+        self.period_sum: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.has_history = False
+
+    def add(self, name: str, channels: torch.Tensor, slice_norms: torch.Tensor) -> None:
+        """Add one backward's norms of the ``channels`` of layer ``name`` (kept where they live)."""
+        total = self.period_sum.get(name)
+        if total is None:
+            total = self.period_sum[name] = slice_norms.new_zeros(self.sizes[name], dtype=torch.float64)
+        elif total.device != slice_norms.device:  # restored from a checkpoint on the CPU
+            total = self.period_sum[name] = total.to(slice_norms.device)
+        total.index_add_(0, channels.long(), slice_norms.double())
+
+    def step(self) -> None:
+        """Count one backward pass."""
+        self.steps += 1
+
+    def end_period(self, selection: dict[str, torch.Tensor]) -> None:
+        """Fold the period's means into N, for the channels ``selection`` trained (name -> channels)."""
+        if not self.steps:
+            return
+        # One flat tensor over every layer (zeros where nothing trained) keeps the collective
+        # identical on all ranks, whatever each rank saw.
+        flat = {
+            "all": torch.cat(
+                [
+                    self.period_sum[n].cpu() if n in self.period_sum else torch.zeros(c, dtype=torch.float64)
+                    for n, c in self.sizes.items()
+                ]
+            )
+        }
+        all_reduce_mean(flat)
+        period_sum = dict(zip(self.sizes, torch.split(flat["all"], list(self.sizes.values()))))
+        for name, c in self.sizes.items():
+            channels = selection.get(name, torch.zeros(0, dtype=torch.long)).long().cpu()
+            norms = self.norms.setdefault(name, torch.zeros(c, dtype=torch.float64))
+            seen = self.seen.setdefault(name, torch.zeros(c, dtype=torch.bool))
+            if channels.numel():
+                norms[channels] = period_sum[name][channels] / self.steps
+                seen[channels] = True
+        if not self.has_history:  # end of the first period: unexplored channels get the max
+            top = max(
+                (float(n[s].max()) for n, s in zip(self.norms.values(), self.seen.values()) if s.any()), default=1.0
+            )
+            for name in self.norms:
+                self.norms[name][~self.seen[name]] = top
+            self.has_history = True
+        self.period_sum, self.steps = {}, 0
+
+    def weights(self, names: list[str]) -> list[torch.Tensor] | None:
+        """Draw weights of the layers ``names``, or None before the first period has ended."""
+        return [self.norms[n] for n in names] if self.has_history else None
+
+    # ---------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (lists of floats) that :meth:`load_state_dict` restores exactly."""
+        return {
+            "norms": {n: t.tolist() for n, t in self.norms.items()},
+            "seen": {n: t.tolist() for n, t in self.seen.items()},
+            "period_sum": {n: t.cpu().tolist() for n, t in self.period_sum.items()},
+            "steps": self.steps,
+            "has_history": self.has_history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norms = {n: torch.tensor(v, dtype=torch.float64) for n, v in state["norms"].items()}
+        self.seen = {n: torch.tensor(v, dtype=torch.bool) for n, v in state["seen"].items()}
+        self.period_sum = {n: torch.tensor(v, dtype=torch.float64) for n, v in state["period_sum"].items()}
+        self.steps = int(state["steps"])
+        self.has_history = bool(state["has_history"])
