@@ -186,7 +186,7 @@ def test_sparse_channel_delta_matches_dense_reference(case):
 def test_frozen_conv_matches_stock_conv(conv, mode, bias_trains, seed):
     module, x_shape = conv
     dtype, autocast, tol = MODES[mode]
-    module = module.to(torch.promote_types(torch.float32, dtype)).requires_grad_(False)
+    module = module.to(dtype).requires_grad_(False)  # a bf16 model, or an fp32 one under autocast
     module.bias.requires_grad_(bias_trains)
     x = _randn(x_shape, seed, dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
