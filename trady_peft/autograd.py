@@ -7,6 +7,14 @@
 * :class:`FrozenConv` is a convolution whose weight is frozen. PyTorch's own convolution keeps
   its input for the backward pass even when no weight gradient is needed
   (pytorch/pytorch#133566); this one keeps only the (resident) weight.
+
+Mixed precision: under ``torch.autocast`` both compute in the dtype autocast gives a
+convolution or matmul (:func:`compute_dtype`), with autocast switched off inside and every
+operand cast explicitly, in forward and in backward. So the saved ``x[idx]`` is kept in that
+(narrow) dtype, the input gradient comes back in the input's dtype and the delta gradient in the
+delta's (fp32 bank). The casts touch only selected channels, the slices and the output gradient;
+FrozenConv's backward re-casts the frozen weight, as autocast's forward did, instead of keeping
+the cast copy alive between forward and backward.
 """
 
 from __future__ import annotations
@@ -15,16 +23,38 @@ import torch
 
 from .geometry import ChannelGeometry
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul/convolution on ``x`` runs in: autocast's where it is on (and would cast
+    ``x``: floating, not float64), else ``x``'s own."""
+    if x.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type``: the functions below cast every operand themselves (and a
+    CPU backward runs in the caller's thread, possibly still inside an autocast region)."""
+    return torch.autocast(device_type, enabled=False)
+
 
 def _gather(x: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tensor:
     return x.index_select(dim, channels)
 
 
 def _scatter_grad(
-    grad_x: torch.Tensor | None, shape: torch.Size, like: torch.Tensor, dim: int, channels, grad_sel
+    grad_x: torch.Tensor | None,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    like: torch.Tensor,
+    dim: int,
+    channels,
+    grad_sel,
 ) -> torch.Tensor:
     if grad_x is None:
-        grad_x = like.new_zeros(shape)
+        grad_x = like.new_zeros(shape, dtype=dtype)
     return grad_x.index_add_(dim, channels, grad_sel.to(grad_x.dtype))
 
 
@@ -43,17 +73,17 @@ class SparseChannelDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, idx, acc_idx, acc, geometry: ChannelGeometry):
         dim = geometry.channel_dim % x.dim()
+        dtype = compute_dtype(x)
         out = None
         x_sel = None
-        if idx.numel():
-            x_sel = _gather(x, dim, idx)
-            out = geometry.apply(x_sel, delta.to(x.dtype), idx)
-        acc_cast = None
-        if acc_idx.numel():
-            acc_cast = acc.to(x.dtype)
-            y = geometry.apply(_gather(x, dim, acc_idx), acc_cast, acc_idx)
-            out = y if out is None else out + y
-        ctx.geometry, ctx.dim, ctx.x_shape = geometry, dim, x.shape
+        with _no_autocast(x.device.type):
+            if idx.numel():
+                x_sel = _gather(x, dim, idx).to(dtype)
+                out = geometry.apply(x_sel, delta.to(dtype), idx)
+            if acc_idx.numel():
+                y = geometry.apply(_gather(x, dim, acc_idx).to(dtype), acc.to(dtype), acc_idx)
+                out = y if out is None else out + y
+        ctx.geometry, ctx.dim, ctx.x_shape, ctx.x_dtype, ctx.dtype = geometry, dim, x.shape, x.dtype, dtype
         # Keep x[idx] only if the delta needs a gradient; the slices are resident (bank / buffer).
         ctx.save_for_backward(x_sel if ctx.needs_input_grad[1] else None, delta, idx, acc_idx, acc)
         return out
@@ -61,21 +91,20 @@ class SparseChannelDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_sel, delta, idx, acc_idx, acc = ctx.saved_tensors
-        geometry, dim = ctx.geometry, ctx.dim
+        geometry, dim, dtype = ctx.geometry, ctx.dim, ctx.dtype
         grad_x = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            if idx.numel():
-                sel_shape = list(ctx.x_shape)
-                sel_shape[dim] = idx.numel()
-                g = geometry.input_grad(grad_out, torch.Size(sel_shape), delta.to(grad_out.dtype), idx)
-                grad_x = _scatter_grad(grad_x, ctx.x_shape, grad_out, dim, idx, g)
-            if acc_idx.numel():
-                sel_shape = list(ctx.x_shape)
-                sel_shape[dim] = acc_idx.numel()
-                g = geometry.input_grad(grad_out, torch.Size(sel_shape), acc.to(grad_out.dtype), acc_idx)
-                grad_x = _scatter_grad(grad_x, ctx.x_shape, grad_out, dim, acc_idx, g)
-        if ctx.needs_input_grad[1] and idx.numel():
-            grad_delta = geometry.slice_grad(grad_out, x_sel, delta.to(grad_out.dtype), idx).to(delta.dtype)
+        with _no_autocast(grad_out.device.type):
+            grad_out = grad_out.to(dtype)
+            if ctx.needs_input_grad[0]:
+                for channels, slices in ((idx, delta), (acc_idx, acc)):
+                    if not channels.numel():
+                        continue
+                    sel_shape = list(ctx.x_shape)
+                    sel_shape[dim] = channels.numel()
+                    g = geometry.input_grad(grad_out, torch.Size(sel_shape), slices.to(dtype), channels)
+                    grad_x = _scatter_grad(grad_x, ctx.x_shape, ctx.x_dtype, grad_out, dim, channels, g)
+            if ctx.needs_input_grad[1] and idx.numel():
+                grad_delta = geometry.slice_grad(grad_out, x_sel, delta.to(dtype), idx).to(delta.dtype)
         return grad_x, grad_delta, None, None, None, None
 
 
@@ -88,24 +117,29 @@ class FrozenConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry: ChannelGeometry):
-        y = geometry._conv(geometry.pad(x), weight, geometry.groups)
-        if bias is not None:
-            y = y + bias.to(y.dtype).view(1, -1, *([1] * len(geometry.kernel_size)))
-        ctx.geometry, ctx.x_shape = geometry, x.shape
+        dtype = compute_dtype(x)
+        with _no_autocast(x.device.type):
+            y = geometry._conv(geometry.pad(x.to(dtype)), weight.to(dtype), geometry.groups)
+            if bias is not None:
+                y = y + bias.to(dtype).view(1, -1, *([1] * len(geometry.kernel_size)))
+        ctx.geometry, ctx.x_shape, ctx.x_dtype, ctx.dtype = geometry, x.shape, x.dtype, dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
-        geometry = ctx.geometry
+        geometry, dtype = ctx.geometry, ctx.dtype
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            padded = geometry.padded_shape(ctx.x_shape)
-            g, _ = geometry._conv_backward(grad_out, padded, weight, geometry.groups, True, False)
-            grad_x = geometry.unpad_grad(g, ctx.x_shape)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(dim=[d for d in range(grad_out.dim()) if d != 1])
+        with _no_autocast(grad_out.device.type):
+            grad_out = grad_out.to(dtype)
+            if ctx.needs_input_grad[0]:
+                padded = geometry.padded_shape(ctx.x_shape)
+                g, _ = geometry._conv_backward(grad_out, padded, weight.to(dtype), geometry.groups, True, False)
+                grad_x = geometry.unpad_grad(g, ctx.x_shape).to(ctx.x_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_out.sum(dim=[d for d in range(grad_out.dim()) if d != 1]).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None
 
 
