@@ -21,6 +21,25 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
+class Identity(nn.Module):
+    """The EfficientNet ports' own identity, used as ``static_padding`` where no padding is needed."""
+
+    def forward(self, input):
+        return input
+
+
+def padded_conv(stock: type, *args, static_padding: nn.Module, **kwargs) -> nn.Module:
+    """A ``stock`` convolution subclass that runs ``static_padding`` before itself."""
+
+    class PaddedConv(stock):
+        def forward(self, x):
+            return self._conv_forward(self.static_padding(x), self.weight, self.bias)
+
+    conv = PaddedConv(*args, **kwargs)
+    conv.static_padding = static_padding
+    return conv
+
+
 LAYERS = {
     "linear": lambda: nn.Linear(12, 7),
     "conv1d": lambda: nn.Conv1d(6, 5, 3, stride=2, padding=1),
@@ -29,6 +48,22 @@ LAYERS = {
     "conv2d_depthwise": lambda: nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False),
     "conv2d_same_reflect": lambda: nn.Conv2d(6, 5, 4, padding="same", padding_mode="reflect"),
     "hf_conv1d": lambda: Conv1D(7, 12),
+    "static_zero_pad_stride2": lambda: padded_conv(
+        nn.Conv2d, 6, 5, 3, stride=2, static_padding=nn.ZeroPad2d((0, 1, 0, 1))
+    ),
+    "static_zero_pad_then_same": lambda: padded_conv(
+        nn.Conv2d, 6, 5, 4, padding="same", static_padding=nn.ZeroPad2d((1, 0, 2, 0))
+    ),
+    "static_reflect_then_zeros": lambda: padded_conv(
+        nn.Conv2d, 6, 4, 3, padding=1, groups=2, static_padding=nn.ReflectionPad2d((1, 2, 0, 1))
+    ),
+    "static_constant_dilated": lambda: padded_conv(
+        nn.Conv2d, 6, 6, 3, dilation=2, groups=6, static_padding=nn.ConstantPad2d((1, 0, 2, 1), 0.5)
+    ),
+    "static_port_identity": lambda: padded_conv(nn.Conv2d, 6, 5, 3, padding=1, static_padding=Identity()),
+    "static_replicate_conv1d": lambda: padded_conv(
+        nn.Conv1d, 6, 5, 3, stride=2, padding_mode="reflect", static_padding=nn.ReplicationPad1d(2)
+    ),
 }
 INPUTS = {
     "linear": (3, 4, 12),
@@ -38,6 +73,12 @@ INPUTS = {
     "conv2d_depthwise": (2, 6, 7, 7),
     "conv2d_same_reflect": (2, 6, 7, 6),
     "hf_conv1d": (3, 4, 12),
+    "static_zero_pad_stride2": (2, 6, 8, 7),
+    "static_zero_pad_then_same": (2, 6, 7, 6),
+    "static_reflect_then_zeros": (2, 6, 5, 6),
+    "static_constant_dilated": (2, 6, 4, 5),
+    "static_port_identity": (2, 6, 5, 5),
+    "static_replicate_conv1d": (2, 6, 9),
 }
 
 
@@ -47,6 +88,9 @@ def reference_output(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> 
         return x @ weight + base.bias
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, base.bias)
+    static_padding = getattr(base, "static_padding", None)
+    if static_padding is not None:
+        x = static_padding(x)
     return base._conv_forward(x, weight, base.bias)
 
 
@@ -147,6 +191,26 @@ def test_static_padding_conv_subclass_matches_its_own_forward():
 def test_conv_subclass_with_unknown_forward_is_refused():
     with pytest.raises(TypeError, match="UnknownConv.*exclude_modules"):
         get_peft_model(Holder(UnknownConv(4, 4, 3)), trady_peft.TraDyConfig(target_modules=["layer"]))
+
+
+@pytest.mark.parametrize(
+    "static_padding, conv_kwargs, message",
+    [
+        (nn.Upsample(scale_factor=2), {}, "static_padding is a Upsample"),
+        (nn.ZeroPad3d(1), {}, "static_padding is a ZeroPad3d"),
+        (nn.ZeroPad2d(1), {"padding": 1, "padding_mode": "reflect"}, "pads twice"),
+        (nn.ReflectionPad2d(1), {"padding": (1, 2), "padding_mode": "zeros"}, None),
+    ],
+)
+def test_static_padding_that_cannot_be_reproduced_is_refused(static_padding, conv_kwargs, message):
+    base = padded_conv(nn.Conv2d, 4, 4, 3, static_padding=static_padding, **conv_kwargs)
+    config = trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2)
+    if message is None:  # a reflection, then an (asymmetric-free) zero padding: understood
+        x = torch.randn(1, 4, 6, 6)
+        torch.testing.assert_close(get_peft_model(Holder(base), config)(x), base(x), rtol=0, atol=1e-12)
+        return
+    with pytest.raises(TypeError, match=f"{message}.*exclude_modules"):
+        get_peft_model(Holder(base), config)
 
 
 def test_static_padding_conv_with_trainable_base_weight_is_padded_once():

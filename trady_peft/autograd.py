@@ -146,9 +146,9 @@ class FrozenConv(torch.autograd.Function):
 def frozen_conv(x: torch.Tensor, conv: torch.nn.Module, geometry: ChannelGeometry) -> torch.Tensor:
     """Run a frozen ``nn.Conv1d``/``nn.Conv2d`` without keeping its input for backward.
 
-    Falls back to the stock convolution when its weight trains (then the input is needed). Like
-    :class:`FrozenConv`, the fallback applies no subclass padding: callers pad beforehand.
+    Falls back to a plain autograd convolution when its weight trains (then the input is
+    needed). Both pad as the geometry says, ``static_padding`` module included: pass ``x`` unpadded.
     """
     if conv.weight.requires_grad:
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return geometry.conv_forward(x, conv.weight, conv.bias)
     return FrozenConv.apply(x, conv.weight, conv.bias, geometry)

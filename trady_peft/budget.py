@@ -5,7 +5,9 @@ The paper (TraDy Eq. 3-4) charges one input channel ``c`` of layer ``i`` with
 * its weights, ``C'·k·k`` values (for a grouped conv, the output channels of ``c``'s group
   only: ``C'/groups·k·k``; for a Linear, ``out_features``), and
 * its slice of the layer input for one sample: ``H·W`` values for a convolution, the number of
-  tokens (all dims but batch and channel) for a Linear.
+  tokens (all dims but batch and channel) for a Linear. That is exactly what the layer keeps for
+  backward, whatever its stride, dilation or padding: padding (the convolution's own, or a
+  ``static_padding`` module run before it) is applied inside the autograd function, never saved.
 
 A budget in **values** (an ``int``: the paper's "memory units", one scalar each, batch not
 counted) reproduces the paper's numbers. A budget in **bytes** (a string with a unit:

@@ -44,9 +44,12 @@ class ChannelGeometry:
         kernel_size: spatial kernel size (empty for linear layers).
         stride, dilation: convolution stride and dilation.
         padding: integer padding passed to the convolution.
-        pre_pad: explicit ``F.pad`` amounts when the layer pads asymmetrically or with a mode
-            other than zeros (then ``padding`` is all zeros), else ``None``.
+        pre_pad: explicit ``F.pad`` amounts when the layer pads asymmetrically, with a mode other
+            than zeros, or with a padding module run before the convolution (``static_padding``,
+            as in the EfficientNet ports), else ``None``. The layer's input is padded inside the
+            autograd functions, so what is kept for backward is the *unpadded* input.
         pad_mode: ``F.pad`` mode for ``pre_pad``.
+        pad_value: fill value of a ``"constant"`` ``pre_pad``.
     """
 
     kind: str
@@ -59,6 +62,7 @@ class ChannelGeometry:
     dilation: tuple[int, ...] = ()
     pre_pad: tuple[int, ...] | None = None
     pad_mode: str = "constant"
+    pad_value: float = 0.0
 
     @classmethod
     def of(cls, layer: nn.Module) -> ChannelGeometry:
@@ -78,17 +82,7 @@ class ChannelGeometry:
                 )
             if layer.transposed:
                 raise TypeError(f"Transposed convolutions are not supported by TraDy (got {layer}).")
-            pre_pad, pad_mode, padding = (
-                None,
-                "constant",
-                tuple(layer.padding) if not isinstance(layer.padding, str) else None,
-            )
-            if layer.padding_mode != "zeros" or padding is None:
-                # F.pad with the module's own amounts, then an unpadded convolution: the same
-                # arithmetic as nn.Conv's _conv_forward, and it also covers padding="same".
-                pre_pad = tuple(layer._reversed_padding_repeated_twice)
-                pad_mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-                padding = (0,) * len(layer.kernel_size)
+            pre_pad, pad_mode, pad_value, padding = _conv_padding(layer, with_static_padding=not same_math)
             return cls(
                 "conv",
                 layer.in_channels,
@@ -100,6 +94,7 @@ class ChannelGeometry:
                 dilation=tuple(layer.dilation),
                 pre_pad=pre_pad,
                 pad_mode=pad_mode,
+                pad_value=pad_value,
             )
         raise TypeError(
             f"TraDy cannot wrap a {type(layer).__name__}: supported layers are nn.Linear, nn.Conv1d, "
@@ -146,7 +141,11 @@ class ChannelGeometry:
         return slices.reshape(-1, 1, *self.kernel_size)  # one group per selected channel
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
+        if self.pre_pad is None:
+            return x
+        if self.pad_mode == "constant":
+            return F.pad(x, self.pre_pad, value=self.pad_value)
+        return F.pad(x, self.pre_pad, mode=self.pad_mode)
 
     def padded_shape(self, shape: torch.Size) -> torch.Size:
         if self.pre_pad is None:
@@ -164,6 +163,12 @@ class ChannelGeometry:
             z = torch.zeros(shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
             (g,) = torch.autograd.grad(self.pad(z), z, grad)
         return g
+
+    def conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The whole layer on its unpadded input with plain autograd ops (padding included)."""
+        return _CONV_FN[len(self.kernel_size)](
+            self.pad(x), weight, bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         return _CONV_FN[len(self.kernel_size)](x, weight, None, self.stride, self.padding, self.dilation, groups)
@@ -263,3 +268,87 @@ class ChannelGeometry:
         """Add ``slices`` of ``channels`` (unique) into the dense ``weight`` in place."""
         current = self.read_slices(weight, channels)
         return self.write_slices(weight, channels, current + slices.to(current.dtype))
+
+
+# ------------------------------------------------------------------------------- padding
+#: padding modules a convolution subclass may run before itself (``static_padding``), by F.pad mode.
+_PAD_MODULES: dict[type, str] = {
+    nn.ZeroPad1d: "constant",
+    nn.ZeroPad2d: "constant",
+    nn.ConstantPad1d: "constant",
+    nn.ConstantPad2d: "constant",
+    nn.ReflectionPad1d: "reflect",
+    nn.ReflectionPad2d: "reflect",
+    nn.ReplicationPad1d: "replicate",
+    nn.ReplicationPad2d: "replicate",
+    nn.CircularPad1d: "circular",
+    nn.CircularPad2d: "circular",
+}
+
+
+def _is_identity(module: nn.Module) -> bool:
+    """nn.Identity, or a stateless module named ``Identity`` (the EfficientNet ports ship their own)."""
+    if type(module) is nn.Identity:
+        return True
+    if type(module).__name__ != "Identity" or any(True for _ in module.children()):
+        return False
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return False
+    probe = torch.arange(6.0).view(1, 1, 2, 3)
+    with torch.no_grad():
+        out = module(probe)
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.equal(out, probe)
+
+
+def _static_padding(layer: nn.Module, ndim: int) -> tuple[tuple[int, ...], str, float] | None:
+    """``(F.pad amounts, mode, value)`` of the layer's ``static_padding`` module; None if it pads nothing."""
+    module = getattr(layer, "static_padding", None)
+    if not isinstance(module, nn.Module) or _is_identity(module):
+        return None
+    mode = _PAD_MODULES.get(type(module))
+    amounts = tuple(int(a) for a in getattr(module, "padding", ()))
+    if mode is None or len(amounts) > 2 * ndim:
+        raise TypeError(
+            f"{type(layer).__name__}.static_padding is a {type(module).__name__}, which TraDy cannot reproduce "
+            f"for a {ndim}-d convolution (understood: nn.Identity and 1d/2d ZeroPad, ConstantPad, ReflectionPad, "
+            "ReplicationPad, CircularPad modules). Add the layer to exclude_modules."
+        )
+    if not any(amounts):
+        return None
+    value = float(getattr(module, "value", 0.0)) if mode == "constant" else 0.0
+    return amounts + (0,) * (2 * ndim - len(amounts)), mode, value
+
+
+def _conv_padding(
+    layer: nn.Module, with_static_padding: bool
+) -> tuple[tuple[int, ...] | None, str, float, tuple[int, ...]]:
+    """``(pre_pad, pad_mode, pad_value, padding)`` computing ``conv(static_padding(x))`` with stock padding.
+
+    The convolution's own padding follows ``nn.Conv._conv_forward``: an integer zero padding is
+    done by the convolution, anything else (``padding="same"``, a ``padding_mode`` other than
+    zeros) by ``F.pad`` first. A ``static_padding`` module runs before it; both are folded into
+    one ``F.pad`` (plus the convolution's zero padding) so that the layer can save its
+    *unpadded* input and pad inside its autograd functions.
+    """
+    ndim = len(layer.kernel_size)
+    no_padding = (0,) * ndim
+    own = tuple(int(a) for a in layer._reversed_padding_repeated_twice)  # F.pad order, also for "same"
+    own_mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    static = _static_padding(layer, ndim) if with_static_padding else None
+    if static is None:
+        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            return None, "constant", 0.0, tuple(layer.padding)
+        return (own if any(own) else None), own_mode, 0.0, no_padding
+    amounts, mode, value = static
+    if not any(own):  # the convolution pads nothing itself
+        return amounts, mode, value, no_padding
+    if own_mode == "constant" and mode == "constant" and value == 0.0:  # zeros, then zeros: one F.pad
+        return tuple(a + b for a, b in zip(amounts, own)), "constant", 0.0, no_padding
+    if own_mode == "constant" and all(own[i] == own[i + 1] for i in range(0, len(own), 2)):
+        # the module's padding, then a symmetric zero padding the convolution does itself
+        return amounts, mode, value, tuple(own[2 * (ndim - 1 - d)] for d in range(ndim))
+    raise TypeError(
+        f"{type(layer).__name__} pads twice ({type(layer.static_padding).__name__} before the convolution, then "
+        f"padding={layer.padding!r} with padding_mode={layer.padding_mode!r}), which TraDy cannot reproduce. "
+        "Add the layer to exclude_modules."
+    )

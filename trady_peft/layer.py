@@ -214,16 +214,13 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------------------- forward
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.geometry.kind == "conv":  # x is already padded by any static_padding (see forward)
+        if self.geometry.kind == "conv":  # the geometry pads (own padding and any static_padding)
             return frozen_conv(x, self.base_layer, self.geometry)
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # TF-style "same" convolutions (e.g. EfficientNet ports) pad with a module before the
-        # convolution; padding first lets both paths below treat the layer as a stock conv.
-        static_padding = getattr(self.base_layer, "static_padding", None)
-        if self.geometry.kind == "conv" and isinstance(static_padding, nn.Module):
-            x = static_padding(x)
+        # A conv's `static_padding` module (EfficientNet ports) is part of its geometry: both paths
+        # below pad inside their autograd functions, so only the unpadded input is ever kept.
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
