@@ -24,6 +24,7 @@ from .geometry import SUPPORTED_LAYER_TYPES
 from .importance import builtin_entry, family_of
 from .layer import TraDyLayer
 from .memory import required_loss
+from .optim import reset_optimizer_state
 from .selection import (
     Candidate,
     PricedLayer,
@@ -577,24 +578,6 @@ class TraDyModel(BaseTuner):
             indices, values = module.fold(adapter_name)
             out[key_idx], out[key_val] = indices.to(torch.int32), values
         return out
-
-
-def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tuple[int, int]]) -> int:
-    """Zero the per-entry optimizer state (moments, momentum) of ``parameter`` in ``segments``.
-
-    Works with torch optimizers and accelerate's ``AcceleratedOptimizer`` (its ``.state`` proxies
-    the real one). Returns the number of state tensors touched.
-    """
-    state = optimizer.state.get(parameter) if hasattr(optimizer, "state") else None
-    if not state or not segments:
-        return 0
-    touched = 0
-    for value in state.values():
-        if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
-            for start, stop in segments:
-                value[start:stop].zero_()
-            touched += 1
-    return touched
 
 
 class _MeDyateState:
