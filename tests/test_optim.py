@@ -35,7 +35,8 @@ OPTIMIZERS = {
 
 
 def _grads(steps, n=N, seed=0):
-    return torch.randn(steps, n, generator=torch.Generator().manual_seed(seed))
+    # always the same draw: a shorter one may differ in its tail (torch draws in blocks)
+    return torch.randn(max(steps, 512), n, generator=torch.Generator().manual_seed(seed))
 
 
 def _train(make, steps, resets, reset=True, grads=None, start=None, optimizer=None, param=None, first=0):
@@ -126,16 +127,23 @@ def test_sgd_dampening_needs_the_correction():
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "adam-fused", "sgd-dampening"])
 def test_state_dict_round_trip_mid_period_keeps_the_correction(name):
-    make, steps, cut = OPTIMIZERS[name], 16, 12  # cut: right after the second reset's first step
+    make, steps, cut = OPTIMIZERS[name], 16, 11  # saved right after the second reset, before its first step
     full, _ = _train(make, steps, RESETS)
     param, optimizer = _train(make, cut, RESETS)
+    live = optimizer.param_groups[0]["params"][0]
+    with torch.no_grad():
+        for a, b in RESETS[cut]:
+            live[a:b].zero_()
+    reset_optimizer_state(optimizer, live, RESETS[cut])
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
-    restored = torch.nn.Parameter(param.clone())
+    restored = torch.nn.Parameter(live.detach().clone())
     again = make([restored])
     again.load_state_dict(torch.load(buffer, weights_only=True))  # casts every state tensor to fp32
-    resumed, _ = _train(make, steps, RESETS, optimizer=again, param=restored, first=cut)
+    assert optim._KEY in again.state[restored]
+    later = {k: v for k, v in RESETS.items() if k != cut}
+    resumed, _ = _train(make, steps, later, optimizer=again, param=restored, first=cut)
     torch.testing.assert_close(resumed, full, rtol=0, atol=0)
 
 
@@ -226,5 +234,6 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
         if period:
             torch.testing.assert_close(bank.detach()[index], fresh_bank.detach(), rtol=1e-5, atol=1e-8)
             assert torch.equal(bank.detach()[kept], plain_bank.detach()[kept])
-            ratio = (plain_bank.detach()[index].abs() / fresh_bank.detach()[index].abs()).median()
-            assert not 0.95 < ratio < 1.05, ratio  # without the correction, the sizes differ
+            moved = fresh_bank.detach() != 0  # entries whose gradient is always zero do not move
+            ratio = (plain_bank.detach()[index][moved].abs() / fresh_bank.detach()[moved].abs()).median()
+            assert not 0.95 < ratio < 1.05, ratio  # without the correction: ~0.68x this early in training
