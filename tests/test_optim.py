@@ -237,3 +237,42 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
             moved = fresh_bank.detach() != 0  # entries whose gradient is always zero do not move
             ratio = (plain_bank.detach()[index][moved].abs() / fresh_bank.detach()[moved].abs()).median()
             assert not 0.95 < ratio < 1.05, ratio  # without the correction: ~0.68x this early in training
+
+
+def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.test_trainer import ColourImages, _folded
+
+    def make(output_dir):
+        model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            num_train_epochs=3,
+            per_device_train_batch_size=16,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=6,  # 4 steps an epoch: mid-way through period 1
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=ColourImages(64), callbacks=[trady_peft.TraDyCallback()]
+        )
+        return model, trainer
+
+    full_model, full = make(tmp_path / "full")
+    full.train()
+    saved = torch.load(tmp_path / "full" / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    assert any(optim._KEY in entry for entry in saved["state"].values())
+    resumed_model, resumed = make(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    for (name, (idx_a, val_a)), (_, (idx_b, val_b)) in zip(
+        _folded(full_model).items(), _folded(resumed_model).items()
+    ):
+        assert torch.equal(idx_a, idx_b), name
+        torch.testing.assert_close(val_a, val_b, rtol=1e-5, atol=1e-7)
