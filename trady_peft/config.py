@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import os
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -74,8 +75,9 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "Memory the selected channels may use per period: weights + input activations. An int is in "
             "the paper's units (scalar values per sample, e.g. 27946); a string with a unit is in bytes "
-            "('256KiB', '2MB', '1500000B'), counted for the real batch and dtype. Costs come from a shape probe "
-            "on the first forward pass (or `model.base_model.probe(inputs)`)."
+            "('256KiB', '2MB', '1500000B'; case-sensitive, a lowercase 'b' is refused as bits), counted for the "
+            "real batch and dtype. Costs come from a shape probe on the first forward pass (or "
+            "`model.base_model.probe(inputs)`)."
         },
     )
     channels_per_layer: int | float | None = field(
@@ -258,8 +260,8 @@ class TraDyConfig(PeftConfig):
         bad = [n for n in ranking if not isinstance(n, str) or not n]
         if bad:
             raise ValueError(
-                f"layer_ranking holds {bad[0]!r}, which is not a layer name: pass a list of names (most important "
-                "first) or the path of a ranking file."
+                f"layer_ranking={reprlib.repr(ranking)} holds {bad[0]!r}, which is not a layer name: pass a list of "
+                "names (most important first) or the path of a ranking file."
             )
         if not ranking:
             raise ValueError(
@@ -272,7 +274,9 @@ class TraDyConfig(PeftConfig):
                 repeated.append(n)
             seen.add(n)
         if repeated:
-            raise ValueError(f"layer_ranking names {repeated[0]!r} twice: each layer must appear once.")
+            raise ValueError(
+                f"layer_ranking={reprlib.repr(ranking)} names {repeated[0]!r} twice: each layer must appear once."
+            )
         self.layer_ranking = list(ranking)
         if self.top_k is not None and self.top_k > len(ranking):
             raise ValueError(
