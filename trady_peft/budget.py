@@ -21,6 +21,8 @@ sample batch, with hooks recording each target layer's input shape.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,16 +33,35 @@ from torch import nn
 
 from .geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
 
+#: Byte units, case-sensitive: a capital ``B`` is a byte, a lowercase ``b`` a bit (refused).
+#: Decimal prefixes are powers of 1000 (``kB`` and ``KB`` both mean 1000 bytes), binary ones
+#: (``KiB``, ``MiB``...) powers of 1024.
 _BYTE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
 }
-_BUDGET_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*$")
+#: Lower-cased spellings of the units: what a miscased unit probably meant.
+_MEANT = {
+    "b": ("bits", "'B' (bytes)"),
+    "kb": ("kilobits", "'KB' (10^3 bytes) or 'KiB' (2^10 bytes)"),
+    "mb": ("megabits", "'MB' (10^6 bytes) or 'MiB' (2^20 bytes)"),
+    "gb": ("gigabits", "'GB' (10^9 bytes) or 'GiB' (2^30 bytes)"),
+    "tb": ("terabits", "'TB' (10^12 bytes) or 'TiB' (2^40 bytes)"),
+    "kib": ("kibibits", "'KiB' (2^10 bytes)"),
+    "mib": ("mebibits", "'MiB' (2^20 bytes)"),
+    "gib": ("gibibits", "'GiB' (2^30 bytes)"),
+    "tib": ("tebibits", "'TiB' (2^40 bytes)"),
+}
+_UNIT_LIST = "B, KB (or kB), MB, GB, TB, KiB, MiB, GiB, TiB"
+_BUDGET_RE = re.compile(r"^\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 #: bytes of one trained fp32 value: the parameter and its gradient (optimizer state comes on top).
 PARAM_AND_GRAD_BYTES = 8
 
@@ -59,28 +80,64 @@ class Budget:
 def parse_budget(value: int | str) -> Budget:
     """Parse ``memory_budget``: an int is in the paper's units (values), a string with a unit in bytes.
 
+    Any integer type is accepted (``numpy.int64`` too), ``bool`` is not. Units are case-sensitive:
+    ``B``, ``KB`` (or ``kB``), ``MB``, ``GB``, ``TB`` are powers of 1000 bytes, ``KiB``, ``MiB``,
+    ``GiB``, ``TiB`` powers of 1024; a lowercase ``b`` (``"2Mb"``, ``"512kb"``) reads as bits and is
+    refused.
+
     >>> parse_budget(27946)
     Budget(amount=27946, unit='values')
     >>> parse_budget("256KiB")
     Budget(amount=262144, unit='bytes')
     """
     if isinstance(value, bool):
-        raise ValueError(f"memory_budget={value!r} is not a budget; pass an int (values) or e.g. '256KiB'.")
-    if isinstance(value, int):
+        raise ValueError(f"memory_budget={value!r} is not a budget; pass an int (values) or e.g. '256KiB' (bytes).")
+    if isinstance(value, numbers.Integral):
         if value <= 0:
-            raise ValueError(f"memory_budget={value!r} must be positive.")
-        return Budget(value, "values")
-    if isinstance(value, str):
-        match = _BUDGET_RE.match(value)
-        if match and match.group(2).lower() in _BYTE_UNITS:
-            amount = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
-            if amount > 0:
-                return Budget(amount, "bytes")
+            raise ValueError(
+                f"memory_budget={value!r} must be positive: a number of values (the paper's units), e.g. 27946."
+            )
+        return Budget(int(value), "values")
+    if isinstance(value, numbers.Real):
+        hint = f"memory_budget={int(value)}" if math.isfinite(value) and value == int(value) and value > 0 else ""
+        what = "is a float" if math.isfinite(value) else "is not a finite number"
+        raise ValueError(
+            f"memory_budget={value!r} {what}: pass a positive int for the paper's units"
+            + (f" ({hint})" if hint else "")
+            + " or a string with a byte unit (e.g. '2MB')."
+        )
+    if not isinstance(value, str):
+        raise ValueError(
+            f"memory_budget={value!r} ({type(value).__name__}) must be an int (the paper's units) or a string "
+            "such as '2MB' (bytes)."
+        )
+    match = _BUDGET_RE.match(value)
+    if not match:
         raise ValueError(
             f"memory_budget={value!r} is not understood: pass an int for the paper's units (scalar values per "
-            "sample), or a positive number of bytes with a unit: B, KB, MB, GB, KiB, MiB, GiB (e.g. '256KiB')."
+            f"sample), or a positive number of bytes with a unit: {_UNIT_LIST} (e.g. '256KiB')."
         )
-    raise ValueError(f"memory_budget={value!r} must be an int (values) or a string such as '2MB' (bytes).")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit:
+        raise ValueError(
+            f"memory_budget={value!r} has no unit: pass an int for the paper's units (memory_budget="
+            f"{match.group(1).strip()}) or add a byte unit ({_UNIT_LIST}), e.g. '{match.group(1).strip()}KiB'."
+        )
+    if unit not in _BYTE_UNITS:
+        meant = _MEANT.get(unit.lower())
+        if meant is None:
+            raise ValueError(
+                f"memory_budget={value!r}: the unit {unit!r} is not understood; use one of {_UNIT_LIST} "
+                "(case-sensitive, e.g. '256KiB'), or an int for the paper's units."
+            )
+        bits, use = meant
+        if unit.endswith("b"):
+            raise ValueError(f"memory_budget={value!r}: {unit!r} looks like {bits}; use {use}.")
+        raise ValueError(f"memory_budget={value!r}: {unit!r} is not a byte unit (case matters); use {use}.")
+    amount = int(number * _BYTE_UNITS[unit])
+    if amount <= 0:
+        raise ValueError(f"memory_budget={value!r} must be positive: at least one byte, e.g. '256KiB'.")
+    return Budget(amount, "bytes")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -40,11 +41,11 @@ class TraDyCallback(TrainerCallback):
 
     def __init__(self, resample_every_steps: int | None = None):
         steps = resample_every_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(
                 f"resample_every_steps={steps!r} must be a positive int, or None to resample every epoch."
             )
-        self.resample_every_steps = resample_every_steps
+        self.resample_every_steps = None if steps is None else int(steps)
 
     def _target_period(self, state, *, restoring: bool) -> int:
         if self.resample_every_steps:

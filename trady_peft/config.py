@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import numbers
+import os
+import reprlib
+import warnings
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
 from .budget import parse_budget
+from .selection import _PERIOD_STRIDE
 from .strategies import STRATEGIES as _STRATEGIES
 
 #: Selection strategies, by the paper's names (TraDy §4, MeDyate §4); see trady_peft.strategies.
@@ -16,6 +22,9 @@ STRATEGIES = tuple(_STRATEGIES)
 DYNAMIC_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.redraws)
 #: Strategies that draw inside a layer ranking (the importance table when none is given).
 TOP_K_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.layers != "all")
+#: Largest seed: the draw of period p seeds a torch generator with ``seed * 1_000_003 + p``, which
+#: must fit in 64 bits for every period p < 1_000_003.
+MAX_SEED = (2**64 - 1) // _PERIOD_STRIDE - 1
 #: Strategies that need the full gradient of every candidate channel (memory-infeasible oracles).
 ORACLE_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.needs_scores)
 
@@ -68,8 +77,9 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "Memory the selected channels may use per period: weights + input activations. An int is in "
             "the paper's units (scalar values per sample, e.g. 27946); a string with a unit is in bytes "
-            "('256KiB', '2MB', '1500000B'), counted for the real batch and dtype. Costs come from a shape probe "
-            "on the first forward pass (or `model.base_model.probe(inputs)`)."
+            "('256KiB', '2MB', '1500000B'; case-sensitive, a lowercase 'b' is refused as bits), counted for the "
+            "real batch and dtype. Costs come from a shape probe on the first forward pass (or "
+            "`model.base_model.probe(inputs)`)."
         },
     )
     channels_per_layer: int | float | None = field(
@@ -153,76 +163,144 @@ class TraDyConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type()
-        if isinstance(self.target_modules, (list, set, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, set, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
+        self.target_modules = _names("target_modules", self.target_modules, allow_empty=False)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules, allow_empty=True)
+        self._check_layers_to_transform()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 f"layers_pattern={self.layers_pattern!r} is only used together with layers_to_transform; "
                 "set layers_to_transform too, or drop layers_pattern."
             )
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise ValueError(
+                    f"modules_to_save={self.modules_to_save!r} must be a list of module names, e.g. "
+                    f"modules_to_save=[{self.modules_to_save!r}]."
+                    if isinstance(self.modules_to_save, str)
+                    else f"modules_to_save={self.modules_to_save!r} must be a list of module names (strings)."
+                )
+            self.modules_to_save = list(self.modules_to_save)
         if self.memory_budget is not None:
             if self.channels_per_layer is not None:
                 raise ValueError(
                     f"Set either memory_budget={self.memory_budget!r} or channels_per_layer="
                     f"{self.channels_per_layer!r}, not both."
                 )
-            parse_budget(self.memory_budget)  # raises a clear error for a bad value
+            budget = parse_budget(self.memory_budget)  # raises a clear error for a bad value
+            if budget.unit == "values":
+                self.memory_budget = budget.amount  # a plain int, e.g. from numpy.int64: JSON-serialisable
         elif self.channels_per_layer is None:
             self.channels_per_layer = 0.1
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
-        ):
-            raise ValueError(f"top_k={self.top_k!r} must be a positive int (number of ranked layers), or None.")
-        if isinstance(self.layer_ranking, str):
-            self._load_ranking_file(self.layer_ranking)
+        self._check_channels_per_layer()
+        if self.top_k is not None:
+            self.top_k = _integer("top_k", self.top_k, 1, "a positive int (number of ranked layers), or None")
+        if isinstance(self.layer_ranking, (str, os.PathLike)):
+            self._load_ranking_file(os.fspath(self.layer_ranking))
         elif self.layer_ranking is not None:
-            if not all(isinstance(n, str) for n in self.layer_ranking):
-                raise ValueError(
-                    "layer_ranking must be a list of layer names (most important first) or a ranking file."
-                )
-            self.layer_ranking = list(self.layer_ranking)
-        if (
-            isinstance(self.optimizer_state_bytes, bool)
-            or not isinstance(self.optimizer_state_bytes, int)
-            or (self.optimizer_state_bytes < 0)
-        ):
-            raise ValueError(f"optimizer_state_bytes={self.optimizer_state_bytes!r} must be an int >= 0.")
+            self._check_layer_ranking()
+        self.optimizer_state_bytes = _integer(
+            "optimizer_state_bytes",
+            self.optimizer_state_bytes,
+            0,
+            "an int >= 0 (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD)",
+        )
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            close = difflib.get_close_matches(str(self.strategy).lower(), STRATEGIES, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {STRATEGIES}.")
+        if self.strategy in (*ORACLE_STRATEGIES, "medyate") and self.memory_budget is None:
+            raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
+        if self.strategy not in TOP_K_STRATEGIES and (self.layer_ranking is not None or self.top_k is not None):
+            warnings.warn(
+                f"strategy={self.strategy!r} does not use layer_ranking or top_k (only {TOP_K_STRATEGIES} do): "
+                "they are ignored. Drop them, or pick a top-K strategy.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.gradient_batches = _integer("gradient_batches", self.gradient_batches, 1, "a positive int")
+        alpha = self.medyate_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
+            raise ValueError(f"medyate_alpha={alpha!r} must be a number in (0, 1]; the paper uses 0.2.")
+        self.medyate_alpha = float(alpha)
+        share = self.bank_share
+        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 < share < 1.0:
+            raise ValueError(
+                f"bank_share={share!r} must lie strictly between 0 and 1 (the share of a byte budget for the "
+                "trainable bank; the rest bounds the saved inputs). The default is 0.5."
+            )
+        self.bank_share = float(share)
+        self.seed = _integer("seed", self.seed, 0, f"an int between 0 and {MAX_SEED:,}")
+        if self.seed > MAX_SEED:
+            raise ValueError(
+                f"seed={self.seed!r} is too large: the draw of period p seeds a torch generator with "
+                f"seed * {_PERIOD_STRIDE:_} + p, which must fit in 64 bits; pass a seed between 0 and {MAX_SEED:,}."
+            )
+        for flag in ("memory_saving_frozen_path", "init_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False.")
+
+    def _check_layers_to_transform(self) -> None:
+        value = self.layers_to_transform
+        if value is None:
+            return
+        items = [value] if not isinstance(value, (list, tuple)) else value
+        if not items or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in items):
+            raise ValueError(
+                f"layers_to_transform={value!r} must be a layer index >= 0 or a non-empty list of them, "
+                "e.g. layers_to_transform=[0, 1]."
+            )
+        self.layers_to_transform = int(value) if not isinstance(value, (list, tuple)) else [int(i) for i in value]
+
+    def _check_channels_per_layer(self) -> None:
         cpl = self.channels_per_layer
         if cpl is None:
-            pass
-        elif isinstance(cpl, bool) or not isinstance(cpl, (int, float)):
+            return
+        if isinstance(cpl, bool) or not isinstance(cpl, numbers.Real):
             raise ValueError(f"channels_per_layer={cpl!r} must be an int (a count) or a float in (0, 1] (a fraction).")
-        if isinstance(cpl, float) and not 0.0 < cpl <= 1.0:
+        if isinstance(cpl, numbers.Integral):
+            if cpl < 1:
+                raise ValueError(f"channels_per_layer={cpl!r} must be at least 1 channel, or a fraction in (0, 1].")
+            self.channels_per_layer = int(cpl)
+            return
+        if not 0.0 < cpl <= 1.0:
             raise ValueError(
                 f"channels_per_layer={cpl!r} is a fraction and must lie in (0, 1]; pass an int for a count."
             )
-        if isinstance(cpl, int) and cpl < 1:
-            raise ValueError(f"channels_per_layer={cpl!r} must be at least 1 channel.")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} is unknown; choose one of {STRATEGIES}.")
-        if self.strategy in (*ORACLE_STRATEGIES, "medyate") and self.memory_budget is None:
-            raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
-        if (
-            isinstance(self.gradient_batches, bool)
-            or not isinstance(self.gradient_batches, int)
-            or (self.gradient_batches < 1)
-        ):
-            raise ValueError(f"gradient_batches={self.gradient_batches!r} must be a positive int.")
-        if not isinstance(self.medyate_alpha, (int, float)) or not 0 < self.medyate_alpha <= 1:
-            raise ValueError(f"medyate_alpha={self.medyate_alpha!r} must lie in (0, 1]; the paper uses 0.2.")
-        if (
-            isinstance(self.bank_share, bool)
-            or not isinstance(self.bank_share, (int, float))
-            or not (0.0 < self.bank_share < 1.0)
-        ):
+        self.channels_per_layer = float(cpl)
+
+    def _check_layer_ranking(self) -> None:
+        ranking = self.layer_ranking
+        if isinstance(ranking, (set, frozenset)) or not isinstance(ranking, (list, tuple)):
             raise ValueError(
-                f"bank_share={self.bank_share!r} must lie strictly between 0 and 1 (the share of a byte budget "
-                "for the trainable bank; the rest bounds the saved inputs). The default is 0.5."
+                f"layer_ranking={ranking!r} must be an ordered list of layer names (most important first) or the "
+                "path of a ranking file from `trady-peft rank-layers`."
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an int.")
+        bad = [n for n in ranking if not isinstance(n, str) or not n]
+        if bad:
+            raise ValueError(
+                f"layer_ranking={reprlib.repr(ranking)} holds {bad[0]!r}, which is not a layer name: pass a list of "
+                "names (most important first) or the path of a ranking file."
+            )
+        if not ranking:
+            raise ValueError(
+                "layer_ranking=[] ranks no layer: pass None to use the built-in table (or every target layer), or "
+                "a list of layer names."
+            )
+        seen, repeated = set(), []
+        for n in ranking:
+            if n in seen:
+                repeated.append(n)
+            seen.add(n)
+        if repeated:
+            raise ValueError(
+                f"layer_ranking={reprlib.repr(ranking)} names {repeated[0]!r} twice: each layer must appear once."
+            )
+        self.layer_ranking = list(ranking)
+        if self.top_k is not None and self.top_k > len(ranking):
+            raise ValueError(
+                f"top_k={self.top_k} exceeds the {len(ranking)} layers of layer_ranking: pass top_k <= "
+                f"{len(ranking)}, or None to use every ranked layer."
+            )
 
     def _load_ranking_file(self, path: str) -> None:
         from .importance import ImportanceEntry
@@ -239,9 +317,24 @@ class TraDyConfig(PeftConfig):
             self.top_k = entry.top_k
 
     def channels_for(self, in_channels: int) -> int:
-        """Number of channels drawn per period in a layer with ``in_channels`` input channels."""
+        """Number of channels drawn per period in a layer with ``in_channels`` input channels.
+
+        A count above the layer's width is clamped to the width, with a warning (once per value of
+        ``channels_per_layer``, naming the first narrower layer's width).
+        """
         cpl = self.channels_per_layer
         k = max(1, round(cpl * in_channels)) if isinstance(cpl, float) else cpl
+        if k > in_channels:
+            warned = self.__dict__.setdefault("_trady_clamp_warned", set())
+            if cpl not in warned:
+                warned.add(cpl)
+                warnings.warn(
+                    f"channels_per_layer={cpl} exceeds a target layer's {in_channels} input channels: such layers "
+                    "train all their channels. Lower channels_per_layer, or pass a fraction (e.g. 0.5) to scale "
+                    "with each layer's width.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return min(k, in_channels)
 
     @property
@@ -253,3 +346,28 @@ class TraDyConfig(PeftConfig):
     def budget(self):
         """The parsed :class:`~trady_peft.budget.Budget`, or None when channels_per_layer is used."""
         return None if self.memory_budget is None else parse_budget(self.memory_budget)
+
+
+def _integer(name: str, value, minimum: int, what: str) -> int:
+    """``value`` as a plain int (any integer type but bool), at least ``minimum``, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be {what}.")
+    return int(value)
+
+
+def _names(name: str, value, *, allow_empty: bool):
+    """``target_modules`` / ``exclude_modules``: None, a regex string or a collection of names (a set)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise ValueError(f"{name}='' matches no layer: pass None to wrap every supported layer, or names.")
+        return value
+    if not isinstance(value, (list, set, tuple, frozenset)) or not all(isinstance(n, str) for n in value):
+        raise ValueError(
+            f"{name}={value!r} must be a list of layer names (suffix match), a regex string, or None, "
+            "e.g. ['q_proj', 'v_proj']."
+        )
+    if not value and not allow_empty:
+        raise ValueError(f"{name}={value!r} selects no layer: pass None to wrap every supported layer, or names.")
+    return set(value)
