@@ -17,6 +17,7 @@ from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 
 from ._registration import PREFIX
+from .adapter_file import check_model_state
 from .budget import PARAM_AND_GRAD_BYTES, LayerCost, _call, layer_cost, probe_input_shapes
 from .config import ORACLE_STRATEGIES, TOP_K_STRATEGIES, TraDyConfig
 from .frozen_path import apply_memory_saving, restore
@@ -547,6 +548,7 @@ class TraDyModel(BaseTuner):
         # bank. When such a store is loaded for an adapter, its live delta must restart from
         # zero or it would count twice. (Runs before the children load; torch hands each child
         # only its own keys, so the bank itself could not tell.)
+        check_model_state(self, state_dict, prefix)  # refuse a bad file before anything changes
         for name, bank in getattr(self, "channel_bank", {}).items():
             suffix = f".trady_values.{name}"
             if prefix + f"channel_bank.{name}.weight" not in state_dict and any(
