@@ -72,9 +72,7 @@ def _load_file_naming_path(original):
         record_source(filename)
         try:
             return original(filename, *args, **kwargs)
-        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
+        except safetensors.SafetensorError as err:  # a bad header or short data; not a missing file or OOM
             raise ValueError(
                 f"Could not read adapter file {os.fspath(filename)!r}: {err}. The file is truncated or corrupt "
                 "(an interrupted save or download?); save the adapter again, or delete the file and download it "
