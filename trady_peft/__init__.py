@@ -5,6 +5,7 @@
 accept TraDy adapters.
 """
 
+from . import compat as _compat
 from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
@@ -18,6 +19,7 @@ from .model import TraDyModel, find_tuner
 __version__ = "0.1.0"
 
 _register()
+_compat.install()  # atomic adapter saves, load errors naming the file (trady_peft/compat.py)
 
 __all__ = [
     "Accounting",

@@ -1,17 +1,131 @@
-"""Every private peft / torch / transformers API trady-peft relies on, in one place.
+"""Every private peft/torch/transformers API that trady-peft patches or relies on, in one place.
 
-Each entry says what it is and the version it was checked against; ``tests/test_compat.py`` holds
-one test per assumption, so that an upgrade that breaks one fails one clear test.
+Installed by ``import trady_peft`` (:func:`install`, idempotent). Each assumption below is
+commented with the versions it was checked against and has one test in ``tests/test_compat.py``,
+so that an upgrade which breaks one fails one clear test.
+
+What is patched, and why:
+
+* **Atomic saves.** ``PeftModel.save_pretrained`` writes ``adapter_model.safetensors`` in place;
+  a failure half-way (disk full, a crash) leaves a truncated file and the adapter saved before
+  is lost. :func:`atomic_save_file` writes a temporary file in the same directory, fsyncs it and
+  ``os.replace``-s it over the target. Harmless for other methods (LoRA files are written the
+  same way).
+* **Errors that name the file.** A truncated or garbage file makes safetensors raise an error
+  that names no file; :func:`_load_file_naming_path` re-raises it as a ``ValueError`` with the path.
+* **Which file is being loaded.** ``PeftModel.load_adapter`` (used by ``from_pretrained`` and by
+  the Trainer's checkpoint resume) is wrapped in :func:`trady_peft.adapter_file.loading_from`,
+  so the checks run by each TraDy layer's ``_load_from_state_dict`` can name the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import uuid
+
+import safetensors.torch
 import torch
 
 # peft 0.21.2: names of sequence-classification heads (peft.utils.constants, not exported).
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES  # noqa: F401
 
+from .adapter_file import loading_from, record_source
 
+_MARK = "__trady_compat__"
+
+
+# --------------------------------------------------------------------------------------- saving
+def atomic_save_file(tensors, filename, metadata=None) -> None:
+    """``safetensors.torch.save_file``, but the target is replaced only by a complete, synced file."""
+    filename = os.fspath(filename)
+    directory = os.path.dirname(os.path.abspath(filename))
+    # A fresh name in the same directory (same file system, so os.replace is atomic), created by
+    # the writer itself so that it gets the usual permissions (umask), unlike mkstemp's 0600.
+    tmp = os.path.join(directory, f".{os.path.basename(filename)}.{uuid.uuid4().hex}.tmp")
+    try:
+        # Looked up at call time: `safetensors.torch.save_file` (safetensors 0.8) is the writer.
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -------------------------------------------------------------------------------------- loading
+def _load_file_naming_path(original):
+    @functools.wraps(original)
+    def load_file(filename, *args, **kwargs):
+        record_source(filename)
+        try:
+            return original(filename, *args, **kwargs)
+        except safetensors.SafetensorError as err:  # a bad header or short data; not a missing file or OOM
+            raise ValueError(
+                f"Could not read adapter file {os.fspath(filename)!r}: {err}. The file is truncated or corrupt "
+                "(an interrupted save or download?); save the adapter again, or delete the file and download it "
+                "again."
+            ) from err
+
+    setattr(load_file, _MARK, True)
+    return load_file
+
+
+def _load_adapter_naming_source(original):
+    @functools.wraps(original)
+    def load_adapter(self, model_id, *args, **kwargs):
+        # The reader fills in the exact file (local or from the Hub cache); the id is a fallback.
+        with loading_from(model_id):
+            return original(self, model_id, *args, **kwargs)
+
+    setattr(load_adapter, _MARK, True)
+    return load_adapter
+
+
+# -------------------------------------------------------------------------------------- install
+def install() -> None:
+    """Apply the patches above (idempotent)."""
+    import peft.peft_model
+    import peft.utils.save_and_load
+
+    # peft 0.21.2, peft/peft_model.py: `from safetensors.torch import save_file as safe_save_file`;
+    # PeftModel.save_pretrained calls `safe_save_file(state_dict, path, metadata={"format": "pt"})`.
+    peft.peft_model.safe_save_file = atomic_save_file
+
+    # peft 0.21.2, peft/utils/save_and_load.py: `from safetensors.torch import load_file as
+    # safe_load_file`; load_peft_weights calls `safe_load_file(filename, device=...)` with the
+    # resolved local path (also for files downloaded from the Hub).
+    module = peft.utils.save_and_load
+    if not getattr(module.safe_load_file, _MARK, False):
+        module.safe_load_file = _load_file_naming_path(module.safe_load_file)
+
+    # peft 0.21.2: PeftModel.from_pretrained calls `model.load_adapter(model_id, adapter_name, ...)`,
+    # and transformers 5.24's Trainer resumes a PeftModel checkpoint with `model.load_adapter(dir, name)`.
+    # load_adapter reads the weights (load_peft_weights) then calls set_peft_model_state_dict, which
+    # ends in torch's `load_state_dict` (torch 2.13: each module's `_load_from_state_dict` gets the
+    # keys under its prefix, before its children load).
+    cls = peft.peft_model.PeftModel
+    if not getattr(cls.load_adapter, _MARK, False):
+        cls.load_adapter = _load_adapter_naming_source(cls.load_adapter)
+
+
+# ------------------------------------------------------------------------- periods and Trainer
 def in_backward() -> bool:
     """Whether the caller runs inside an autograd backward pass.
 

@@ -24,6 +24,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .adapter_file import check_layer_state
 from .autograd import SparseChannelDelta, frozen_conv
 from .geometry import ChannelGeometry
 
@@ -167,6 +168,11 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     def touched_channels(self, adapter_name: str) -> int:
         """Number of channels of this layer updated so far (stored + current)."""
         return torch.unique(torch.cat([self.trady_indices[adapter_name], self._current_idx(adapter_name)])).numel()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Refuse a store that does not fit this layer before anything is copied (adapter_file.py).
+        check_layer_state(state_dict, prefix, self.trady_delta.keys(), self.geometry)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

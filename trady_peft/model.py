@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ._registration import PREFIX
+from .adapter_file import check_model_state
 from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
 from .compat import in_backward
 from .config import TraDyConfig
@@ -558,6 +559,7 @@ class TraDyModel(BaseTuner):
         # bank. When such a store is loaded for an adapter, its live delta must restart from
         # zero or it would count twice. (Runs before the children load; torch hands each child
         # only its own keys, so the bank itself could not tell.)
+        check_model_state(self, state_dict, prefix)  # refuse a bad file before anything changes
         for name, bank in getattr(self, "channel_bank", {}).items():
             suffix = f".trady_values.{name}"
             if prefix + f"channel_bank.{name}.weight" not in state_dict and any(

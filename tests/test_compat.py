@@ -1,0 +1,99 @@
+"""One test per private peft/torch/transformers assumption made in trady_peft/compat.py.
+
+If one of these fails after an upgrade, the patch it names in compat.py needs revisiting.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import peft.peft_model
+import peft.utils.save_and_load
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from peft import PeftModel, get_peft_model
+
+import trady_peft
+from tests.tiny_models import tiny_cnn
+from trady_peft import compat
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
+    model.base_model.resample()
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_peft_save_pretrained_writes_safetensors_through_peft_model_safe_save_file(tmp_path, monkeypatch):
+    # peft 0.21.2: `from safetensors.torch import save_file as safe_save_file` in peft/peft_model.py.
+    assert peft.peft_model.safe_save_file is compat.atomic_save_file  # installed by `import trady_peft`
+    calls = []
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", lambda t, f, metadata=None: calls.append(f))
+    get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2)).save_pretrained(tmp_path)
+    assert [str(f) for f in calls] == [str(tmp_path / "adapter_model.safetensors")]
+
+
+def test_load_peft_weights_reads_the_resolved_file_through_save_and_load_safe_load_file(adapter_dir, monkeypatch):
+    # peft 0.21.2: `from safetensors.torch import load_file as safe_load_file` in peft/utils/save_and_load.py.
+    assert getattr(peft.utils.save_and_load.safe_load_file, compat._MARK, False)
+    calls = []
+    real = peft.utils.save_and_load.safe_load_file
+    monkeypatch.setattr(peft.utils.save_and_load, "safe_load_file", lambda f, **kw: calls.append(f) or real(f, **kw))
+    peft.utils.save_and_load.load_peft_weights(str(adapter_dir), device="cpu")
+    assert [str(f) for f in calls] == [str(adapter_dir / "adapter_model.safetensors")]
+
+
+def test_from_pretrained_loads_weights_through_peft_model_load_adapter(adapter_dir, monkeypatch):
+    # peft 0.21.2: PeftModel.from_pretrained calls model.load_adapter(model_id, adapter_name, ...).
+    assert getattr(PeftModel.load_adapter, compat._MARK, False)
+    calls = []
+    real = PeftModel.load_adapter
+    monkeypatch.setattr(PeftModel, "load_adapter", lambda self, *a, **kw: calls.append(a[:2]) or real(self, *a, **kw))
+    PeftModel.from_pretrained(tiny_cnn(), adapter_dir)
+    assert calls == [(adapter_dir, "default")]
+
+
+def test_trainer_resumes_a_peft_checkpoint_through_load_adapter():
+    # transformers 5.24: Trainer._load_from_checkpoint calls
+    # model.load_adapter(resume_from_checkpoint, active_adapter, is_trainable=True) for a PeftModel.
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer._load_from_checkpoint)
+    assert "model.load_adapter(resume_from_checkpoint, active_adapter, is_trainable=True)" in source
+
+
+def test_layer_load_hook_sees_its_keys_before_its_buffers_are_filled(adapter_dir, monkeypatch):
+    # torch 2.13: load_state_dict calls a module's _load_from_state_dict with the keys under its
+    # prefix (peft has inserted the adapter name) before loading its children; also with assign=True.
+    import trady_peft.layer
+
+    for low_cpu_mem_usage in (False, True):
+        seen = []
+
+        def spy(state_dict, prefix, adapters, geometry, seen=seen):
+            layer = f"{prefix}trady_indices.default"
+            seen.append((prefix, layer in state_dict, list(adapters)))
+
+        monkeypatch.setattr(trady_peft.layer, "check_layer_state", spy)
+        PeftModel.from_pretrained(tiny_cnn(), adapter_dir, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert sorted(p for p, _, _ in seen) == [f"base_model.model.{n}." for n in ("dw", "pw", "stem")]
+        assert all(found and adapters == ["default"] for _, found, adapters in seen)
+
+
+def test_safetensors_raises_safetensor_error_for_a_truncated_file(tmp_path):
+    # safetensors 0.8: damaged headers raise `safetensors.SafetensorError` (compat re-raises it naming the path).
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(64)}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.torch.load_file(path)
+
+
+def test_install_is_idempotent():
+    load_file, load_adapter = peft.utils.save_and_load.safe_load_file, PeftModel.load_adapter
+    compat.install()
+    assert peft.utils.save_and_load.safe_load_file is load_file and PeftModel.load_adapter is load_adapter
