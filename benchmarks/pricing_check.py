@@ -70,7 +70,7 @@ def check(budget: str, size: int, batch_size: int, seed: int) -> None:
     priced = {}
     for name, layer in tuner.model.named_modules():
         if isinstance(layer, TraDyLayer) and layer.current_delta_installed("default"):
-            cost = tuner._trady_costs[name]
+            cost = tuner.layer_costs[name]
             priced[name] = (
                 cost.activations * cost.batch_size * cost.activation_bytes * layer.trady_idx["default"].numel()
             )

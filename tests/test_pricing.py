@@ -100,7 +100,7 @@ def priced_bytes_by_layer(model) -> dict[str, int]:
     priced = {}
     for name, layer in tuner.model.named_modules():
         if isinstance(layer, TraDyLayer) and layer.current_delta_installed("default"):
-            cost = tuner._trady_costs[name]
+            cost = tuner.layer_costs[name]
             k = layer.trady_idx["default"].numel()
             priced[name] = cost.activations * cost.batch_size * cost.activation_bytes * k
     return priced

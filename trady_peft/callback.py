@@ -107,6 +107,34 @@ class TraDyCallback(TrainerCallback):
             state.log_history[-1].update(stats)
 
 
+class PeriodWatchdog(TrainerCallback):
+    """Warns when a dynamic strategy trains for epochs without `TraDyCallback` (its channels would
+    never be redrawn). Added to every Trainer by ``import trady_peft``; silent for other models."""
+
+    def __init__(self):
+        self.warned = False
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.warned or model is None or (state.epoch or 0) < 2 - 1e-9:
+            return
+        try:
+            tuner = find_tuner(model)
+        except ValueError:
+            return  # not a TraDy model
+        for name in tuner.active_adapters:
+            config = tuner.peft_config[name]
+            if config.redraws and not config.inference_mode and tuner.period(name) == 0:
+                logger.warning(
+                    "TraDy adapter %r (strategy=%r) has trained %.0f epochs in period 0: its channels are never "
+                    "redrawn. Pass callbacks=[trady_peft.TraDyCallback()] to the Trainer (or call "
+                    "trady_peft.next_period in a plain loop).",
+                    name,
+                    config.strategy,
+                    state.epoch,
+                )
+                self.warned = True
+
+
 def next_period(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,

@@ -124,6 +124,16 @@ def install() -> None:
     if not getattr(cls.load_adapter, _MARK, False):
         cls.load_adapter = _load_adapter_naming_source(cls.load_adapter)
 
+    # transformers 5.24, transformers/trainer.py: `DEFAULT_CALLBACKS = [DefaultFlowCallback]` is read
+    # by every Trainer.__init__; a class appended there runs in every Trainer (here: a watchdog that
+    # warns when a dynamic strategy trains for epochs without TraDyCallback).
+    import transformers.trainer
+
+    from .callback import PeriodWatchdog
+
+    if PeriodWatchdog not in transformers.trainer.DEFAULT_CALLBACKS:
+        transformers.trainer.DEFAULT_CALLBACKS.append(PeriodWatchdog)
+
 
 # ------------------------------------------------------------------------- periods and Trainer
 def in_backward() -> bool:

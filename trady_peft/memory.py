@@ -111,21 +111,18 @@ def measure_training_step(
         print(mem.saved_activations, mem.gradients)
         ```
     """
-    resident = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[tuple[str, int], int] = {}
-    by_module: dict[str, int] = {}
-    by_type: dict[str, int] = {}
+    def resident_storages() -> set[tuple[str, int]]:
+        return {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
+
+    resident = resident_storages()
+    seen: dict[tuple[str, int], tuple[int, str, str]] = {}
     stack: list[tuple[str, str]] = [("", type(model).__name__)]
     names = {m: n for n, m in model.named_modules()}
 
     def pack(t: torch.Tensor):
         key = _storage_key(t)
         if key not in resident and key not in seen and t.device.type != "meta":
-            nbytes = _tensor_bytes(t)
-            seen[key] = nbytes
-            name, kind = stack[-1]
-            by_module[name] = by_module.get(name, 0) + nbytes
-            by_type[kind] = by_type.get(kind, 0) + nbytes
+            seen[key] = (_tensor_bytes(t), *stack[-1])
         return t
 
     def pre_hook(module, args):
@@ -152,6 +149,16 @@ def measure_training_step(
     finally:
         for h in handles:
             h.remove()
+    # Buffers created during the forward (e.g. a store replaced by a redraw) are resident too.
+    resident = resident_storages()
+    by_module: dict[str, int] = {}
+    by_type: dict[str, int] = {}
+    for key, (nbytes, name, kind) in list(seen.items()):
+        if key in resident:
+            del seen[key]
+            continue
+        by_module[name] = by_module.get(name, 0) + nbytes
+        by_type[kind] = by_type.get(kind, 0) + nbytes
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -167,7 +174,7 @@ def measure_training_step(
                     state_bytes += value.numel() * value.element_size()
     peak = torch.cuda.max_memory_allocated(cuda) if cuda is not None else None
     return TrainingStepMemory(
-        saved_activations=sum(seen.values()),
+        saved_activations=sum(nbytes for nbytes, _, _ in seen.values()),
         trainable_parameters=param_bytes,
         gradients=grad_bytes,
         optimizer_state=state_bytes,
