@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from .compat import move_callback_first
 from .model import find_tuner
+from .selection import period_generator
 from .state import Phase
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class TraDyCallback(TrainerCallback):
             if tuner.period(name) != target or tuner.phase(name) is not Phase.DRAWN:
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it (the checkpoint carried the selection).
-                tuner.advance(target, None if restoring else optimizer, batches=dataloader, adapter_name=name)
+                batches = _scoring_batches(dataloader, tuner.peft_config[name], target)
+                tuner.advance(target, None if restoring else optimizer, batches=batches, adapter_name=name)
                 logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
             if optimizer is not None:
                 tuner.attach_optimizer(optimizer, name)
@@ -105,6 +107,24 @@ class TraDyCallback(TrainerCallback):
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
+
+
+def _scoring_batches(dataloader, config, period: int):
+    """The batches the Det-RGN oracles score period ``period`` on: drawn from the dataset with the
+    period's own generator, so that a resumed run scores on what the uninterrupted run scored on
+    (iterating the training dataloader would depend on where its sampler stands)."""
+    dataset = getattr(dataloader, "dataset", None)
+    collate = getattr(dataloader, "collate_fn", None)
+    size = getattr(dataloader, "batch_size", None) or getattr(dataloader, "total_batch_size", None)
+    if dataloader is None or collate is None or not size or not hasattr(dataset, "__getitem__"):
+        return dataloader
+    try:
+        n = len(dataset)
+    except TypeError:
+        return dataloader  # an iterable dataset: score on its next batches
+    order = torch.randperm(n, generator=period_generator(config.seed, period)).tolist()
+    count = min(n, size * config.gradient_batches)
+    return [collate([dataset[i] for i in order[start : start + size]]) for start in range(0, count, size)]
 
 
 class PeriodWatchdog(TrainerCallback):

@@ -472,9 +472,12 @@ class TraDyModel(BaseTuner):
         """
         names = [adapter_name] if adapter_name else list(self.active_adapters)
         device = self.channel_bank[names[0]].weight.device
-        batches = [_to_device(b, device) for b in batches]
         layers = {n: m for name in names for n, m in self.candidate_layers(name)}
-        norms = full_gradient_norms(self.model, layers, batches)  # its forwards run the probe if one is due
+        # Scoring must not move the training's random streams (data order, dropout): a resumed
+        # run, which does not rescore, would otherwise diverge from the uninterrupted one.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            batches = [_to_device(b, device) for b in batches]
+            norms = full_gradient_norms(self.model, layers, batches)  # its forwards run the probe if due
         for name in names:
             state = self.selection_states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
