@@ -22,7 +22,9 @@ def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
     saved = sum(b for name, b in mem.saved_by_module.items() if name.removeprefix("base_model.model.") in layers)
     bank = tuner.channel_bank["default"].weight
     state = optimizer.state.get(bank, {})
-    per_value_state = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == bank.shape)
+    per_value_state = sum(
+        v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == bank.shape
+    )
     assert bank.grad is not None
     return saved + 2 * bank.numel() * bank.element_size() + per_value_state, saved
 

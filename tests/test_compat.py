@@ -97,3 +97,47 @@ def test_install_is_idempotent():
     load_file, load_adapter = peft.utils.save_and_load.safe_load_file, PeftModel.load_adapter
     compat.install()
     assert peft.utils.save_and_load.safe_load_file is load_file and PeftModel.load_adapter is load_adapter
+
+
+def test_seq_cls_head_names_lists_the_classifier_heads():
+    from trady_peft.compat import SEQ_CLS_HEAD_NAMES
+
+    assert "classifier" in SEQ_CLS_HEAD_NAMES and "score" in SEQ_CLS_HEAD_NAMES
+
+
+def test_in_backward_is_true_only_inside_a_backward_pass():
+    import torch
+
+    from trady_peft.compat import in_backward
+
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    x.register_hook(lambda g: seen.append(in_backward()))
+    (x * 2).sum().backward()
+    assert seen == [True] and not in_backward()
+
+
+def test_a_callback_can_move_itself_before_the_integrations():
+    from transformers.trainer_callback import CallbackHandler, TrainerCallback
+
+    from trady_peft.compat import move_callback_first
+
+    class Integration(TrainerCallback):
+        pass
+
+    class Mover(TrainerCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            self.moved = move_callback_first(self)
+
+    mover = Mover()
+    handler = CallbackHandler([Integration(), mover], None, None, None, None)
+    handler.on_init_end(None, None, None)
+    assert mover.moved and handler.callbacks[0] is mover
+
+
+def test_every_trainer_gets_the_period_watchdog():
+    import transformers.trainer
+
+    from trady_peft.callback import PeriodWatchdog
+
+    assert PeriodWatchdog in transformers.trainer.DEFAULT_CALLBACKS

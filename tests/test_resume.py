@@ -65,7 +65,9 @@ def run(strategy: str, out: str, crash_after_save: int | None = None, resume: bo
         seed=0,
         data_seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=ColourImages(n=32), callbacks=[trady_peft.TraDyCallback(), record])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ColourImages(n=32), callbacks=[trady_peft.TraDyCallback(), record]
+    )
     try:
         trainer.train(resume_from_checkpoint=resume or None)
     except Crash:

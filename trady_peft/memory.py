@@ -111,6 +111,7 @@ def measure_training_step(
         print(mem.saved_activations, mem.gradients)
         ```
     """
+
     def resident_storages() -> set[tuple[str, int]]:
         return {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
 

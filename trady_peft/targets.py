@@ -85,3 +85,8 @@ def _ancestors(model: nn.Module, name: str):
     for part in name.split(".")[:-1]:
         module = getattr(module, part)
         yield module
+
+
+def names_match(name: str, wanted: str) -> bool:
+    """Whether the qualified layer ``name`` is ``wanted`` or ends with it (a suffix match)."""
+    return name == wanted or name.endswith("." + wanted)
