@@ -110,7 +110,10 @@ def test_a_killed_process_resumes_exactly(strategy, kill_at, tmp_path):
     out = tmp_path / "run"
     killed = python(f"from tests.test_resume import run; run({strategy!r}, {str(out)!r}, {kill_at}, hard=True)")
     assert killed.returncode == 17, killed.stderr[-2000:]
-    code = f"import json; from tests.test_resume import run; print(json.dumps(run({strategy!r}, {str(out)!r}, resume=True)))"
+    code = (
+        "import json; from tests.test_resume import run; "
+        f"print(json.dumps(run({strategy!r}, {str(out)!r}, resume=True)))"
+    )
     resumed = python(code)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full = run(strategy, str(tmp_path / "full"))
