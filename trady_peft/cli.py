@@ -208,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(97% of the total) and provenance as JSON, for TraDyConfig(layer_ranking=<file>).",
     )
     _add_model_arguments(rank, input_shape=False)
-    rank.add_argument("--data", required=True, help="file.py:factory returning a dataloader of batches with labels")
+    rank.add_argument(
+        "--data",
+        required=True,
+        help="file.py:factory returning a dataloader of dicts with labels (Hugging Face style) or of (inputs, labels) "
+        "pairs (any model called as model(inputs), cross-entropy loss)",
+    )
     rank.add_argument("--steps", type=int, default=50)
     rank.add_argument("--metric", choices=["rgn", "lara"], default="rgn")
     rank.add_argument("--lr", type=float, default=1e-3)

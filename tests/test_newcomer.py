@@ -1,0 +1,88 @@
+"""Issue 15: what a newcomer trips over first (ordinary DataLoaders, units, cards, the memory command)."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import trady_peft
+from trady_peft.cli import main
+
+
+def _sequential() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _xy_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    return DataLoader(data, batch_size=8)
+
+
+def test_rank_layers_takes_an_ordinary_xy_dataloader_and_a_sequential():
+    entry = trady_peft.rank_layers(_sequential(), _xy_loader(), steps=6, progress=False)
+    assert set(entry.scores) == {"0", "2", "4"} and all(s > 0 for s in entry.scores.values())
+
+
+def test_rank_layers_uses_a_given_loss_fn():
+    calls = []
+
+    def loss_fn(output, labels):
+        calls.append(labels.shape)
+        return nn.functional.cross_entropy(output, labels)
+
+    trady_peft.rank_layers(_sequential(), _xy_loader(), steps=3, progress=False, loss_fn=loss_fn)
+    assert len(calls) == 3
+
+
+def test_rank_layers_refuses_batches_it_cannot_use_with_what_it_accepts():
+    with pytest.raises(TypeError, match=r"\(inputs, labels\) pair"):
+        trady_peft.rank_layers(_sequential(), [(torch.randn(2, 6), torch.randn(2, 6), 1)], steps=1, progress=False)
+
+
+def test_rank_layers_on_an_empty_dataloader_raises_instead_of_looping_forever():
+    def timeout(*_):
+        raise TimeoutError("rank_layers looped on an empty dataloader")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="empty dataloader"):
+            trady_peft.rank_layers(_sequential(), DataLoader(TensorDataset(torch.empty(0, 6))), steps=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_rank_layers_command_with_an_xy_dataloader(tmp_path, capsys):
+    factories = tmp_path / "factories.py"
+    factories.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from torch.utils.data import DataLoader, TensorDataset
+
+            def model():
+                return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+            def data():
+                g = torch.Generator().manual_seed(0)
+                x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+                return DataLoader(TensorDataset(x, y), batch_size=4)
+            """
+        )
+    )
+    out_json = tmp_path / "seq.json"
+    code = main(
+        ["rank-layers", "--model", f"{factories}:model", "--data", f"{factories}:data", "--steps", "4"]
+        + ["--output", str(out_json)]
+    )
+    assert code == 0 and out_json.exists()
+    assert "layers ranked" in capsys.readouterr().out
