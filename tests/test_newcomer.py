@@ -86,3 +86,14 @@ def test_rank_layers_command_with_an_xy_dataloader(tmp_path, capsys):
     )
     assert code == 0 and out_json.exists()
     assert "layers ranked" in capsys.readouterr().out
+
+
+def test_budget_table_in_bytes_names_the_unit_of_every_column(capsys):
+    from pathlib import Path
+
+    spec = f"{Path(__file__).resolve().parent / 'tiny_models.py'}:tiny_cnn"
+    assert main(["budget", "--model", spec, "--input-shape", "3,16,16", "--unit", "bytes", "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    units = lines[1].split()
+    assert units == ["(values)", "(values)", "(bytes)", "(bytes)"], lines[:2]
+    assert any(line.startswith("weights + activations (bytes)") for line in lines)
