@@ -97,3 +97,16 @@ def test_budget_table_in_bytes_names_the_unit_of_every_column(capsys):
     units = lines[1].split()
     assert units == ["(values)", "(values)", "(bytes)", "(bytes)"], lines[:2]
     assert any(line.startswith("weights + activations (bytes)") for line in lines)
+
+
+def test_a_saved_adapters_card_says_import_trady_peft_is_needed(tmp_path):
+    from peft import get_peft_model
+
+    from tests.tiny_models import tiny_gpt2
+
+    model = get_peft_model(tiny_gpt2(), trady_peft.TraDyConfig(channels_per_layer=4))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again replaces the section, never repeats it
+    card = (tmp_path / "README.md").read_text()
+    assert "import trady_peft" in card and card.count("## TraDy adapter") == 1
+    assert "library_name: peft" in card.split("---")[1] and "- trady" in card.split("---")[1]

@@ -9,6 +9,7 @@ from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
+from .hub import install_card_hook as _install_card_hook
 from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
 from .layer import TraDyLayer
@@ -18,6 +19,7 @@ from .model import TraDyModel
 __version__ = "0.1.0"
 
 _register()
+_install_card_hook()
 
 __all__ = [
     "Accounting",

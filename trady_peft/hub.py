@@ -2,8 +2,12 @@
 
 ``model.push_to_hub`` on a ``PeftModel`` comes from transformers' ``PushToHubMixin`` and replaces
 the card peft writes with a generic transformers template (``library_name: transformers``).
-:func:`push_to_hub` keeps peft's card (``library_name: peft``, ``base_model``) and adds what a
+`push_to_hub` keeps peft's card (``library_name: peft``, ``base_model``) and adds what a
 TraDy adapter's user needs: the configuration, the selection and, if given, measured memory.
+
+``save_pretrained`` writes the same TraDy section into the card it saves (`install_card_hook`,
+done by ``import trady_peft``), so a saved adapter's README says that ``import trady_peft`` is
+needed to load it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import nn
 
 from .callback import find_tuner
 from .memory import TrainingStepMemory
+
+SECTION_HEADING = "## TraDy adapter"
 
 
 def model_card_section(
@@ -41,13 +47,22 @@ def model_card_section(
         )
     }
     lines = [
-        "## TraDy adapter",
+        SECTION_HEADING,
         "",
         "Trained with [trady-peft](https://pypi.org/project/trady-peft/): TraDy (Quélennec et al., ICLR 2026, "
         "arXiv 2510.19675) updates a few input channels of the network's layers, redrawn every period, under a "
         "memory budget. This adapter stores only the indices and deltas of the channels it updated.",
         "",
-        "Load it with `import trady_peft` before `PeftModel.from_pretrained(base_model, repo_id)`.",
+        "**Loading needs `import trady_peft`** (it registers the method with peft) before "
+        "`PeftModel.from_pretrained(base_model, repo_id)`; without it peft fails with `KeyError: 'TRADY'`. "
+        "Install it with `pip install trady-peft`.",
+        "",
+        "```python",
+        "import trady_peft  # noqa: F401  (registers TraDy with peft)",
+        "from peft import PeftModel",
+        "",
+        "model = PeftModel.from_pretrained(base_model, repo_id)",
+        "```",
         "",
         f"- periods trained: {summary['period'] + 1}",
         f"- channels updated: {summary['touched_channels']:,} of {summary['total_channels']:,} input channels "
@@ -117,7 +132,53 @@ def push_to_hub(
             card.data.base_model = base_model
             tags.append(f"base_model:adapter:{base_model}")
         card.data.tags = [*tags, "trady", "peft"]
-        card.text = card.text + "\n" + model_card_section(model, adapter_names[0], memory)
+        card.text = with_section(card.text, model_card_section(model, adapter_names[0], memory))
         card.save(readme)
         commit = api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message=commit_message, revision=revision)
     return str(getattr(commit, "commit_url", commit))
+
+
+def with_section(text: str, section: str) -> str:
+    """``text`` with its TraDy section (from `SECTION_HEADING` to the end) replaced by ``section``."""
+    at = text.find("\n" + SECTION_HEADING + "\n")
+    if at >= 0:
+        text = text[:at]
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def _trady_adapter(model: nn.Module) -> str | None:
+    configs = getattr(model, "peft_config", None) or {}
+    return next((name for name, c in configs.items() if getattr(c, "peft_type", None) == "TRADY"), None)
+
+
+# private peft API, checked against peft 0.21.2: `PeftModel.save_pretrained` writes its card by calling
+# `self.create_or_update_model_card(save_directory)` (once, on the main process); there is no hook for a
+# method to add to that card, so the TraDy section is added by wrapping that method.
+def install_card_hook() -> None:
+    """Make ``PeftModel.save_pretrained`` add the TraDy section to the card of a TraDy adapter."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_trady_card_hook", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        adapter = _trady_adapter(self)
+        readme = Path(output_dir) / "README.md"
+        if adapter is None or not readme.exists():
+            return
+        try:
+            section = model_card_section(self, adapter)
+        except Exception:  # a card without the selection summary still tells how to load
+            section = f"{SECTION_HEADING}\n\nLoading needs `import trady_peft` (it registers TraDy with peft).\n"
+        card = ModelCard.load(readme)
+        tags = [t for t in (card.data.tags or []) if t != "trady"]
+        card.data.tags = [*tags, "trady"]
+        card.text = with_section(card.text, section)
+        card.save(readme)
+
+    create_or_update_model_card._trady_card_hook = True
+    create_or_update_model_card.__wrapped__ = original
+    PeftModel.create_or_update_model_card = create_or_update_model_card
