@@ -110,3 +110,37 @@ def test_a_saved_adapters_card_says_import_trady_peft_is_needed(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "import trady_peft" in card and card.count("## TraDy adapter") == 1
     assert "library_name: peft" in card.split("---")[1] and "- trady" in card.split("---")[1]
+
+
+def test_memory_command_titles_with_the_model_name_and_budget_and_explains_odd_figures(tmp_path, capsys):
+    from pathlib import Path
+
+    spec = f"{Path(__file__).resolve().parent / 'tiny_models.py'}:tiny_cnn"
+    argv = ["memory", "--model", spec, "--input-shape", "3,16,16", "--batch-size", "4", "--budget", "300"]
+    assert main([*argv, "--strategy", "d-full-random", "--modules-to-save", "classifier"]) == 0
+    out = capsys.readouterr().out
+    title = out.splitlines()[0]
+    assert title.startswith("tiny_cnn: ") and "budget 300 units" in title and str(Path(spec).parent) not in title
+    assert "LoRA's weights exceed full fine-tuning's" in out and "modules_to_save" in out
+
+
+def test_the_readme_memory_block_is_the_output_of_its_own_command():
+    import json
+    import re
+    import shlex
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import memory_report
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    results = json.loads((root / "docs" / "memory" / "results.json").read_text())
+    for doc in (root / "README.md", root / "docs" / "memory.md"):
+        block = doc.read_text().split(memory_report.BEGIN)[1].split(memory_report.END)[0]
+        command = re.search(r"```bash\ntrady-peft (.*?)\n```", block, re.S).group(1).replace("\\\n", " ")
+        assert shlex.split(command) == memory_report.MBV2_COMMAND
+        assert results["mbv2"]["printed"].rstrip() in block
+        assert "mobilenet_v2_w035_10: " in block and "budget 27,946 units" in block
