@@ -112,7 +112,7 @@ class LayerCost:
 
 @dataclass
 class Accounting:
-    """Result of :func:`memory_accounting`: per-layer rows and totals over the target layers."""
+    """Result of `memory_accounting`: per-layer rows and totals over the target layers."""
 
     rows: list[LayerCost]
     unit: str
@@ -243,7 +243,7 @@ def memory_accounting(
             (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD as in the paper).
 
     Returns:
-        An :class:`Accounting` with ``rows``, ``total_weights``, ``total_activations`` and ``table()``.
+        An `Accounting` with ``rows``, ``total_weights``, ``total_activations`` and ``table()``.
 
     Example:
         ```python

@@ -120,7 +120,7 @@ def describe_budget(budget: int | str | None, channels_per_layer: float) -> str:
 
 
 def memory_report(args):
-    """The :class:`~trady_peft.report.MemoryReport` of ``trady-peft memory`` (parsed ``args``)."""
+    """The `MemoryReport` of ``trady-peft memory`` (parsed ``args``)."""
     from .config import TraDyConfig
     from .report import compare_memory
 

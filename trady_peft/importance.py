@@ -2,10 +2,10 @@
 
 TraDy's first observation (Prop. 3.1) is that the ranking of layers by cumulative reweighted
 gradient norm (RGN) depends on the architecture, not on the downstream task. So it can be
-measured once, on any task, and shipped: :func:`rank_layers` measures it; the package ships
+measured once, on any task, and shipped: `rank_layers` measures it; the package ships
 entries for the families whose real pretrained weights are available offline
 (``trady_peft/tables/*.json``, produced by ``benchmarks/build_importance_tables.py``); a
-:class:`TraDyConfig` with a top-K strategy and no ``layer_ranking`` uses the entry of its model's
+`TraDyConfig` with a top-K strategy and no ``layer_ranking`` uses the entry of its model's
 family automatically.
 
 Scores, accumulated over the fine-tuning steps (TraDy Eq. 7-8, MeDyate Eq. 9):
@@ -165,7 +165,7 @@ def rank_layers(
             (default: cross-entropy on the output, or on its ``logits``).
 
     Returns:
-        An :class:`ImportanceEntry` whose ``scores`` map layer names (relative to the family's
+        An `ImportanceEntry` whose ``scores`` map layer names (relative to the family's
         backbone) to their cumulative score.
     """
     if metric not in METRICS:

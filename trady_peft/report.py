@@ -1,6 +1,6 @@
 """Side-by-side memory of one training step: TraDy, peft LoRA on the same layers, full fine-tuning.
 
-Every figure is measured by :func:`~trady_peft.memory.measure_training_step` on a fresh copy of
+Every figure is measured by `measure_training_step` on a fresh copy of
 the model; nothing is estimated. Used by ``trady-peft memory`` and the benchmarks.
 """
 
@@ -55,7 +55,7 @@ class MethodMemory:
 
 @dataclass
 class MemoryReport:
-    """Measured memory of one training step per method (see :func:`compare_memory`)."""
+    """Measured memory of one training step per method (see `compare_memory`)."""
 
     rows: list[MethodMemory]
     description: str = ""
