@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def example_module(name: str):
-    """A module of examples/ (quickstart, offline_assets), imported whatever ``sys.path`` holds now."""
+    """A module of examples/ (offline_assets), imported whatever ``sys.path`` holds now."""
     folder = str(ROOT / "examples")
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -40,10 +40,8 @@ def example_module(name: str):
 
 
 def efficientnet(steps: int, out: Path) -> dict:
-    quickstart = example_module("quickstart")
-    Classifier, FashionMNIST = quickstart.Classifier, quickstart.FashionMNIST
-
-    data = FashionMNIST("train", 4000, 64, seed=0)
+    assets = example_module("offline_assets")
+    data = assets.fashion_mnist("train", 4000, 64, seed=0)
 
     def loader(half, seed):
         part = Subset(data, range(2000 * half, 2000 * (half + 1)))
@@ -56,7 +54,7 @@ def efficientnet(steps: int, out: Path) -> dict:
             "64x64, batch 32",
         }
 
-    entries = _two_halves(Classifier, loader, "EfficientNet", steps, 1e-3, provenance, exclude=("_fc",))
+    entries = _two_halves(assets.Classifier, loader, "EfficientNet", steps, 1e-3, provenance, exclude=("_fc",))
     return _finish(entries, out)
 
 

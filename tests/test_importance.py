@@ -91,7 +91,7 @@ needs_efficientnet = pytest.mark.skipif(
 def test_budget_config_without_targets_uses_the_efficientnet_table():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        from quickstart import Classifier
+        from offline_assets import Classifier
     finally:
         sys.path.pop(0)
     entry = builtin_entry("EfficientNet")

@@ -168,3 +168,31 @@ def test_docstrings_use_markdown_not_sphinx_roles():
     role = re.compile(r":(class|func|meth|attr|mod|data|obj|exc):`")
     offenders = [p.name for p in package.glob("*.py") if p.name not in pending and role.search(p.read_text())]
     assert not offenders
+
+
+def test_example_progress_bars_name_the_method(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    import offline_assets
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            logits = self.linear(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True,
+        eval_strategy="steps", eval_steps=2, disable_tqdm=False, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=data, eval_dataset=data)
+    offline_assets.with_method_label(trainer, "head only").train()
+    err = capsys.readouterr().err
+    assert "training: head only" in err and "evaluating: head only" in err
