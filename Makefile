@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data quickstart test test-slow docs lint format clean
+.PHONY: setup data quickstart test test-slow docs memory-report lint format clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ docs: setup
 
 test-slow: setup data
 	$(BIN)/python -m pytest -m slow
+
+# The README's memory command, its output, table and chart (docs/memory/), regenerated in place.
+memory-report: setup
+	$(BIN)/python benchmarks/memory_report.py
 
 lint: setup
 	$(BIN)/ruff check .

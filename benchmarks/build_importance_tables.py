@@ -18,6 +18,7 @@ Run: ``python benchmarks/build_importance_tables.py`` (a few minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import sys
 from pathlib import Path
@@ -25,16 +26,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from trady_peft.importance import TABLES, rank_layers, spearman, top_k_for
 
-from trady_peft.importance import TABLES, rank_layers, spearman, top_k_for  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def example_module(name: str):
+    """A module of examples/ (offline_assets), imported whatever ``sys.path`` holds now."""
+    folder = str(ROOT / "examples")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def efficientnet(steps: int, out: Path) -> dict:
-    from quickstart import Classifier, FashionMNIST
-
-    data = FashionMNIST("train", 4000, 64, seed=0)
+    assets = example_module("offline_assets")
+    data = assets.fashion_mnist("train", 4000, 64, seed=0)
 
     def loader(half, seed):
         part = Subset(data, range(2000 * half, 2000 * (half + 1)))
@@ -47,7 +54,7 @@ def efficientnet(steps: int, out: Path) -> dict:
             "64x64, batch 32",
         }
 
-    entries = _two_halves(Classifier, loader, "EfficientNet", steps, 1e-3, provenance, exclude=("_fc",))
+    entries = _two_halves(assets.Classifier, loader, "EfficientNet", steps, 1e-3, provenance, exclude=("_fc",))
     return _finish(entries, out)
 
 
@@ -85,7 +92,12 @@ def _finish(entries, out: Path) -> dict:
 
 
 def bert(steps: int, out: Path) -> dict:
-    from offline_assets import MiniLMClassifier, minilm_tokenizer, rotten_tomatoes
+    assets = example_module("offline_assets")
+    MiniLMClassifier, minilm_tokenizer, rotten_tomatoes = (
+        assets.MiniLMClassifier,
+        assets.minilm_tokenizer,
+        assets.rotten_tomatoes,
+    )
 
     tok = minilm_tokenizer()
     pairs = rotten_tomatoes(4000, seed=0)
@@ -112,7 +124,8 @@ def bert(steps: int, out: Path) -> dict:
 
 
 def llama(steps: int, out: Path) -> dict:
-    from offline_assets import hamlet, smollm2
+    assets = example_module("offline_assets")
+    hamlet, smollm2 = assets.hamlet, assets.smollm2
 
     _, tok = smollm2()
     ids = tok(hamlet(), return_tensors="pt").input_ids[0]

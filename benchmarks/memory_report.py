@@ -1,31 +1,61 @@
 """Measured memory of one training step: TraDy vs peft LoRA vs full fine-tuning.
 
-Writes ``docs/memory/<case>.png`` and ``docs/memory/results.json`` and prints the tables. Cases:
+Writes ``docs/memory/<case>.png`` and ``docs/memory/results.json``, prints the tables, and rewrites
+the generated blocks of README.md and docs/memory.md (between ``<!-- memory_report.py -->`` and
+``<!-- /memory_report.py -->``) from what it measured. Cases:
 
-* ``mbv2``: MobileNetV2-w0.35, 128x128, batch 32, the paper's smallest budget (27,946 units),
-  with the analytic floor of the TraDy selection (its channels' inputs + 1 bit per ReLU6 element);
+* ``mbv2``: exactly the README's ``trady-peft memory`` command (:data:`MBV2_COMMAND`: MobileNetV2-w0.35
+  with a 10-class head, 128x128, batch 32, the paper's smallest budget, 27,946 units), run through the
+  CLI, with the analytic floor of the TraDy selection (its channels' inputs + 1 bit per ReLU6 element);
 * ``bert``: a BERT-style encoder (4 layers, hidden 256), sequence 128, batch 8;
 * ``llama``: a Llama-style decoder (4 layers, hidden 256), sequence 128, batch 8.
 
-Run: ``python benchmarks/memory_report.py`` (about a minute on 2 CPU cores).
+Run: ``python benchmarks/memory_report.py`` (about a minute on 2 CPU cores; ``make memory-report``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_models import bert_like, llama_like, mobilenet_v2_w035  # noqa: E402
+from paper_models import bert_like, llama_like  # noqa: E402
 
 import trady_peft  # noqa: E402
+from trady_peft import cli  # noqa: E402
 from trady_peft.report import analytic_floor, compare_memory  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "memory"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "memory"
+# The README's command, word for word (run from the repository root). MobileNetV2-w0.35 has no
+# importance table (no checkpoint offline), so the strategy is passed: the draw `trady` falls back to.
+MBV2_COMMAND = [
+    "memory",
+    "--model",
+    "benchmarks/paper_models.py:mobilenet_v2_w035_10",
+    "--input-shape",
+    "3,128,128",
+    "--batch-size",
+    "32",
+    "--budget",
+    "27946",
+    "--strategy",
+    "d-full-random",
+    "--modules-to-save",
+    "classifier",
+    "--png",
+    "docs/memory/mbv2.png",
+]
+BEGIN, END = "<!-- memory_report.py -->", "<!-- /memory_report.py -->"
 
 
 def text_batch(batch: int, seq: int, causal: bool) -> dict:
@@ -33,23 +63,23 @@ def text_batch(batch: int, seq: int, causal: bool) -> dict:
     return {"input_ids": ids, "labels": ids if causal else torch.zeros(batch, dtype=torch.long)}
 
 
-def run_mbv2() -> dict:
-    torch.manual_seed(0)
-    x = torch.randn(32, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    config = trady_peft.TraDyConfig(memory_budget=27_946, modules_to_save=["classifier"])
-    report = compare_memory(
-        lambda: mobilenet_v2_w035(num_classes=10),
-        x,
-        config,
-        description="MobileNetV2-w0.35, 128x128, batch 32, budget 27,946 units (paper's smallest), AdamW",
-    )
+def run_mbv2(out: Path) -> dict:
+    """Run :data:`MBV2_COMMAND` through the CLI (from the repository root) and keep what it printed."""
+    args = cli.build_parser().parse_args(MBV2_COMMAND)
+    args.png = os.path.relpath(out / "mbv2.png", ROOT)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        report = cli.memory_report(args)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print(report.table())
+            print(f"bar chart: {report.plot(args.png)}")
+    finally:
+        os.chdir(cwd)
+    x = cli.example_inputs(report.trady_model, args.input_shape, args.batch_size)
     floor = analytic_floor(report.trady_model, x)
-    trady = report.row("TraDy").memory.saved_activations
-    report.extra["analytic floor of the selection"] = (
-        f"{floor['total']:,} B = {floor['selected_activations']:,} B selected inputs + {floor['relu_masks']:,} B "
-        f"ReLU6 masks; measured / floor = {trady / floor['total']:.3f}"
-    )
-    return {"report": report, "floor": floor}
+    return {"report": report, "floor": floor, "printed": printed.getvalue(), "plotted": True}
 
 
 def run_text(name: str) -> dict:
@@ -74,19 +104,103 @@ def run_text(name: str) -> dict:
     return {"report": report, "fixed_share": fixed / total}
 
 
+def kib(n: int) -> str:
+    return f"{n / 1024:,.0f} KiB"
+
+
+def markdown(results: dict, reports: dict) -> str:
+    """The generated block of README.md and docs/memory.md."""
+    lines = ["```bash", "trady-peft " + " \\\n    ".join(_command_lines()), "```", ""]
+    mbv2 = reports.get("mbv2")
+    if mbv2 is not None:
+        lines += [
+            "prints (AdamW, 2-core CPU; `python benchmarks/memory_report.py` reruns it and regenerates this block "
+            "and the chart):",
+            "",
+            "```",
+            results["mbv2"]["printed"].rstrip(),
+            "```",
+            "",
+        ]
+    lines += ["| one training step | TraDy | LoRA r=8 | full FT |", "|---|---:|---:|---:|"]
+    titles = {
+        "mbv2": "**MobileNetV2-w0.35**, 128×128, batch 32, budget 27,946 units",
+        "bert": "**BERT-style encoder** (4×256), seq 128, batch 8, budget 200,000 units",
+        "llama": "**Llama-style decoder** (4×256), seq 128, batch 8, budget 200,000 units",
+    }
+    for case, report in reports.items():
+        cells = [kib(report.row(m).memory.saved_activations) for m in ("TraDy", "LoRA", "full fine-tuning")]
+        lines.append(f"| {titles[case]}: saved activations | **{cells[0]}** | {cells[1]} | {cells[2]} |")
+        if case == "mbv2":
+            state = [
+                kib(r.memory.trainable_parameters + r.memory.gradients + r.memory.optimizer_state)
+                for r in (report.row(m) for m in ("TraDy", "LoRA", "full fine-tuning"))
+            ]
+            lines.append(f"| trainable + gradients + AdamW state | {state[0]} | {state[1]} | {state[2]} |")
+    lines.append("")
+    if mbv2 is not None:
+        floor = results["mbv2"]["floor"]
+        trady = mbv2.row("TraDy").memory.saved_activations
+        full = mbv2.row("full fine-tuning").memory.saved_activations
+        selected = mbv2.trady_model.base_model.selection_summary()["selected_channels"]
+        lines += [
+            f"On MobileNetV2, TraDy keeps {trady / full:.1%} of full fine-tuning's activations, "
+            f"{trady / floor['total'] - 1:.1%} above the analytic floor of its selection ({floor['total']:,} B: "
+            f"the {selected} selected channels' inputs, {floor['selected_activations']:,} B, plus one bit per "
+            f"ReLU6 element above the lowest selected layer, {floor['relu_masks']:,} B).",
+            "Figures that look wrong at first sight, each explained by the command itself:",
+            "",
+            *[f"* {sentence}" for sentence in mbv2.explanations()],
+            "",
+        ]
+    shares = [
+        f"{results[c]['fixed_share']:.0%} ({n})" for c, n in (("bert", "BERT"), ("llama", "Llama")) if c in results
+    ]
+    if shares:
+        lines.append(
+            f"On the transformers, {' and '.join(shares)} of what TraDy still keeps is the attention, normalization "
+            "and GELU/SiLU path that gradients must cross whatever channels are chosen; channel selection removes "
+            "the rest."
+        )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _command_lines() -> list[str]:
+    words = [shlex.quote(w) for w in MBV2_COMMAND]
+    pairs, line = [], []
+    for w in words:
+        if w.startswith("--") and len(" ".join(line)) > 60:
+            pairs.append(" ".join(line))
+            line = []
+        line.append(w)
+    return [*pairs, " ".join(line)]
+
+
+def update_docs(block: str, files=(ROOT / "README.md", ROOT / "docs" / "memory.md")) -> None:
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    generated = f"{BEGIN}\n{block}{END}"
+    for path in files:
+        text = path.read_text()
+        if not pattern.search(text):
+            raise SystemExit(f"{path}: no {BEGIN} ... {END} block to regenerate")
+        path.write_text(pattern.sub(lambda _: generated, text))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="mbv2,bert,llama")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite README.md and docs/memory.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, reports = {}, {}
     for case in args.cases.split(","):
-        result = run_mbv2() if case == "mbv2" else run_text(case)
-        report = result["report"]
-        print(report.table(), "\n")
-        report.plot(str(out / f"{case}.png"))
+        result = run_mbv2(out) if case == "mbv2" else run_text(case)
+        report = reports[case] = result["report"]
+        print(result.get("printed") or report.table(), "\n")
+        if not result.get("plotted"):
+            report.plot(str(out / f"{case}.png"))
         results[case] = {
             "rows": {
                 r.method: {
@@ -94,14 +208,18 @@ def main(argv=None):
                     "trainable_parameters": r.memory.trainable_parameters,
                     "gradients": r.memory.gradients,
                     "optimizer_state": r.memory.optimizer_state,
+                    "weights": r.weights,
                     "saved_by_group": r.saved_by_group,
                 }
                 for r in report.rows
             },
-            **{k: v for k, v in result.items() if k != "report"},
+            **{k: v for k, v in result.items() if k not in ("report", "plotted")},
         }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out}/results.json and one PNG per case")
+    if not args.no_docs and set(reports) == {"mbv2", "bert", "llama"}:
+        update_docs(markdown(results, reports))
+        print("regenerated the memory blocks of README.md and docs/memory.md")
     return results
 
 

@@ -83,6 +83,11 @@ def mobilenet_v2_w035(num_classes: int = 1000) -> MobileNetV2:
     return MobileNetV2(width=0.35, num_classes=num_classes)
 
 
+def mobilenet_v2_w035_10() -> MobileNetV2:
+    """MobileNetV2-w0.35 with a 10-class head (a downstream task): the README's memory report model."""
+    return mobilenet_v2_w035(num_classes=10)
+
+
 class MCUNet(nn.Module):
     """An MCUNet / ProxylessNAS-style net: stem conv, inverted residual blocks with per-block
     expansion and kernel size, global pooling, classifier (no final 1x1 mixing conv)."""

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from accelerate import Accelerator
-from peft import get_peft_model
-from quickstart import Classifier, FashionMNIST, accuracy
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-import trady_peft
+# torch, accelerate and the data are imported in main(), after the arguments: `--help` is instant.
 
 
 def main(argv=None) -> dict:
@@ -31,21 +24,35 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
 
+    import evaluate
+    import torch
+    from accelerate import Accelerator
+    from offline_assets import ACCURACY, Classifier, fashion_mnist, say
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    import trady_peft
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
     config = trady_peft.TraDyConfig(memory_budget=args.budget, modules_to_save=["_fc"])
+    say("loading EfficientNet-Lite0 and Fashion-MNIST")
     model = get_peft_model(Classifier(), config)
-    train = FashionMNIST("train", args.train_size, args.image_size)
-    test = FashionMNIST("test", args.test_size, args.image_size, seed=1)
+    train = fashion_mnist("train", args.train_size, args.image_size)
+    test = fashion_mnist("test", args.test_size, args.image_size, seed=1)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    test_loader = DataLoader(test, batch_size=128)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, test_loader)
 
     for epoch in range(args.epochs):
         if epoch:
             trady_peft.next_period(model, optimizer)  # fold, redraw, reset re-targeted moments
         model.train()
-        for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process):
+        for batch in tqdm(
+            loader, desc=f"TraDy ({args.budget}), epoch {epoch}", disable=not accelerator.is_main_process
+        ):
             loss = model(**batch)["loss"]  # the very first call probes sizes and draws channels
             accelerator.backward(loss)
             optimizer.step()
@@ -55,7 +62,14 @@ def main(argv=None) -> dict:
             f"epoch {epoch}: loss {loss.item():.3f}, {summary['selected_channels']} channels, "
             f"{summary['selected_cost']:,} of {summary['budget']:,} bytes of budget used"
         )
-    result = {"accuracy": accuracy(accelerator.unwrap_model(model), test), "summary": summary}
+    metric = evaluate.load(str(ACCURACY))  # offline: a local metric module
+    model.eval()
+    for batch in tqdm(test_loader, desc="evaluating: TraDy", disable=not accelerator.is_main_process):
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"])["logits"]
+        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        metric.add_batch(predictions=predictions, references=labels)
+    result = {"accuracy": metric.compute()["accuracy"], "summary": summary}
     accelerator.print(f"test accuracy: {result['accuracy']:.3f}")
     return result
 

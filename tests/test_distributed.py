@@ -20,6 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("strategy", ["trady", "medyate"])
 def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path):
     port = free_port()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,12 +18,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def examples_on_path(monkeypatch):
+    # The examples import offline_assets when they run (after parsing their arguments), as
+    # `python examples/<name>.py` allows: keep examples/ on the path while they run.
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+
+
 def example(name: str):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
+    return importlib.import_module(name)
 
 
 def test_text_classification(tmp_path):
@@ -69,3 +74,29 @@ def test_load_adapter_and_merge(tmp_path):
     result = example("load_adapter").main(["--adapter", str(tmp_path / "adapter")])
     torch.testing.assert_close(result["merged"], result["adapted"], rtol=1e-4, atol=1e-5)
     assert not any(type(m).__name__ == "TraDyLayer" for m in result["merged_model"].modules())
+
+
+@pytest.mark.parametrize("name", ["quickstart", "text_classification", "causal_lm", "accelerate_loop", "load_adapter"])
+def test_help_is_fast_and_imports_no_torch(name):
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
+        f"import {name}\n"
+        "try:\n"
+        f"    {name}.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported before parsing the arguments'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_examples_train_with_datasets_evaluate_and_labelled_progress():
+    for name in ("quickstart", "text_classification", "causal_lm"):
+        source = (ROOT / "examples" / f"{name}.py").read_text()
+        assert "eval_dataset=" in source and "eval_strategy=" in source and "with_method_label" in source
+        assert "datasets" in source
+    assets = (ROOT / "examples" / "offline_assets.py").read_text()
+    assert "evaluate.load(str(ACCURACY))" in assets

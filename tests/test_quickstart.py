@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def examples_on_path(monkeypatch):
+    # The examples import offline_assets when they run (after parsing their arguments), as
+    # `python examples/<name>.py` allows: keep examples/ on the path while they run.
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+
+
 def test_quickstart_runs_end_to_end_with_tiny_settings(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
+    import quickstart
+
     rows = quickstart.main(
         [
             "--train-size",
@@ -50,11 +53,8 @@ def test_quickstart_runs_end_to_end_with_tiny_settings(tmp_path):
 
 
 def test_accelerate_loop_example_trains_under_a_byte_budget():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import accelerate_loop
-    finally:
-        sys.path.pop(0)
+    import accelerate_loop
+
     result = accelerate_loop.main(
         ["--train-size", "64", "--test-size", "64", "--epochs", "2", "--image-size", "32", "--budget", "1MiB"]
     )

@@ -68,7 +68,7 @@ def test_weighted_draw_follows_the_weights():
     weights = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 4.0, 8.0, 8.0])]
     w = torch.cat(weights)
     counts = torch.zeros(8)
-    runs = 6000
+    runs = 2000
     for seed in range(runs):
         chosen = draw_weighted_under_budget(layers, weights, budget=10, seed=seed, period=0)  # one channel fits
         for name, channels in chosen.items():

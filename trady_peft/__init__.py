@@ -19,7 +19,7 @@ from .model import TraDyModel, find_tuner
 __version__ = "0.1.0"
 
 _register()
-_compat.install()  # atomic adapter saves, load errors naming the file (trady_peft/compat.py)
+_compat.install()  # atomic saves, load errors naming the file, the adapter card (trady_peft/compat.py)
 
 __all__ = [
     "Accounting",

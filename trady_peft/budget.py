@@ -212,7 +212,7 @@ def draw_limits(budget: Budget, capacity: int, optimizer_state_bytes: int) -> tu
 
 @dataclass
 class Accounting:
-    """Result of :func:`memory_accounting`: per-layer rows and totals over the target layers."""
+    """Result of `memory_accounting`: per-layer rows and totals over the target layers."""
 
     rows: list[LayerCost]
     unit: str
@@ -239,10 +239,13 @@ class Accounting:
         return self.total_weights + self.total_activations
 
     def table(self) -> str:
-        """A plain-text table, one row per layer, totals at the bottom."""
+        """A plain-text table, one row per layer, totals at the bottom. Every column names its unit:
+        the per-channel columns are always values per sample (the paper's units); the layer columns
+        and totals are in ``unit`` (bytes: with gradients, optimizer state and the batch)."""
         unit = self.unit
         head = f"{'layer':<48}{'in ch':>7}{'weights/ch':>12}{'acts/ch':>10}{'weights':>14}{'activations':>14}"
-        lines = [head, "-" * len(head)]
+        units = f"{'':<48}{'':>7}{'(values)':>12}{'(values)':>10}{'(' + unit + ')':>14}{'(' + unit + ')':>14}"
+        lines = [head, units, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.name[-48:]:<48}{r.input_channels:>7}{r.weights:>12,}{r.activations:>10,}"
@@ -250,7 +253,13 @@ class Accounting:
             )
         lines.append("-" * len(head))
         lines.append(f"{'total (' + unit + ')':<77}{self.total_weights:>14,}{self.total_activations:>14,}")
-        lines.append(f"{'weights + activations':<77}{self.total:>28,}")
+        lines.append(f"{'weights + activations (' + unit + ')':<77}{self.total:>28,}")
+        if unit == "bytes":
+            lines.append(
+                f"bytes: a weight value costs {PARAM_AND_GRAD_BYTES + self.optimizer_state_bytes} B (fp32 parameter, "
+                f"gradient, {self.optimizer_state_bytes} B optimizer state), an activation value its dtype's size "
+                "for every sample of the batch; per-channel columns stay in values per sample."
+            )
         return "\n".join(lines)
 
 
@@ -334,7 +343,7 @@ def memory_accounting(
             (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD as in the paper).
 
     Returns:
-        An :class:`Accounting` with ``rows``, ``total_weights``, ``total_activations`` and ``table()``.
+        An `Accounting` with ``rows``, ``total_weights``, ``total_activations`` and ``table()``.
 
     Example:
         ```python

@@ -104,7 +104,23 @@ def _budget(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def cmd_memory(args) -> int:
+def model_name(spec: str) -> str:
+    """A short name for ``--model``: the factory's name, or the last part of a Hugging Face id/path."""
+    if ":" in spec and not Path(spec).exists():
+        return spec.rpartition(":")[2]
+    return Path(spec.rstrip("/")).name or spec
+
+
+def describe_budget(budget: int | str | None, channels_per_layer: float) -> str:
+    if budget is None:
+        return f"no budget, {channels_per_layer:g} of each layer's input channels"
+    if isinstance(budget, int):
+        return f"budget {budget:,} units (values per sample, the paper's)"
+    return f"budget {budget}"
+
+
+def memory_report(args):
+    """The `MemoryReport` of ``trady-peft memory`` (parsed ``args``)."""
     from .config import TraDyConfig
     from .report import compare_memory
 
@@ -121,10 +137,19 @@ def cmd_memory(args) -> int:
         )
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    desc = f"{args.model} | input {[args.batch_size, *args.input_shape]} | {args.optimizer} | one training step"
-    report = compare_memory(
+    shape = "x".join(str(d) for d in args.input_shape)
+    desc = (
+        f"{model_name(args.model)}: input {shape}, batch {args.batch_size}, "
+        f"{describe_budget(args.budget, args.channels_per_layer)}, {args.strategy}, {args.optimizer}; "
+        "one training step, measured"
+    )
+    return compare_memory(
         lambda: load_model(args.model), inputs, config, lora_r=args.lora_r, optimizer=args.optimizer, description=desc
     )
+
+
+def cmd_memory(args) -> int:
+    report = memory_report(args)
     print(report.table())
     if args.png:
         print(f"bar chart: {report.plot(args.png)}")
@@ -192,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--batch-size", type=int, default=8)
     memory.add_argument("--budget", type=_budget, default=None, help="memory_budget: 27946 (paper units) or '2MiB'")
     memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
-    memory.add_argument("--strategy", default="trady")
+    memory.add_argument(
+        "--strategy",
+        default="trady",
+        help="TraDyConfig.strategy; a model with no importance table falls back from 'trady' to 'd-full-random' "
+        "with a warning, so pass d-full-random (or a layer ranking via rank-layers) for such a model",
+    )
     memory.add_argument("--modules-to-save", nargs="*", default=None, help="e.g. classifier (trained in full)")
     memory.add_argument("--target-modules", nargs="*", default=None, help="default: every supported layer")
     memory.add_argument("--lora-r", type=int, default=8)
@@ -208,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(97% of the total) and provenance as JSON, for TraDyConfig(layer_ranking=<file>).",
     )
     _add_model_arguments(rank, input_shape=False)
-    rank.add_argument("--data", required=True, help="file.py:factory returning a dataloader of batches with labels")
+    rank.add_argument(
+        "--data",
+        required=True,
+        help="file.py:factory returning a dataloader of dicts with labels (Hugging Face style) or of (inputs, labels) "
+        "pairs (any model called as model(inputs), cross-entropy loss)",
+    )
     rank.add_argument("--steps", type=int, default=50)
     rank.add_argument("--metric", choices=["rgn", "lara"], default="rgn")
     rank.add_argument("--lr", type=float, default=1e-3)

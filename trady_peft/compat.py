@@ -124,6 +124,12 @@ def install() -> None:
     if not getattr(cls.load_adapter, _MARK, False):
         cls.load_adapter = _load_adapter_naming_source(cls.load_adapter)
 
+    # peft 0.21.2: `PeftModel.save_pretrained` writes its card by calling
+    # `self.create_or_update_model_card(save_directory)` (once, on the main process); there is no
+    # hook for a method to add to that card, so the TraDy section is added after it.
+    if not getattr(cls.create_or_update_model_card, _MARK, False):
+        cls.create_or_update_model_card = _with_trady_card_section(cls.create_or_update_model_card)
+
     # transformers 5.24, transformers/trainer.py: `DEFAULT_CALLBACKS = [DefaultFlowCallback]` is read
     # by every Trainer.__init__; a class appended there runs in every Trainer (here: a watchdog that
     # warns when a dynamic strategy trains for epochs without TraDyCallback).
@@ -133,6 +139,18 @@ def install() -> None:
 
     if PeriodWatchdog not in transformers.trainer.DEFAULT_CALLBACKS:
         transformers.trainer.DEFAULT_CALLBACKS.append(PeriodWatchdog)
+
+
+def _with_trady_card_section(original):
+    @functools.wraps(original)
+    def create_or_update_model_card(self, output_dir: str):
+        from .hub import add_card_section
+
+        original(self, output_dir)
+        add_card_section(self, output_dir)
+
+    setattr(create_or_update_model_card, _MARK, True)
+    return create_or_update_model_card
 
 
 # ------------------------------------------------------------------------- periods and Trainer

@@ -213,7 +213,7 @@ def apply_memory_saving(model: nn.Module) -> list[str]:
 
 
 def restore(model: nn.Module) -> int:
-    """Undo :func:`apply_memory_saving`. Returns the number of modules restored."""
+    """Undo `apply_memory_saving`. Returns the number of modules restored."""
     count = 0
     for module in model.modules():
         original = ORIGINALS.get(type(module))

@@ -2,8 +2,12 @@
 
 ``model.push_to_hub`` on a ``PeftModel`` comes from transformers' ``PushToHubMixin`` and replaces
 the card peft writes with a generic transformers template (``library_name: transformers``).
-:func:`push_to_hub` keeps peft's card (``library_name: peft``, ``base_model``) and adds what a
+`push_to_hub` keeps peft's card (``library_name: peft``, ``base_model``) and adds what a
 TraDy adapter's user needs: the configuration, the selection and, if given, measured memory.
+
+``save_pretrained`` writes the same TraDy section into the card it saves (`add_card_section`,
+done by ``import trady_peft``), so a saved adapter's README says that ``import trady_peft`` is
+needed to load it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import nn
 
 from .memory import TrainingStepMemory
 from .model import find_tuner
+
+SECTION_HEADING = "## TraDy adapter"
 
 
 def model_card_section(
@@ -41,13 +47,22 @@ def model_card_section(
         )
     }
     lines = [
-        "## TraDy adapter",
+        SECTION_HEADING,
         "",
         "Trained with [trady-peft](https://pypi.org/project/trady-peft/): TraDy (Quélennec et al., ICLR 2026, "
         "arXiv 2510.19675) updates a few input channels of the network's layers, redrawn every period, under a "
         "memory budget. This adapter stores only the indices and deltas of the channels it updated.",
         "",
-        "Load it with `import trady_peft` before `PeftModel.from_pretrained(base_model, repo_id)`.",
+        "**Loading needs `import trady_peft`** (it registers the method with peft) before "
+        "`PeftModel.from_pretrained(base_model, repo_id)`; without it peft fails with `KeyError: 'TRADY'`. "
+        "Install it with `pip install trady-peft`.",
+        "",
+        "```python",
+        "import trady_peft  # noqa: F401  (registers TraDy with peft)",
+        "from peft import PeftModel",
+        "",
+        "model = PeftModel.from_pretrained(base_model, repo_id)",
+        "```",
         "",
         f"- periods trained: {summary['period'] + 1}",
         f"- channels updated: {summary['touched_channels']:,} of {summary['total_channels']:,} input channels "
@@ -117,7 +132,43 @@ def push_to_hub(
             card.data.base_model = base_model
             tags.append(f"base_model:adapter:{base_model}")
         card.data.tags = [*tags, "trady", "peft"]
-        card.text = card.text + "\n" + model_card_section(model, adapter_names[0], memory)
+        card.text = with_section(card.text, model_card_section(model, adapter_names[0], memory))
         card.save(readme)
         commit = api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message=commit_message, revision=revision)
     return str(getattr(commit, "commit_url", commit))
+
+
+def with_section(text: str, section: str) -> str:
+    """``text`` with its TraDy section (from `SECTION_HEADING` to the end) replaced by ``section``."""
+    at = text.find("\n" + SECTION_HEADING + "\n")
+    if at >= 0:
+        text = text[:at]
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def _trady_adapter(model: nn.Module) -> str | None:
+    configs = getattr(model, "peft_config", None) or {}
+    return next((name for name, c in configs.items() if getattr(c, "peft_type", None) == "TRADY"), None)
+
+
+def add_card_section(peft_model, output_dir: str) -> None:
+    """Add the TraDy section (and the `trady` tag) to the card ``save_pretrained`` wrote in ``output_dir``.
+
+    Called after peft writes its card (see `trady_peft.compat.install`); does nothing for a model
+    without a TraDy adapter.
+    """
+    from huggingface_hub import ModelCard
+
+    adapter = _trady_adapter(peft_model)
+    readme = Path(output_dir) / "README.md"
+    if adapter is None or not readme.exists():
+        return
+    try:
+        section = model_card_section(peft_model, adapter)
+    except Exception:  # a card without the selection summary still tells how to load
+        section = f"{SECTION_HEADING}\n\nLoading needs `import trady_peft` (it registers TraDy with peft).\n"
+    card = ModelCard.load(readme)
+    tags = [t for t in (card.data.tags or []) if t != "trady"]
+    card.data.tags = [*tags, "trady"]
+    card.text = with_section(card.text, section)
+    card.save(readme)

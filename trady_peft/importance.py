@@ -2,10 +2,10 @@
 
 TraDy's first observation (Prop. 3.1) is that the ranking of layers by cumulative reweighted
 gradient norm (RGN) depends on the architecture, not on the downstream task. So it can be
-measured once, on any task, and shipped: :func:`rank_layers` measures it; the package ships
+measured once, on any task, and shipped: `rank_layers` measures it; the package ships
 entries for the families whose real pretrained weights are available offline
 (``trady_peft/tables/*.json``, produced by ``benchmarks/build_importance_tables.py``); a
-:class:`TraDyConfig` with a top-K strategy and no ``layer_ranking`` uses the entry of its model's
+`TraDyConfig` with a top-K strategy and no ``layer_ranking`` uses the entry of its model's
 family automatically.
 
 Scores, accumulated over the fine-tuning steps (TraDy Eq. 7-8, MeDyate Eq. 9):
@@ -23,7 +23,7 @@ import datetime
 import json
 import logging
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,13 +141,17 @@ def rank_layers(
     exclude_modules: Iterable[str] = (),
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> ImportanceEntry:
     """Fine-tune ``model`` (all weights, AdamW) for ``steps`` batches and rank its layers.
 
     Args:
         model: a plain pretrained model (not a PEFT model); it is trained in place.
-        dataloader: yields dicts of model inputs with labels (or tensors for a model that
-            returns a loss); cycled if shorter than ``steps``.
+        dataloader: yields one of: dicts of model inputs with labels (a Hugging Face model, or any
+            model returning a loss: ``model(**batch)``); ``(inputs, labels)`` pairs, as an ordinary
+            PyTorch ``DataLoader`` of a ``TensorDataset`` gives (``loss_fn(model(inputs), labels)``,
+            e.g. an ``nn.Sequential``); or tensors, for a model that returns a loss. Cycled if shorter
+            than ``steps``; an empty one is refused.
         steps: fine-tuning steps to accumulate scores over ("even a few epochs suffice").
         metric: ``"rgn"`` (TraDy) or ``"lara"`` (MeDyate).
         lr: learning rate of the fine-tuning.
@@ -157,9 +161,11 @@ def rank_layers(
             always left out.
         provenance: extra provenance (weights, data) recorded in the entry.
         progress: show a progress bar.
+        loss_fn: the loss of ``(inputs, labels)`` batches, called as ``loss_fn(output, labels)``
+            (default: cross-entropy on the output, or on its ``logits``).
 
     Returns:
-        An :class:`ImportanceEntry` whose ``scores`` map layer names (relative to the family's
+        An `ImportanceEntry` whose ``scores`` map layer names (relative to the family's
         backbone) to their cumulative score.
     """
     if metric not in METRICS:
@@ -187,14 +193,20 @@ def rank_layers(
     seen_batches = 0
     bar = tqdm(total=steps, desc=f"ranking layers ({metric})", disable=not progress)
     while seen_batches < steps:
+        seen_before = seen_batches
         for batch in dataloader:
+            inputs, labels = _split_batch(batch)
             if not costs:
-                shapes = probe_input_shapes(model, batch, layers)
+                shapes = probe_input_shapes(model, inputs, layers)
                 for n, m in layers:
                     if n in shapes:
                         costs[n] = layer_cost(n, ChannelGeometry.of(m), *shapes[n])
-            output = model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
-            required_loss(output, "rank_layers").backward()
+            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+            if labels is None:
+                loss = required_loss(output, "rank_layers")
+            else:
+                loss = (loss_fn or _cross_entropy)(output, labels)
+            loss.backward()
             with torch.no_grad():
                 for n, m in layers:
                     if m.weight.grad is None or n not in costs:
@@ -213,6 +225,9 @@ def rank_layers(
             bar.update(1)
             if seen_batches >= steps:
                 break
+        if seen_batches == seen_before:
+            bar.close()
+            raise ValueError("rank_layers got an empty dataloader: it yielded no batch, so no layer can be ranked.")
     bar.close()
     scores = {n: s for n, s in scores.items() if n in costs}
     import peft
@@ -234,6 +249,36 @@ def rank_layers(
     }
     info.update(provenance or {})
     return ImportanceEntry(family, metric, scores, top_k_for(scores), provenance=info)
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """(model inputs, labels or None) of one batch; a clear error for anything else."""
+    if isinstance(batch, Mapping) or isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        return batch[0], batch[1]
+    raise TypeError(
+        f"rank_layers cannot use a batch of type {type(batch).__name__}"
+        + (f" with {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+        + ". Accepted batches: a dict of keyword inputs with labels (model(**batch) returns a loss, as Hugging "
+        "Face models do); an (inputs, labels) pair, e.g. from a DataLoader over a TensorDataset, with any model "
+        "called as model(inputs) (an nn.Sequential) and loss_fn(output, labels) (default cross-entropy); or a "
+        "tensor, for a model that returns a loss."
+    )
+
+
+def _cross_entropy(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    logits = output
+    if not isinstance(output, torch.Tensor):
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)):
+            logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"rank_layers: the default loss (cross-entropy) needs the model to return logits, not "
+            f"{type(output).__name__}; pass loss_fn=... ."
+        )
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
 def _is_output_head(model: nn.Module, module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from torch import nn
 
 @dataclass
 class TrainingStepMemory:
-    """Bytes measured during one training step (see :func:`measure_training_step`).
+    """Bytes measured during one training step (see `measure_training_step`).
 
     Attributes:
         saved_activations: bytes of distinct non-parameter storages autograd kept for backward.
@@ -103,7 +103,7 @@ def measure_training_step(
         optimizer: optional; its state is created by the step and then measured.
 
     Returns:
-        A :class:`TrainingStepMemory` with integer byte counts.
+        A `TrainingStepMemory` with integer byte counts.
 
     Example:
         ```python

@@ -1,6 +1,6 @@
 """Side-by-side memory of one training step: TraDy, peft LoRA on the same layers, full fine-tuning.
 
-Every figure is measured by :func:`~trady_peft.memory.measure_training_step` on a fresh copy of
+Every figure is measured by `measure_training_step` on a fresh copy of
 the model; nothing is estimated. Used by ``trady-peft memory`` and the benchmarks.
 """
 
@@ -42,6 +42,7 @@ class MethodMemory:
     memory: TrainingStepMemory
     weights: int
     note: str = ""
+    extra_weights: dict[str, int] = field(default_factory=dict)  # parameters held besides the base model's
 
     @property
     def saved_by_group(self) -> dict[str, int]:
@@ -54,7 +55,7 @@ class MethodMemory:
 
 @dataclass
 class MemoryReport:
-    """Measured memory of one training step per method (see :func:`compare_memory`)."""
+    """Measured memory of one training step per method (see `compare_memory`)."""
 
     rows: list[MethodMemory]
     description: str = ""
@@ -87,11 +88,37 @@ class MemoryReport:
             lines.append(f"{r.method:<20}" + "".join(f"{kib(sb.get(g, 0)):>16}" for g in groups))
         notes = [f"{r.method}: {r.note}" for r in self.rows if r.note]
         notes += [f"full fine-tuning / TraDy saved activations: {self.saving_factor('full fine-tuning'):,.1f}x"]
+        notes += self.explanations()
         notes += [f"{k}: {v}" for k, v in self.extra.items()]
         if notes:
             lines.append("")
             lines += notes
         return "\n".join(lines)
+
+    def explanations(self) -> list[str]:
+        """One sentence for each figure that looks wrong at first sight: a method that holds more weights
+        than full fine-tuning, and LoRA keeping more activations than full fine-tuning."""
+        kib = lambda n: f"{n / 1024:,.0f} KiB"  # noqa: E731
+        methods = {r.method for r in self.rows}
+        if not {"LoRA", "full fine-tuning"} <= methods:
+            return []
+        full = self.row("full fine-tuning")
+        out = []
+        for r in self.rows:
+            if r is not full and r.weights > full.weights and r.extra_weights:
+                parts = " and ".join(f"{what} ({kib(n)})" for what, n in r.extra_weights.items() if n)
+                out.append(
+                    f"{r.method}'s weights exceed full fine-tuning's by {kib(r.weights - full.weights)}: {parts}."
+                )
+        lora = self.row("LoRA")
+        if lora.memory.saved_activations > full.memory.saved_activations:
+            out.append(
+                f"LoRA saves {kib(lora.memory.saved_activations - full.memory.saved_activations)} more activations "
+                "than full fine-tuning: each wrapped layer still keeps its input (PyTorch's frozen convolution "
+                "keeps it too, pytorch/pytorch#133566) and LoRA adds the output of its A factor, kept for B's "
+                "gradient."
+            )
+        return out
 
     def plot(self, path: str) -> str:
         """Save a bar chart (stacked: trainable, gradients, optimizer state, saved activations) as PNG."""
@@ -125,6 +152,10 @@ class MemoryReport:
 
 def _weights_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _bytes_of(model: nn.Module, marker: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if marker in n)
 
 
 def lora_targets(peft_model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
@@ -169,7 +200,10 @@ def compare_memory(
     if "selected_cost" in summary:
         unit = config.budget.unit
         note += f", cost {summary['selected_cost']:,} of a {summary['budget']:,}-{unit} budget"
-    rows.append(MethodMemory("TraDy", trady_mem, _weights_bytes(trady.get_base_model()), note))
+    # The bank is the tuner's, not the base model's: it counts in `trainable`, not in `weights`.
+    copies = "peft's trainable copy of modules_to_save, kept next to the frozen original"
+    extra = {copies: _bytes_of(trady, "modules_to_save")}
+    rows.append(MethodMemory("TraDy", trady_mem, _weights_bytes(trady.get_base_model()), note, extra))
 
     targets, skipped = lora_targets(trady, lora_r)
     lora_config = LoraConfig(r=lora_r, target_modules=targets, modules_to_save=config.modules_to_save)
@@ -177,9 +211,12 @@ def compare_memory(
     note = f"r={lora_r} on {len(targets)} layers" + (
         f"; {len(skipped)} grouped convs LoRA cannot wrap" if skipped else ""
     )
-    rows.append(
-        MethodMemory("LoRA", measure_training_step(lora, inputs, make_optimizer(lora)), _weights_bytes(lora), note)
-    )
+    extra = {
+        f"the rank-{lora_r} A and B factors": _bytes_of(lora, "lora_"),
+        copies: _bytes_of(lora, "modules_to_save"),
+    }
+    lora_mem = measure_training_step(lora, inputs, make_optimizer(lora))
+    rows.append(MethodMemory("LoRA", lora_mem, _weights_bytes(lora), note, extra))
 
     full = build_model().train()
     for p in full.parameters():
