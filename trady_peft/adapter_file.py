@@ -9,8 +9,8 @@ Per TraDy layer and adapter, a file (``adapter_model.safetensors``) holds two te
 
 peft inserts the adapter name before loading (``trady_indices.<adapter>``). A file that breaks
 any of these rules would load silently and fail, or compute wrong outputs, at the first forward;
-:func:`check_layer_state` refuses it at load time instead, with an error that names the file (see
-:func:`loading_from`), the layer and the likely remedy.
+`check_layer_state` refuses it at load time instead, with an error that names the file (see
+`loading_from`), the layer and the likely remedy.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def loading_from(path: str | os.PathLike | None = None) -> Iterator[list]:
 
 
 def record_source(path: str | os.PathLike) -> None:
-    """Tell the enclosing :func:`loading_from` scope which file is being read (no-op outside one)."""
+    """Tell the enclosing `loading_from` scope which file is being read (no-op outside one)."""
     holder = _SOURCE.get()
     if holder is not None:
         holder[0] = os.fspath(path)
@@ -78,7 +78,7 @@ def check_layer_state(state_dict: Mapping[str, torch.Tensor], prefix: str, adapt
     """Check one TraDy layer's ``(indices, values)`` in ``state_dict`` for each adapter in ``adapters``.
 
     ``prefix`` is the layer's key prefix (``"...layer."``) and ``geometry`` its
-    :class:`~trady_peft.geometry.ChannelGeometry`. Raises :class:`AdapterFileError` (a
+    `trady_peft.geometry.ChannelGeometry`. Raises `AdapterFileError` (a
     ``ValueError``) naming the file, the layer and the remedy; returns None when all is well.
     """
     layer = prefix.rstrip(".")
@@ -94,7 +94,7 @@ def check_layer_state(state_dict: Mapping[str, torch.Tensor], prefix: str, adapt
 
 
 def check_model_state(root, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
-    """:func:`check_layer_state` for every TraDy layer under ``root``, before anything is loaded.
+    """`check_layer_state` for every TraDy layer under ``root``, before anything is loaded.
 
     Called by the tuner, whose ``_load_from_state_dict`` runs before any child loads (and before it
     restarts a live delta), so a refused file leaves the model exactly as it was.

@@ -1,15 +1,15 @@
 """Custom autograd functions that decide exactly what is kept for the backward pass.
 
-* :class:`SparseChannelDelta` adds the contribution of a few input channels of a layer (the
+* `SparseChannelDelta` adds the contribution of a few input channels of a layer (the
   channels trained this period, and the accumulated deltas of channels trained earlier). For the
   weight gradient it keeps ``x[:, idx]`` and nothing else of the input ``x``: that is where
   TraDy's activation memory saving comes from. The input gradient is exact.
-* :class:`FrozenConv` is a convolution whose weight is frozen. PyTorch's own convolution keeps
+* `FrozenConv` is a convolution whose weight is frozen. PyTorch's own convolution keeps
   its input for the backward pass even when no weight gradient is needed
   (pytorch/pytorch#133566); this one keeps only the (resident) weight.
 
 Mixed precision: under ``torch.autocast`` both compute in the dtype autocast gives a
-convolution or matmul (:func:`compute_dtype`), with autocast switched off inside and every
+convolution or matmul (`compute_dtype`), with autocast switched off inside and every
 operand cast explicitly, in forward and in backward. So the saved ``x[idx]`` is kept in that
 (narrow) dtype, the input gradient comes back in the input's dtype and the delta gradient in the
 delta's (fp32 bank). The casts touch only selected channels, the slices and the output gradient;
@@ -67,7 +67,7 @@ class SparseChannelDelta(torch.autograd.Function):
         idx: the k channels trained this period (int tensor).
         acc_idx: channels updated in earlier periods (may be empty).
         acc: ``[m, *slice_shape]`` their accumulated deltas (a frozen buffer).
-        geometry: the layer's :class:`~trady_peft.geometry.ChannelGeometry`.
+        geometry: the layer's `trady_peft.geometry.ChannelGeometry`.
     """
 
     @staticmethod

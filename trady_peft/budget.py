@@ -172,7 +172,7 @@ class LayerCost:
         return self.weights * (PARAM_AND_GRAD_BYTES + optimizer_state_bytes) + self.saved_bytes
 
     def draw_price(self, unit: str) -> tuple[int, ...]:
-        """What drawing this channel spends of each part of the budget (see :func:`draw_limits`):
+        """What drawing this channel spends of each part of the budget (see `draw_limits`):
         ``(weights + activations,)`` in values; ``(trainable values, saved input bytes)`` in bytes."""
         if unit == "values":
             return (self.weights + self.activations,)
@@ -203,7 +203,7 @@ def bank_capacity(budget: Budget, total_values: int, optimizer_state_bytes: int,
 
 
 def draw_limits(budget: Budget, capacity: int, optimizer_state_bytes: int) -> tuple[int, ...]:
-    """The limit of each part of :meth:`LayerCost.draw_price`: ``(budget,)`` in values;
+    """The limit of each part of `LayerCost.draw_price`: ``(budget,)`` in values;
     ``(bank capacity, budget - bank bytes)`` in bytes."""
     if budget.unit == "values":
         return (budget.amount,)

@@ -1,6 +1,6 @@
 """Every private peft/torch/transformers API that trady-peft patches or relies on, in one place.
 
-Installed by ``import trady_peft`` (:func:`install`, idempotent). Each assumption below is
+Installed by ``import trady_peft`` (`install`, idempotent). Each assumption below is
 commented with the versions it was checked against and has one test in ``tests/test_compat.py``,
 so that an upgrade which breaks one fails one clear test.
 
@@ -8,13 +8,13 @@ What is patched, and why:
 
 * **Atomic saves.** ``PeftModel.save_pretrained`` writes ``adapter_model.safetensors`` in place;
   a failure half-way (disk full, a crash) leaves a truncated file and the adapter saved before
-  is lost. :func:`atomic_save_file` writes a temporary file in the same directory, fsyncs it and
+  is lost. `atomic_save_file` writes a temporary file in the same directory, fsyncs it and
   ``os.replace``-s it over the target. Harmless for other methods (LoRA files are written the
   same way).
 * **Errors that name the file.** A truncated or garbage file makes safetensors raise an error
-  that names no file; :func:`_load_file_naming_path` re-raises it as a ``ValueError`` with the path.
+  that names no file; `_load_file_naming_path` re-raises it as a ``ValueError`` with the path.
 * **Which file is being loaded.** ``PeftModel.load_adapter`` (used by ``from_pretrained`` and by
-  the Trainer's checkpoint resume) is wrapped in :func:`trady_peft.adapter_file.loading_from`,
+  the Trainer's checkpoint resume) is wrapped in `trady_peft.adapter_file.loading_from`,
   so the checks run by each TraDy layer's ``_load_from_state_dict`` can name the file.
 """
 

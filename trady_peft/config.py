@@ -344,7 +344,7 @@ class TraDyConfig(PeftConfig):
 
     @property
     def budget(self):
-        """The parsed :class:`~trady_peft.budget.Budget`, or None when channels_per_layer is used."""
+        """The parsed `trady_peft.budget.Budget`, or None when channels_per_layer is used."""
         return None if self.memory_budget is None else parse_budget(self.memory_budget)
 
 

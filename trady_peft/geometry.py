@@ -5,12 +5,12 @@ transformers ``Conv1D`` weight (it stores ``[in, out]``), the slice ``W[:, c]`` 
 For a grouped or depthwise convolution an input channel only reaches the output channels of its
 group, so its slice is ``W[g * og:(g + 1) * og, c % ig]``.
 
-A :class:`ChannelGeometry` knows, for one layer:
+A `ChannelGeometry` knows, for one layer:
 
 * the shape of one channel's slice (``slice_shape``) and how many values it holds;
 * how to apply the slices of some channels to the matching input channels (``apply``) and the
   two backward products (``input_grad``, ``slice_grad``), which is all the custom autograd
-  functions in :mod:`trady_peft.autograd` need;
+  functions in `trady_peft.autograd` need;
 * how to add slices into the dense weight (``scatter_into``), used by merge and by
   ``get_delta_weight``.
 
@@ -156,7 +156,7 @@ class ChannelGeometry:
         return torch.Size(dims)
 
     def unpad_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Adjoint of :meth:`pad`: padding is linear, so its adjoint does not depend on values."""
+        """Adjoint of `pad`: padding is linear, so its adjoint does not depend on values."""
         if self.pre_pad is None:
             return grad
         with torch.enable_grad():
@@ -212,7 +212,7 @@ class ChannelGeometry:
     def input_grad(
         self, grad_out: torch.Tensor, sel_shape: torch.Size, slices: torch.Tensor, channels: torch.Tensor
     ) -> torch.Tensor:
-        """Gradient w.r.t. the selected input channels (shape ``sel_shape``) of :meth:`apply`."""
+        """Gradient w.r.t. the selected input channels (shape ``sel_shape``) of `apply`."""
         if self.kind != "conv":
             return grad_out @ slices.t()
         padded = self.padded_shape(sel_shape)
@@ -226,7 +226,7 @@ class ChannelGeometry:
     def slice_grad(
         self, grad_out: torch.Tensor, x_sel: torch.Tensor, slices: torch.Tensor, channels: torch.Tensor
     ) -> torch.Tensor:
-        """Gradient w.r.t. ``slices`` of :meth:`apply`, computed from the selected inputs only."""
+        """Gradient w.r.t. ``slices`` of `apply`, computed from the selected inputs only."""
         if self.kind != "conv":
             k = x_sel.shape[-1]
             return x_sel.reshape(-1, k).t() @ grad_out.reshape(-1, grad_out.shape[-1])

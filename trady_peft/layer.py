@@ -1,9 +1,9 @@
 """The channel-sparse layer: a frozen base layer plus deltas on a few input channels.
 
-For each adapter a :class:`TraDyLayer` holds
+For each adapter a `TraDyLayer` holds
 
-* ``trady_delta[adapter]`` -- a :class:`ChannelDeltaView` onto this layer's segment of the
-  adapter's flat trainable bank (see :mod:`trady_peft.model`): the slices of the channels that
+* ``trady_delta[adapter]`` -- a `ChannelDeltaView` onto this layer's segment of the
+  adapter's flat trainable bank (see `trady_peft.model`): the slices of the channels that
   train this period, ``[k, *slice_shape]``;
 * ``trady_idx[adapter]`` -- those k channel indices (not saved: the selection is runtime state);
 * ``trady_indices[adapter]`` / ``trady_values[adapter]`` -- every channel updated in earlier
@@ -188,7 +188,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas into the base weight; only the touched channels change.
 
-        The touched slices' original values are kept, so :meth:`unmerge` restores the base
+        The touched slices' original values are kept, so `unmerge` restores the base
         weight bit for bit.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -206,7 +206,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Restore the slices :meth:`merge` changed, newest first."""
+        """Restore the slices `merge` changed, newest first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return

@@ -55,7 +55,7 @@ class DeltaBank(nn.Module):
 
 
 def find_tuner(model: nn.Module) -> TraDyModel:
-    """The :class:`TraDyModel` inside a ``PeftModel`` (also when wrapped by DDP/FSDP/accelerate)."""
+    """The `TraDyModel` inside a ``PeftModel`` (also when wrapped by DDP/FSDP/accelerate)."""
     for module in model.modules():
         if isinstance(module, TraDyModel):
             return module

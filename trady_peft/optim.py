@@ -1,6 +1,6 @@
 """What a redraw does to the optimizer.
 
-At a redraw (:meth:`TraDyModel.resample`) the bank entries whose channel changed are zeroed and
+At a redraw (`TraDyModel.resample`) the bank entries whose channel changed are zeroed and
 start over on a new channel. Their optimizer state must start over too: each re-targeted entry
 must be updated exactly as a freshly created optimizer would update it, while the entries that
 keep their channel are left exactly as they are.
@@ -197,7 +197,7 @@ def _correct_sgd(group: dict, param: torch.Tensor, state: dict) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    """Global step post-hook: correct the entries recorded by :func:`reset_optimizer_state`."""
+    """Global step post-hook: correct the entries recorded by `reset_optimizer_state`."""
     state = getattr(optimizer, "state", None)
     if not state:
         return

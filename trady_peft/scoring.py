@@ -1,8 +1,8 @@
 """Gradient statistics the gradient-informed strategies draw from.
 
-* :func:`full_gradient_norms` -- Det-RGN's oracle: the norm of the full weight gradient of every
+* `full_gradient_norms` -- Det-RGN's oracle: the norm of the full weight gradient of every
   input channel of the candidate layers (needs the dense gradients the budget avoids).
-* :class:`ChannelNormStatistics` -- MeDyate's running statistics N: the last-seen gradient norm
+* `ChannelNormStatistics` -- MeDyate's running statistics N: the last-seen gradient norm
   of every channel (MeDyate Alg. 1).
 
 Both are averaged over the processes of a distributed run before a draw, so that all ranks draw
@@ -74,8 +74,8 @@ def full_gradient_norms(
 class ChannelNormStatistics:
     """MeDyate's channel statistics N (MeDyate Alg. 1), for the layers ``sizes`` (name -> channels).
 
-    During a period, :meth:`add` accumulates each backward's per-channel gradient norm of the
-    selected channels. :meth:`end_period` writes the period's mean norm of each selected channel
+    During a period, `add` accumulates each backward's per-channel gradient norm of the
+    selected channels. `end_period` writes the period's mean norm of each selected channel
     into N; after the first period, channels never selected get the largest value seen (to
     explore them), and keep it until they are selected.
     """
@@ -139,7 +139,7 @@ class ChannelNormStatistics:
 
     # ---------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (lists of floats) that :meth:`load_state_dict` restores exactly."""
+        """Plain data (lists of floats) that `load_state_dict` restores exactly."""
         return {
             "norms": {n: t.tolist() for n, t in self.norms.items()},
             "seen": {n: t.tolist() for n, t in self.seen.items()},

@@ -3,7 +3,7 @@
 The channel set of period ``e`` is a pure function of ``(seed, e, the layer list, their prices,
 the strategy's statistics)``: every process of a distributed run, and a run resumed from a
 checkpoint, draws exactly what the uninterrupted single-process run draws, without communication.
-The strategies themselves (which layers, which draw, how often) are in :mod:`trady_peft.strategies`.
+The strategies themselves (which layers, which draw, how often) are in `trady_peft.strategies`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class PricedLayer:
 
     ``channel_cost`` is one number in the budget's unit, or a tuple of numbers when a budget
     has several parts that must each hold (a byte budget: trainable values of the bank, and
-    bytes of saved inputs). :attr:`costs` always gives the tuple.
+    bytes of saved inputs). `costs` always gives the tuple.
     """
 
     name: str
@@ -129,7 +129,7 @@ def draw_weighted_under_budget(
     seed: int,
     period: int,
 ) -> dict[str, torch.Tensor]:
-    """Like :func:`draw_under_budget`, with pairs drawn without replacement with probability
+    """Like `draw_under_budget`, with pairs drawn without replacement with probability
     proportional to ``weights`` (one tensor per layer; MeDyate's rule).
 
     The weighted order uses Efraimidis-Spirakis keys ``u ** (1 / w)``: sorting by them is a

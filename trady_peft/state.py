@@ -1,13 +1,13 @@
 """What a period is: one adapter's selection state, its lifecycle, and what a checkpoint carries.
 
-An adapter's channels for period ``e`` are a pure function of its :class:`SelectionState`: the
+An adapter's channels for period ``e`` are a pure function of its `SelectionState`: the
 seed and strategy (in the config), the period, the measured per-channel prices, and the
 strategy's statistics (Det-RGN scores, MeDyate norms). The state moves through
 
 ``waiting for shapes`` (a budget needs the probe's prices) -> ``waiting for scores`` (an oracle
 needs full-gradient scores for this period) -> ``ready`` -> ``drawn`` (channels installed).
 
-:meth:`SelectionState.to_tensor` turns the state into a small ``uint8`` tensor (UTF-8 JSON) that
+`SelectionState.to_tensor` turns the state into a small ``uint8`` tensor (UTF-8 JSON) that
 travels inside the adapter file, so a Trainer checkpoint (or any ``save_pretrained``) resumes
 with exactly the channels, prices and statistics the run had.
 """
@@ -71,7 +71,7 @@ class SelectionState:
 
     # ---------------------------------------------------------------------- checkpoints
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable data that :meth:`from_dict` restores exactly."""
+        """Plain, JSON-serialisable data that `from_dict` restores exactly."""
         return {
             "format": STATE_FORMAT,
             "period": self.period,
@@ -111,7 +111,7 @@ class SelectionState:
 
     @staticmethod
     def parse_tensor(tensor: torch.Tensor) -> dict[str, Any]:
-        """Inverse of :meth:`to_tensor` (the plain data; see :meth:`from_dict`)."""
+        """Inverse of `to_tensor` (the plain data; see `from_dict`)."""
         try:
             return json.loads(bytes(tensor.cpu().to(torch.uint8).tolist()).decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:

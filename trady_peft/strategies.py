@@ -1,10 +1,10 @@
 """The paper's selection strategies: candidate layers, their prices and statistics -> channels.
 
-Each strategy is a small :class:`Strategy` value with one method, :meth:`Strategy.select`. It needs
+Each strategy is a small `Strategy` value with one method, `Strategy.select`. It needs
 no model: the tuner hands it the candidate layers (already narrowed to the ranking's top-K where
 the strategy says so) with their per-channel prices, the budget, the seed and the period, and
 the statistics it uses (Det-RGN scores, MeDyate norms). The draws themselves are in
-:mod:`trady_peft.selection`.
+`trady_peft.selection`.
 
 | name | layers | channels | when |
 |---|---|---|---|
@@ -75,9 +75,9 @@ class Strategy:
         """The channels of ``period``: sorted int64 indices per layer name.
 
         Args:
-            layers: :class:`PricedLayer` under a budget, or :class:`Candidate` with per-layer
+            layers: `PricedLayer` under a budget, or `Candidate` with per-layer
                 quotas when ``budget`` is None (``channels_per_layer``).
-            budget: the limit of each cost part (see :class:`PricedLayer`), or None.
+            budget: the limit of each cost part (see `PricedLayer`), or None.
             seed, period: the draw is a pure function of these (and the other arguments).
             scores: Det-RGN: the gradient norm of every channel, per layer name.
             norms: MeDyate: per-layer weights (last-seen norms), in the order of ``layers``;
@@ -116,7 +116,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def get_strategy(name: str) -> Strategy:
-    """The :class:`Strategy` called ``name`` (one of :data:`STRATEGIES`)."""
+    """The `Strategy` called ``name`` (one of `STRATEGIES`)."""
     try:
         return STRATEGIES[name]
     except KeyError:
