@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from paper_models import mcunet_in1, mobilenet_v2_w035, proxyless_w03  # benchmarks/, on pytest's pythonpath
 from peft import get_peft_model
 
 import trady_peft
 from trady_peft.budget import parse_budget
 from trady_peft.selection import PricedLayer, draw_under_budget, period_generator
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paper_models import mcunet_in1, mobilenet_v2_w035, proxyless_w03  # noqa: E402
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 

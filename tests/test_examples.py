@@ -18,13 +18,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def examples_on_path(monkeypatch):
-    # The examples import offline_assets when they run (after parsing their arguments), as
-    # `python examples/<name>.py` allows: keep examples/ on the path while they run.
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-
-
 def example(name: str):
     return importlib.import_module(name)
 

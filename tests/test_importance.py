@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,11 +88,8 @@ needs_efficientnet = pytest.mark.skipif(
 
 @needs_efficientnet
 def test_budget_config_without_targets_uses_the_efficientnet_table():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        from offline_assets import Classifier
-    finally:
-        sys.path.pop(0)
+    from offline_assets import Classifier  # examples/ is on pytest's pythonpath
+
     entry = builtin_entry("EfficientNet")
     model = get_peft_model(Classifier(), trady_peft.TraDyConfig(memory_budget=60_000, modules_to_save=["_fc"]))
     candidates = {n for n, _ in model.base_model.candidate_layers()}
@@ -107,11 +103,8 @@ def test_budget_config_without_targets_uses_the_efficientnet_table():
 @pytest.mark.slow
 @needs_efficientnet
 def test_efficientnet_rankings_on_disjoint_halves_agree(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import build_importance_tables
-    finally:
-        sys.path.pop(0)
+    import build_importance_tables  # benchmarks/ is on pytest's pythonpath
+
     # One family: the default runs all three (EfficientNet, bert, llama).
     (result,) = build_importance_tables.main(["--families", "efficientnet", "--steps", "60", "--out", str(tmp_path)])
     assert result["family"] == "EfficientNet"
@@ -125,11 +118,8 @@ needs_text_assets = pytest.mark.skipif(
 
 
 def _offline_assets():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import offline_assets
-    finally:
-        sys.path.pop(0)
+    import offline_assets  # examples/ is on pytest's pythonpath
+
     return offline_assets
 
 

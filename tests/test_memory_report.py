@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+from paper_models import mobilenet_v2_w035  # benchmarks/, on pytest's pythonpath
 
 import trady_peft
 from trady_peft.cli import main
 from trady_peft.report import analytic_floor, compare_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from paper_models import mobilenet_v2_w035  # noqa: E402
 
 
 def test_mobilenet_v2_saves_over_90_percent_and_sits_near_the_analytic_floor():

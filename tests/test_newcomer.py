@@ -128,15 +128,11 @@ def test_the_readme_memory_block_is_the_output_of_its_own_command():
     import json
     import re
     import shlex
-    import sys
     from pathlib import Path
 
+    import memory_report  # benchmarks/, on pytest's pythonpath
+
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import memory_report
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
     results = json.loads((root / "docs" / "memory" / "results.json").read_text())
     for doc in (root / "README.md", root / "docs" / "memory.md"):
         block = doc.read_text().split(memory_report.BEGIN)[1].split(memory_report.END)[0]

@@ -16,13 +16,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def examples_on_path(monkeypatch):
-    # The examples import offline_assets when they run (after parsing their arguments), as
-    # `python examples/<name>.py` allows: keep examples/ on the path while they run.
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-
-
 def test_quickstart_runs_end_to_end_with_tiny_settings(tmp_path):
     import quickstart
 
