@@ -30,7 +30,7 @@ quickstart: setup data
 	$(BIN)/python examples/quickstart.py
 
 test: setup data
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/ruff check .
 

@@ -22,6 +22,7 @@ def example(name: str):
     return importlib.import_module(name)
 
 
+@pytest.mark.slow  # a real model, minutes on 2 cores
 def test_text_classification(tmp_path):
     result = example("text_classification").main(
         [
@@ -41,6 +42,7 @@ def test_text_classification(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # a real model, minutes on 2 cores
 def test_causal_lm(tmp_path):
     result = example("causal_lm").main(
         [
@@ -60,6 +62,7 @@ def test_causal_lm(tmp_path):
     assert result["after"] < result["before"]
 
 
+@pytest.mark.slow  # a real model, minutes on 2 cores
 def test_load_adapter_and_merge(tmp_path):
     example("text_classification").main(
         ["--train-size", "64", "--test-size", "16", "--epochs", "1", "--output-dir", str(tmp_path)]

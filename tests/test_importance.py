@@ -124,7 +124,7 @@ def _offline_assets():
 
 
 @needs_text_assets
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", pytest.param("llama", marks=pytest.mark.slow)])  # SmolLM2: ~30 s
 def test_budget_config_without_targets_uses_the_text_tables(family):
     assets = _offline_assets()
     entry = builtin_entry(family)
