@@ -94,3 +94,54 @@ def test_a_period_never_trains_nothing_when_one_channel_fits(budget, caplog):
         return
     assert all(c >= 1 for c in costs)
     assert "trains only" in caplog.text
+
+
+def test_a_batch_as_long_as_one_and_as_large_as_another_is_priced():
+    """(8, 16) then (4, 32) then (8, 32): the last is covered by the prices of the first two."""
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=f"{BUDGET}B", strategy="d-full-random"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step, (size, length) in enumerate([(8, 16), (4, 32), (8, 32)]):
+        footprint, _ = measured_footprint(model, batch(size, length, step), optimizer)
+        assert footprint <= BUDGET, (step, footprint)
+
+
+def test_the_probe_leaves_random_streams_and_batch_norm_statistics_alone():
+    from tests.tiny_models import tiny_cnn
+
+    config = trady_peft.TraDyConfig(memory_budget=300, memory_saving_frozen_path=False)
+    model = get_peft_model(tiny_cnn(), config)
+    model.train()
+    bn = model.base_model.model.bn1
+    images = torch.randn(4, 3, 16, 16)
+    before, rng = bn.running_mean.clone(), torch.get_rng_state()
+    model.base_model.probe(images)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 0
+
+
+def test_a_grad_enabled_evaluation_pass_does_not_reprice_the_run():
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=f"{BUDGET}B", strategy="d-full-random"))
+    model.train()
+    model(**batch(2, 8, 0))
+    costs = dict(model.base_model.selection_states["default"].costs)
+    model.eval()
+    model(**batch(8, 48, 1))  # validation without torch.no_grad
+    assert model.base_model.selection_states["default"].costs == costs
+
+
+def test_nested_inputs_are_probed():
+    from torch import nn
+
+    class TakesAList(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, parts):
+            return self.b(self.a(torch.cat(parts["x"], dim=1)))
+
+    model = get_peft_model(TakesAList(), trady_peft.TraDyConfig(memory_budget=30, target_modules=["a", "b"]))
+    out = model.base_model.model({"x": [torch.randn(2, 4), torch.randn(2, 4)]})
+    out.sum().backward()
+    assert model.base_model.selection_summary()["selected_channels"] > 0

@@ -141,3 +141,12 @@ def test_every_trainer_gets_the_period_watchdog():
     from trady_peft.callback import PeriodWatchdog
 
     assert PeriodWatchdog in transformers.trainer.DEFAULT_CALLBACKS
+
+
+def test_tensor_leaves_finds_nested_tensors():
+    import torch
+
+    from trady_peft.compat import tensor_leaves
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.ones(3)
+    assert [t.shape for t in tensor_leaves(((a, [b]), {"x": {"y": c}, "n": 3}))] == [a.shape, b.shape, c.shape]

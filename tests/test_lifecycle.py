@@ -201,3 +201,40 @@ def test_medyate_without_a_ranking_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
         get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
     assert "module order" in caplog.text and "rank-layers" in caplog.text
+
+
+def test_an_adapter_added_after_the_probe_draws():
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=400, strategy="d-full-random"))
+    batch = MODELS["llama"][1]()
+    model(**batch)
+    model.add_adapter("second", trady_peft.TraDyConfig(memory_budget=400, strategy="d-full-random", seed=1))
+    model.set_adapter("second")
+    model(**batch)["loss"].backward()
+    assert model.base_model.phase("second").value == "drawn"
+    assert model.base_model.channel_bank["second"].weight.grad.abs().sum() > 0
+
+
+def test_det_rgn_scoring_leaves_no_gradient_in_the_bank():
+    config = trady_peft.TraDyConfig(memory_budget=400, strategy="d-det-rgn", modules_to_save=["classifier"])
+    model = get_peft_model(tiny_cnn(), config)
+    batches = [MODELS["cnn"][1]() for _ in range(2)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trady_peft.next_period(model, optimizer, batches=batches, period=0)
+    model(**batches[0])["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    trady_peft.next_period(model, optimizer, batches=batches)
+    assert model.base_model.channel_bank["default"].weight.grad is None
+
+
+def test_loading_another_adapter_does_not_change_this_adapters_prices(tmp_path):
+    config = dict(memory_budget="8KiB", strategy="d-full-random")
+    other = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(**config))
+    other(input_ids=torch.zeros(16, 32, dtype=torch.long), labels=torch.zeros(16, 32, dtype=torch.long))
+    other.save_pretrained(tmp_path / "other")
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(**config))
+    model(**MODELS["llama"][1]())
+    before = dict(model.base_model.selection_states["default"].costs)
+    model.load_adapter(tmp_path / "other", adapter_name="other", is_trainable=False)
+    trady_peft.next_period(model, adapter="default")
+    assert model.base_model.selection_states["default"].costs == before

@@ -21,6 +21,7 @@ sample batch, with hooks recording each target layer's input shape.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -179,8 +180,14 @@ class LayerCost:
         return (self.weights, self.saved_bytes)
 
     def larger(self, other: LayerCost) -> LayerCost:
-        """The more expensive of two measurements of the same layer (by saved bytes)."""
-        return other if other.saved_bytes > self.saved_bytes else self
+        """A price covering both measurements of the same layer: the largest input per sample, batch and
+        element size (so that a batch as long as one and as large as the other is covered too)."""
+        return dataclasses.replace(
+            self,
+            activations=max(self.activations, other.activations),
+            batch_size=max(self.batch_size, other.batch_size),
+            activation_bytes=max(self.activation_bytes, other.activation_bytes),
+        )
 
 
 def bytes_per_trained_value(optimizer_state_bytes: int) -> int:

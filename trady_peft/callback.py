@@ -115,7 +115,9 @@ def _scoring_batches(dataloader, config, period: int):
     (iterating the training dataloader would depend on where its sampler stands)."""
     dataset = getattr(dataloader, "dataset", None)
     collate = getattr(dataloader, "collate_fn", None)
-    size = getattr(dataloader, "batch_size", None) or getattr(dataloader, "total_batch_size", None)
+    # Per process: accelerate's DataLoaderShard has batch_size None and a batch_sampler that knows it.
+    sampler = getattr(dataloader, "batch_sampler", None)
+    size = getattr(dataloader, "batch_size", None) or getattr(sampler, "batch_size", None)
     if dataloader is None or collate is None or not size or not hasattr(dataset, "__getitem__"):
         return dataloader
     try:

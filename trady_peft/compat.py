@@ -187,3 +187,10 @@ def move_callback_first(callback) -> bool:
         return False
     finally:
         del frame
+
+
+def tensor_leaves(tree) -> list:
+    """Every tensor in nested tuples, lists and dicts (torch 2.13: ``torch.utils._pytree.tree_leaves``)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]

@@ -82,7 +82,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         self.selection_states: dict[str, SelectionState] = {}
         self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
         self._input_dims: dict = {}  # largest size of each model input seen in training
-        self._probing, self._forward_depth, self._optimizer = False, 0, None
+        self._probing, self._forward_depth, self._optimizer, self._warned_stale = False, 0, None, False
         self._norm_hooks: dict = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._call_hooks = [
@@ -157,7 +157,9 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
             self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
             bank.weight.requires_grad_(trains)
-        self.selection_states[name] = SelectionState(statistics=statistics)
+        # An adapter added after the probe starts from the prices measured so far.
+        costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
+        self.selection_states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
             self._draw_if_ready(name)
 
@@ -228,8 +230,6 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             if old.statistics is not None:
                 old.statistics.__init__(old.statistics.sizes)
             state = SelectionState.from_dict(SelectionState.parse_tensor(stored), old.statistics)
-            for n, cost in state.costs.items():
-                tuner.layer_costs[n] = cost if n not in tuner.layer_costs else tuner.layer_costs[n].larger(cost)
             tuner.selection_states[name] = state
             if tuner.peft_config[name].inference_mode:
                 continue

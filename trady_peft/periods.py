@@ -12,16 +12,17 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from collections.abc import Mapping
 
 import torch
 
 from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
-from .compat import in_backward
+from .compat import in_backward, tensor_leaves
 from .config import TraDyConfig
 from .importance import builtin_entry, family_of
 from .layer import TraDyLayer
 from .optim import reset_optimizer_state
-from .scoring import full_gradient_norms
+from .scoring import all_reduce_max_costs, any_rank, full_gradient_norms
 from .selection import Candidate, PricedLayer
 from .state import Phase
 from .strategies import alpha_top_k, get_strategy
@@ -80,9 +81,11 @@ class PeriodLifecycle:
                         f"must be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
                     )
                 ranked += [lm for lm in match if lm not in ranked]
-        if kind == "alpha" and not config.top_k and all(n in self.layer_costs for n, _ in ranked):
+        state = self.selection_states.get(adapter_name)
+        costs = state.costs if state is not None else {}
+        if kind == "alpha" and not config.top_k and all(n in costs for n, _ in ranked):
             unit, opt = config.budget.unit, config.optimizer_state_bytes
-            memory = [self.layer_costs[n].channel_cost(unit, opt) * m.geometry.in_channels for n, m in ranked]
+            memory = [costs[n].channel_cost(unit, opt) * m.geometry.in_channels for n, m in ranked]
             ranked = ranked[: alpha_top_k(memory, config.budget.amount, config.medyate_alpha)]
         order = {n: i for i, (n, _) in enumerate(layers)}
         return sorted(ranked, key=lambda lm: order[lm[0]])
@@ -99,8 +102,8 @@ class PeriodLifecycle:
     # ------------------------------------------------------------------------ prices, probe
     def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
         """Candidate layers with what one channel spends of each part of the budget (needs the probe)."""
-        unit = self.peft_config[adapter_name].budget.unit
-        prices = {n: self.layer_costs[n].draw_price(unit) for n, _ in self.candidate_layers(adapter_name)}
+        unit, costs = self.peft_config[adapter_name].budget.unit, self.selection_states[adapter_name].costs
+        prices = {n: costs[n].draw_price(unit) for n, _ in self.candidate_layers(adapter_name)}
         return [
             PricedLayer(n, m.geometry.in_channels, prices[n] if len(prices[n]) > 1 else prices[n][0])
             for n, m in self.candidate_layers(adapter_name)
@@ -115,16 +118,26 @@ class PeriodLifecycle:
         budget stays a bound. Call it with your largest batch to price for it from the start.
         """
         self._probing = True
+        layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
+        modes = {m: m.training for m in self.model.modules()}
+        device = next(self.model.parameters()).device
         try:
-            layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
-            shapes = probe_input_shapes(self.model, example_inputs, layers)
+            # Shapes only: no dropout draw, no batch-norm statistics, no trace in the random streams.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.model.eval()
+                shapes = probe_input_shapes(self.model, example_inputs, layers)
         finally:
+            for m, training in modes.items():
+                m.training = training
             self._probing = False
+        measured = {}
         for name, layer in layers:
             if name in shapes:
                 cost = layer_cost(name, layer.geometry, *shapes[name])
                 old = self.layer_costs.get(name)
-                self.layer_costs[name] = cost if old is None else old.larger(cost)
+                measured[name] = cost if old is None else old.larger(cost)
+        # Every process prices alike (the largest input of any rank), so that all draw alike.
+        self.layer_costs.update(all_reduce_max_costs(measured))
         for adapter in sorted(self.selection_states):
             state = self.selection_states[adapter]
             if self.peft_config[adapter].inference_mode or self.peft_config[adapter].budget is None:
@@ -135,7 +148,9 @@ class PeriodLifecycle:
                     f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
                     "unknown. Pass inputs that run the whole model, or leave those layers out of target_modules."
                 )
-            state.costs.update({n: self.layer_costs[n] for n, _ in self.candidate_layers(adapter)})
+            for n, _ in self.candidate_layers(adapter):
+                old = state.costs.get(n)
+                state.costs[n] = self.layer_costs[n] if old is None else old.larger(self.layer_costs[n])
             if state.selection is None:
                 self._draw_if_ready(adapter)
             elif not self._fits(adapter, state.selection):
@@ -152,11 +167,17 @@ class PeriodLifecycle:
         self._forward_depth += 1
         if self._probing or not torch.is_grad_enabled():
             return  # evaluation under no_grad must not fix the byte accounting to its batch
-        if not any(c.budget is not None and not c.inference_mode for c in self.peft_config.values()):
+        budgeted = [n for n, c in self.peft_config.items() if c.budget is not None and not c.inference_mode]
+        if not budgeted:
             return
+        waiting = any(not self.selection_states[n].costs for n in budgeted if n in self.selection_states)
         dims = _input_dims(args, kwargs)
-        grew = any(key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items())
-        if grew:
+        # A larger input than any before reprices, in training mode only (a grad-enabled
+        # evaluation pass must not shrink the run's selection); the first forward always prices.
+        grew = module.training and any(
+            key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items()
+        )
+        if any_rank(waiting or grew):
             for key, d in dims.items():
                 old = self._input_dims.get(key, d)
                 self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
@@ -245,6 +266,14 @@ class PeriodLifecycle:
         optimizer = optimizer or (self._optimizer() if self._optimizer else None)
         if optimizer is not None:
             reset_optimizer_state(optimizer, bank, changed)
+        elif changed and bank.grad is not None and not self._warned_stale:
+            self._warned_stale = True  # trained, redrawn, and no optimizer to reset
+            logger.warning(
+                "TraDy redrew adapter %r's channels without an optimizer to reset: re-targeted entries keep the "
+                "moments of their previous channel. Pass the optimizer to next_period (or call "
+                "model.base_model.attach_optimizer(optimizer) once).",
+                name,
+            )
         if bank.grad is not None:  # gradient accumulated under the old layout (a redraw between micro-batches)
             for start, stop in changed:
                 bank.grad[start:stop].zero_()
@@ -272,17 +301,15 @@ class PeriodLifecycle:
         limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
         _check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
-        total = [
-            self.layer_costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced
-        ]
+        total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
         return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
 
     def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        config = self.peft_config[name]
+        config, costs = self.peft_config[name], self.selection_states[name].costs
         limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
         spent = [0] * len(limits)
         for n, channels in selection.items():
-            for i, part in enumerate(self.layer_costs[n].draw_price(config.budget.unit)):
+            for i, part in enumerate(costs[n].draw_price(config.budget.unit)):
                 spent[i] += part * channels.numel()
         return all(s <= limit for s, limit in zip(spent, limits))
 
@@ -335,7 +362,7 @@ class PeriodLifecycle:
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [_to_device(b, device) for b in batches]
-            norms = full_gradient_norms(self.model, layers, batches)  # its forwards run the probe if due
+            norms = full_gradient_norms(self.model, layers, batches, self.channel_bank.parameters())
         for name in names:
             state = self.selection_states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
@@ -361,9 +388,9 @@ class PeriodLifecycle:
         config, state = self.peft_config[adapter_name], self.selection_states[adapter_name]
         selection = state.selection or {}
         if config.budget.unit == "values":
-            return sum(self.layer_costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
+            return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
         bank = self.channel_bank[adapter_name].weight.numel() * bytes_per_trained_value(config.optimizer_state_bytes)
-        return bank + sum(self.layer_costs[n].saved_bytes * c.numel() for n, c in selection.items())
+        return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
 
     def selection_summary(self, adapter_name: str = "default") -> dict:
         """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
@@ -403,9 +430,8 @@ def _check_budget(config: TraDyConfig, priced: list[PricedLayer], limits: tuple[
 
 
 def _input_dims(args, kwargs) -> dict:
-    dims = {i: tuple(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-    dims.update({k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-    return dims
+    """Shape of every tensor in a forward call (nested dicts, lists and tuples included), by position."""
+    return {i: tuple(t.shape) for i, t in enumerate(tensor_leaves((args, kwargs)))}
 
 
 def _larger(dims: tuple, seen: tuple) -> bool:
@@ -415,8 +441,14 @@ def _larger(dims: tuple, seen: tuple) -> bool:
 def _to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts and transformers' BatchEncoding
         return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return (
+            type(batch)(_to_device(v, device) for v in batch)
+            if isinstance(batch, list)
+            else tuple(_to_device(v, device) for v in batch)
+        )
     return batch
 
 

@@ -34,16 +34,53 @@ def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
         t.copy_(work / dist.get_world_size())
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process of a distributed run (``flag`` itself in one process)."""
+    if not _distributed():
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_max_costs(costs: dict) -> dict:
+    """Per-layer prices, each part the largest over the processes (`LayerCost`s; same keys on every rank)."""
+    if not _distributed() or not costs:
+        return costs
+    import dataclasses
+
+    import torch.distributed as dist
+
+    names = sorted(costs)
+    parts = torch.tensor(
+        [[costs[n].activations, costs[n].batch_size, costs[n].activation_bytes] for n in names], dtype=torch.int64
+    )
+    dist.all_reduce(parts, op=dist.ReduceOp.MAX)
+    return {
+        n: dataclasses.replace(costs[n], activations=int(a), batch_size=int(b), activation_bytes=int(e))
+        for n, (a, b, e) in zip(names, parts.tolist())
+    }
+
+
 def full_gradient_norms(
-    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any], other_parameters=()
 ) -> dict[str, torch.Tensor]:
     """``||dL/dW[:, c]||_2`` of every input channel of ``layers`` (TraDy layers), summed over ``batches``.
 
     The layers' dense base weights are made trainable for the duration, every other gradient is
-    set aside and restored.
+    set aside and restored (also those of ``other_parameters``, e.g. the adapter's bank, which
+    lives outside ``model``).
     """
     flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in [*model.parameters(), *other_parameters] if p.requires_grad]
     saved_grads = {id(p): (p, p.grad) for p in params}
     for p in params:
         p.grad = None
