@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
@@ -135,3 +136,35 @@ def test_an_adapter_waiting_for_oracle_scores_is_probed_once(monkeypatch):
     for batch in BATCHES:
         model(**batch)["loss"].backward()
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------ strategies without a model
+def test_strategies_are_small_objects_usable_without_a_model():
+    from trady_peft.strategies import STRATEGIES, alpha_top_k, get_strategy
+
+    layers = [PricedLayer("a", 16, (10, 100)), PricedLayer("b", 32, (20, 50))]
+    limits = (200, 1000)
+    for strategy in STRATEGIES.values():
+        if strategy.needs_scores:
+            with pytest.raises(RuntimeError, match="needs channel scores"):
+                strategy.select(layers, limits, seed=0, period=1)
+            scores = {"a": torch.arange(16.0), "b": torch.zeros(32)}
+            chosen = strategy.select(layers, limits, 0, 1, scores=scores)
+            assert set(chosen) == {"a"} and chosen["a"].tolist()[-1] == 15  # the highest scores first
+            continue
+        p0, p1 = strategy.select(layers, limits, 0, 0), strategy.select(layers, limits, 0, 1)
+        same = set(p0) == set(p1) and all(torch.equal(p0[n], p1[n]) for n in p0)
+        assert same is not strategy.redraws  # D- strategies redraw, S- strategies keep their draw
+        for chosen in (p0, p1):
+            spent = [
+                sum(layers[i].costs[k] * chosen.get(layers[i].name, torch.zeros(0)).numel() for i in range(2))
+                for k in range(2)
+            ]
+            assert all(s <= limit for s, limit in zip(spent, limits)) and sum(c.numel() for c in chosen.values())
+    weights = [torch.zeros(16), torch.ones(32)]
+    chosen = get_strategy("medyate").select(layers, limits, 0, 2, norms=weights)
+    assert set(chosen) == {"b"}  # zero weights are never drawn
+    assert alpha_top_k([100, 100, 100], budget=50, alpha=0.2) == 3
+    assert alpha_top_k([100, 200, 300], budget=50, alpha=0.2) == 2
+    with pytest.raises(ValueError, match="did you mean|unknown"):
+        get_strategy("tardy")

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from .geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
+from .memory import call_model
+from .targets import names_match
 
 #: Byte units, case-sensitive: a capital ``B`` is a byte, a lowercase ``b`` a bit (refused).
 #: Decimal prefixes are powers of 1000 (``kB`` and ``KB`` both mean 1000 bytes), binary ones
@@ -270,16 +272,6 @@ class Accounting:
         return "\n".join(lines)
 
 
-def _call(model: nn.Module, inputs: Any):
-    if hasattr(inputs, "args") and hasattr(inputs, "kwargs"):
-        return model(*inputs.args, **inputs.kwargs)
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
-
-
 def probe_input_shapes(
     model: nn.Module, inputs: Any, layers: Iterable[tuple[str, nn.Module]]
 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -295,7 +287,7 @@ def probe_input_shapes(
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            _call(model, inputs)
+            call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -363,7 +355,7 @@ def memory_accounting(
     layers = supported_layers(model)
     if target_modules is not None:
         wanted = set(target_modules)
-        layers = [(n, m) for n, m in layers if n in wanted or any(n.endswith("." + w) for w in wanted)]
+        layers = [(n, m) for n, m in layers if any(names_match(n, w) for w in wanted)]
     if not layers:
         raise ValueError("No Linear, Conv1d, Conv2d or Conv1D layer to account for in this model.")
     shapes = probe_input_shapes(model, example_inputs, layers)

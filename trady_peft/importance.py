@@ -33,7 +33,8 @@ from torch import nn
 
 from .budget import layer_cost, probe_input_shapes, supported_layers
 from .geometry import ChannelGeometry
-from .memory import required_loss
+from .memory import call_model, required_loss
+from .targets import names_match, output_heads
 
 logger = logging.getLogger(__name__)
 TABLES = Path(__file__).resolve().parent / "tables"
@@ -177,10 +178,11 @@ def rank_layers(
     family = family or (found[0] if found else getattr(getattr(model, "config", None), "model_type", None))
     family = family or type(model).__name__
     excluded = set(exclude_modules)
+    heads = output_heads(model)
     layers = [
         (n, m)
         for n, m in supported_layers(backbone)
-        if not _is_output_head(model, m) and not any(n == e or n.endswith("." + e) for e in excluded)
+        if id(m) not in heads and not any(names_match(n, e) for e in excluded)
     ]
     if not layers:
         raise ValueError("No Linear/Conv layer to rank in this model.")
@@ -201,7 +203,7 @@ def rank_layers(
                 for n, m in layers:
                     if n in shapes:
                         costs[n] = layer_cost(n, ChannelGeometry.of(m), *shapes[n])
-            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+            output = call_model(model, inputs)
             if labels is None:
                 loss = required_loss(output, "rank_layers")
             else:
@@ -279,12 +281,3 @@ def _cross_entropy(output: Any, labels: torch.Tensor) -> torch.Tensor:
             f"{type(output).__name__}; pass loss_fn=... ."
         )
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-
-
-def _is_output_head(model: nn.Module, module: nn.Module) -> bool:
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    get_output = getattr(model, "get_output_embeddings", None)
-    heads = [get_output() if callable(get_output) else None]
-    heads += [getattr(model, n, None) for n in SEQ_CLS_HEAD_NAMES]
-    return any(h is not None and any(module is m for m in h.modules()) for h in heads if isinstance(h, nn.Module))

@@ -62,6 +62,18 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def call_model(model: nn.Module, inputs: Any):
+    """Run ``model`` on one batch as the Trainer would: a tensor positionally, a dict as keyword
+    arguments, a tuple as positional arguments (or a probe's recorded ``args``/``kwargs``)."""
+    if hasattr(inputs, "args") and hasattr(inputs, "kwargs"):
+        return model(*inputs.args, **inputs.kwargs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
 def required_loss(output: Any, purpose: str) -> torch.Tensor:
     """``output.loss`` (or ``output["loss"]``), or a clear error saying labels are needed for ``purpose``."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
@@ -145,7 +157,7 @@ def measure_training_step(
     ]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            output = model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+            output = call_model(model, inputs)
             loss = _loss_of(output)
     finally:
         for h in handles:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import TraDyConfig
 from .layer import TraDyLayer
-from .memory import TrainingStepMemory, measure_training_step
+from .memory import TrainingStepMemory, call_model, measure_training_step
 
 # Module types grouped into the parts of a network a report talks about.
 PATH_GROUPS = {
@@ -247,7 +247,7 @@ def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
     ]
     try:
         with torch.no_grad():
-            trady_model(inputs) if torch.is_tensor(inputs) else trady_model(**inputs)
+            call_model(trady_model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import _call
-from .memory import required_loss
+from .memory import call_model, required_loss
 
 
 def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
@@ -89,7 +88,7 @@ def full_gradient_norms(
     try:
         for batch in batches:
             with torch.enable_grad():
-                required_loss(_call(model, batch), "Scoring channels").backward()
+                required_loss(call_model(model, batch), "Scoring channels").backward()
         norms = {}
         for n, m in layers.items():
             grad = m.base_layer.weight.grad
