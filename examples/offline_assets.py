@@ -159,7 +159,7 @@ def read_idx(path: Path) -> np.ndarray:
 def fashion_mnist(split: str, size: int, image_size: int, seed: int = 0):
     """A random slice of Fashion-MNIST as a ``datasets.Dataset`` (torch format) of ``pixel_values``
     (resized, 3 channels, ImageNet-normalised) and ``labels``."""
-    from datasets import Dataset
+    from datasets import Array3D, Dataset, Features, Value
 
     prefix = "train" if split == "train" else "t10k"
     if not (FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz").exists():
@@ -177,7 +177,11 @@ def fashion_mnist(split: str, size: int, image_size: int, seed: int = 0):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         return {"pixel_values": ((x.repeat(1, 3, 1, 1) - IMAGENET_MEAN) / IMAGENET_STD).numpy()}
 
-    data = raw.map(preprocess, batched=True, remove_columns=["image"], desc=f"Fashion-MNIST {split}: resizing")
+    # A fixed-shape feature: rows come back as arrays in one copy (nested lists would be rebuilt per row).
+    features = Features({"labels": Value("int64"), "pixel_values": Array3D((3, image_size, image_size), "float32")})
+    data = raw.map(
+        preprocess, batched=True, remove_columns=["image"], features=features, desc=f"Fashion-MNIST {split}: resizing"
+    )
     data.set_format("torch", columns=["pixel_values", "labels"])
     return data
 
