@@ -11,13 +11,31 @@ alike, and both serialise to plain data for checkpoints.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .memory import call_model, required_loss
+
+
+def pack_tensor(t: torch.Tensor) -> str:
+    """A 1-D float64/bool/int64 tensor as exact plain text (base64 of its little-endian bytes), for JSON."""
+    t = t.detach().cpu().contiguous()
+    return (
+        f"{str(t.dtype).removeprefix('torch.')}:"
+        + base64.b64encode(t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()).decode()
+    )
+
+
+def unpack_tensor(text: str) -> torch.Tensor:
+    """Inverse of `pack_tensor`."""
+    dtype, data = text.split(":", 1)
+    array = np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype).newbyteorder("<"))
+    return torch.from_numpy(array.astype(np.dtype(dtype)).copy())
 
 
 def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
@@ -177,16 +195,16 @@ class ChannelNormStatistics:
     def state_dict(self) -> dict[str, Any]:
         """Plain data (lists of floats) that `load_state_dict` restores exactly."""
         return {
-            "norms": {n: t.tolist() for n, t in self.norms.items()},
-            "seen": {n: t.tolist() for n, t in self.seen.items()},
-            "period_sum": {n: t.cpu().tolist() for n, t in self.period_sum.items()},
+            "norms": {n: pack_tensor(t) for n, t in self.norms.items()},
+            "seen": {n: pack_tensor(t) for n, t in self.seen.items()},
+            "period_sum": {n: pack_tensor(t) for n, t in self.period_sum.items()},
             "steps": self.steps,
             "has_history": self.has_history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.norms = {n: torch.tensor(v, dtype=torch.float64) for n, v in state["norms"].items()}
-        self.seen = {n: torch.tensor(v, dtype=torch.bool) for n, v in state["seen"].items()}
-        self.period_sum = {n: torch.tensor(v, dtype=torch.float64) for n, v in state["period_sum"].items()}
+        self.norms = {n: unpack_tensor(v) for n, v in state["norms"].items()}
+        self.seen = {n: unpack_tensor(v) for n, v in state["seen"].items()}
+        self.period_sum = {n: unpack_tensor(v) for n, v in state["period_sum"].items()}
         self.steps = int(state["steps"])
         self.has_history = bool(state["has_history"])

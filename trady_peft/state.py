@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from .budget import LayerCost
-from .scoring import ChannelNormStatistics
+from .scoring import ChannelNormStatistics, pack_tensor, unpack_tensor
 
 #: Version of the serialised state; bumped when its fields change meaning.
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 class Phase(str, Enum):
@@ -76,7 +76,7 @@ class SelectionState:
             "format": STATE_FORMAT,
             "period": self.period,
             "costs": {n: asdict(c) for n, c in self.costs.items()},
-            "scores": None if self.scores is None else {n: t.tolist() for n, t in self.scores.items()},
+            "scores": None if self.scores is None else {n: pack_tensor(t) for n, t in self.scores.items()},
             "scored_period": self.scored_period,
             "statistics": None if self.statistics is None else self.statistics.state_dict(),
             "selection": None if self.selection is None else {n: t.tolist() for n, t in self.selection.items()},
@@ -95,9 +95,7 @@ class SelectionState:
         return cls(
             period=int(data["period"]),
             costs={n: LayerCost(**c) for n, c in data["costs"].items()},
-            scores=None
-            if data["scores"] is None
-            else {n: torch.tensor(v, dtype=torch.float64) for n, v in data["scores"].items()},
+            scores=None if data["scores"] is None else {n: unpack_tensor(v) for n, v in data["scores"].items()},
             scored_period=data["scored_period"],
             statistics=statistics,
             selection=None
@@ -113,6 +111,6 @@ class SelectionState:
     def parse_tensor(tensor: torch.Tensor) -> dict[str, Any]:
         """Inverse of `to_tensor` (the plain data; see `from_dict`)."""
         try:
-            return json.loads(bytes(tensor.cpu().to(torch.uint8).tolist()).decode())
+            return json.loads(tensor.cpu().to(torch.uint8).numpy().tobytes().decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"The adapter's selection state is corrupt ({err}).") from None
