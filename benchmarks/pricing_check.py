@@ -19,42 +19,15 @@ import torch
 from peft import get_peft_model
 
 import trady_peft
-from trady_peft.layer import TraDyLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from quickstart import Classifier  # noqa: E402
+from offline_assets import Classifier  # noqa: E402
 
 
-def saved_bytes_by_layer(model, root, batch) -> dict[str, int]:
-    """Bytes autograd packs while each TraDy layer of ``root`` runs, one training step."""
-    resident = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    names = {m: n for n, m in root.named_modules() if isinstance(m, TraDyLayer)}
-    current: list[str] = []
-    seen: set[int] = set()
-    saved: dict[str, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if current and ptr not in resident and ptr not in seen:
-            seen.add(ptr)
-            saved[current[-1]] = saved.get(current[-1], 0) + t.untyped_storage().nbytes()
-        return t
-
-    def enter(module, args):
-        current.append(names[module])
-
-    def leave(module, args, output):
-        current.pop()
-
-    handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(**batch)["loss"]
-    finally:
-        for h in handles:
-            h.remove()
-    loss.backward()
-    return saved
+def saved_bytes_by_layer(model, batch) -> dict[str, int]:
+    """Bytes autograd packs while each TraDy layer runs, one training step (`measure_training_step`)."""
+    mem = trady_peft.measure_training_step(model, batch)
+    return {n.removeprefix("base_model.model."): b for n, b in mem.saved_by_module.items() if b}
 
 
 def check(budget: str, size: int, batch_size: int, seed: int) -> None:
@@ -66,16 +39,11 @@ def check(budget: str, size: int, batch_size: int, seed: int) -> None:
     batch = {"pixel_values": torch.randn(batch_size, 3, size, size), "labels": torch.randint(0, 10, (batch_size,))}
     tuner = model.base_model
     tuner.probe(batch)  # what the first training forward does: probe the shapes, draw the channels
-    saved = saved_bytes_by_layer(model, tuner.model, batch)
-    priced = {}
-    for name, layer in tuner.model.named_modules():
-        if isinstance(layer, TraDyLayer) and layer.current_delta_installed("default"):
-            cost = tuner.layer_costs[name]
-            priced[name] = (
-                cost.activations * cost.batch_size * cost.activation_bytes * layer.trady_idx["default"].numel()
-            )
+    saved = saved_bytes_by_layer(model, batch)
+    priced = tuner.priced_inputs()
     total_priced, total_saved = sum(priced.values()), sum(saved.get(n, 0) for n in priced)
-    unpriced = sorted(set(saved) - set(priced))
+    layers = {n for n, m in tuner.model.named_modules() if isinstance(m, trady_peft.TraDyLayer)}
+    unpriced = sorted((set(saved) & layers) - set(priced))  # TraDy layers that kept inputs nobody paid for
     worst = max(priced, key=lambda n: saved.get(n, 0) / priced[n])
     print(
         f"{size}x{size}, batch {batch_size}, memory_budget={budget}: {len(priced)} layers drawn; "

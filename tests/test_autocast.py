@@ -23,15 +23,6 @@ from tests.tiny_models import Holder, tiny_cnn, tiny_gpt2, tiny_llama
 from trady_peft import frozen_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny kernels: intra-op threads only add contention on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cpu_autocast_works(dtype: torch.dtype) -> bool:
     try:
         with torch.autocast("cpu", dtype=dtype):

@@ -66,44 +66,17 @@ SIZES["reflect_padding"] = SIZES["static_reflect_pad"] = (3, 11)  # reflection n
 
 
 def saved_bytes_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Bytes of distinct non-resident storages autograd packs while each TraDy layer runs."""
-    resident = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    names = {m: n for n, m in model.base_model.model.named_modules() if isinstance(m, TraDyLayer)}
-    current: list[str] = []
-    seen: set[int] = set()
-    saved: dict[str, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if current and ptr not in resident and ptr not in seen:
-            seen.add(ptr)
-            saved[current[-1]] = saved.get(current[-1], 0) + t.untyped_storage().nbytes()
-        return t
-
-    handles = []
-    for module, name in names.items():
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: current.append(name)))
-        handles.append(module.register_forward_hook(lambda m, a, o: current.pop() and None))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    out.float().square().mean().backward()
-    return saved
+    """Bytes of distinct non-resident storages autograd packs while each TraDy layer runs (the
+    independent instrument, `measure_training_step`)."""
+    mem = trady_peft.measure_training_step(model, x)
+    layers = {n for n, m in model.base_model.model.named_modules() if isinstance(m, TraDyLayer)}
+    by_name = {n.removeprefix("base_model.model."): b for n, b in mem.saved_by_module.items()}
+    return {n: b for n, b in by_name.items() if n in layers and b}
 
 
 def priced_bytes_by_layer(model) -> dict[str, int]:
     """Activation bytes the budget charges for the channels drawn in each layer."""
-    tuner = model.base_model
-    priced = {}
-    for name, layer in tuner.model.named_modules():
-        if isinstance(layer, TraDyLayer) and layer.current_delta_installed("default"):
-            cost = tuner.layer_costs[name]
-            k = layer.trady_idx["default"].numel()
-            priced[name] = cost.activations * cost.batch_size * cost.activation_bytes * k
-    return priced
+    return model.base_model.priced_inputs()
 
 
 @pytest.mark.parametrize("size_index", [0, 1])

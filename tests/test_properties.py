@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,15 +34,6 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny kernels: intra-op threads only add contention (10x slower on a busy box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 #: dtype mode -> (input dtype, autocast dtype or None, relative tolerance against the abs bound)

@@ -392,6 +392,13 @@ class PeriodLifecycle:
         bank = self.channel_bank[adapter_name].weight.numel() * bytes_per_trained_value(config.optimizer_state_bytes)
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
 
+    def priced_inputs(self, adapter_name: str = "default") -> dict[str, int]:
+        """Bytes of saved inputs the budget charges for the current selection, per layer (for a
+        comparison with what autograd really keeps, e.g. `measure_training_step().saved_by_module`)."""
+        state = self.selection_states[adapter_name]
+        costs = {**self.layer_costs, **state.costs}  # without a budget: the probe's measurement
+        return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
+
     def selection_summary(self, adapter_name: str = "default") -> dict:
         """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
         layers = self.trady_layers(adapter_name)
