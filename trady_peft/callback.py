@@ -69,7 +69,8 @@ class TraDyCallback(TrainerCallback):
                 # period's layout already: keep it (the checkpoint carried the selection).
                 batches = _scoring_batches(dataloader, tuner.peft_config[name], target)
                 tuner.advance(target, None if restoring else optimizer, batches=batches, adapter_name=name)
-                logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
+                if tuner.phase(name) is Phase.DRAWN:  # else drawn at the first training forward (the probe)
+                    logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
             if optimizer is not None:
                 tuner.attach_optimizer(optimizer, name)
 
