@@ -145,3 +145,21 @@ def test_nested_inputs_are_probed():
     out = model.base_model.model({"x": [torch.randn(2, 4), torch.randn(2, 4)]})
     out.sum().backward()
     assert model.base_model.selection_summary()["selected_channels"] > 0
+
+
+def test_the_memory_report_prints_budget_and_measured_footprint():
+    import re
+
+    from tests.tiny_models import tiny_cnn
+    from trady_peft.report import compare_memory
+
+    config = trady_peft.TraDyConfig(memory_budget="6KiB", strategy="d-full-random", modules_to_save=["classifier"])
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    report = compare_memory(tiny_cnn, batch, config)
+    note = report.row("TraDy").note
+    found = re.search(
+        r"measured footprint ([\d,]+) B \(bank ([\d,]+) \+ saved inputs ([\d,]+)\) of the 6,144-byte", note
+    )
+    assert found, note
+    total, bank, saved = (int(g.replace(",", "")) for g in found.groups())
+    assert total == bank + saved <= 6144 and saved > 0

@@ -158,6 +158,20 @@ def _bytes_of(model: nn.Module, marker: str) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if marker in n)
 
 
+def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, budget: int) -> str:
+    """The adapter's measured footprint in one step: the bank's parameter, gradient and per-value
+    optimizer state, plus what autograd kept inside the TraDy layers (saved-tensor hooks)."""
+    tuner = trady.base_model
+    layers = {f"base_model.model.{n}" for n, m in tuner.model.named_modules() if isinstance(m, TraDyLayer)}
+    saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
+    bank = 0
+    for p in tuner.channel_bank.parameters():
+        state = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+        bank += sum(t.numel() * t.element_size() for t in [p, *([p.grad] if p.grad is not None else []), *state])
+    total = bank + saved
+    return f"measured footprint {total:,} B (bank {bank:,} + saved inputs {saved:,}) of the {budget:,}-byte budget"
+
+
 def lora_targets(peft_model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
     """TraDy's layers that peft LoRA can also wrap (its grouped convs need rank % groups == 0)."""
     ok, skipped = [], []
@@ -194,12 +208,15 @@ def compare_memory(
 
     rows = []
     trady = get_peft_model(build_model(), copy.deepcopy(config)).train()
-    trady_mem = measure_training_step(trady, inputs, make_optimizer(trady))
+    trady_optimizer = make_optimizer(trady)
+    trady_mem = measure_training_step(trady, inputs, trady_optimizer)
     summary = trady.base_model.selection_summary()
     note = f"{summary['selected_channels']:,} of {summary['total_channels']:,} input channels selected"
     if "selected_cost" in summary:
         unit = config.budget.unit
         note += f", cost {summary['selected_cost']:,} of a {summary['budget']:,}-{unit} budget"
+        if unit == "bytes":  # the budget is a bound: show what the step really added, measured
+            note += "; " + _measured_footprint(trady, trady_mem, trady_optimizer, summary["budget"])
     # The bank is the tuner's, not the base model's: it counts in `trainable`, not in `weights`.
     copies = "peft's trainable copy of modules_to_save, kept next to the frozen original"
     extra = {copies: _bytes_of(trady, "modules_to_save")}
