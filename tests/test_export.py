@@ -170,3 +170,15 @@ def test_fresh_process_loads_the_export_without_trady_peft(tmp_path):
     for key in models:
         reloaded = torch.load(tmp_path / f"{key}.reloaded.pt")
         torch.testing.assert_close(reloaded, torch.load(tmp_path / f"{key}.pt"), atol=1e-5, rtol=0)
+
+
+def test_rank_pattern_keys_resolve_to_their_own_layer_only():
+    from peft.utils.other import get_pattern_key
+
+    from trady_peft.export import _patterns
+
+    plain = {"model.layers.1.q": 2, "model.layers.11.q": 5}
+    assert _patterns(plain) == plain
+    nested = {"a.b": 2, "x.a.b": 5}  # "a.b" would also match "x.a.b"
+    keys = _patterns(nested)
+    assert {name: keys[get_pattern_key(list(keys), name)] for name in nested} == nested

@@ -46,12 +46,14 @@ def _lora_factors(indices: torch.Tensor, values: torch.Tensor, in_features: int)
 def _patterns(ranks: dict[str, int]) -> dict[str, int]:
     """Keys for ``rank_pattern``/``alpha_pattern`` that peft resolves to their own layer only.
 
-    peft reads the keys as regular expressions matched against the end of a module name; full
-    module names almost always match only themselves, else they are escaped.
+    peft reads each key as a regular expression matched against the end of a module name
+    (``(.*\\.)?(key)$``) and takes the first key that matches. Full module names match only
+    themselves unless one layer's name ends with another's; then every key is anchored
+    (``^`` + the escaped name).
     """
     if all(get_pattern_key(list(ranks), name) == name for name in ranks):
         return dict(ranks)
-    return {re.escape(name): r for name, r in ranks.items()}
+    return {"^" + re.escape(name): r for name, r in ranks.items()}
 
 
 def export_lora(
@@ -95,7 +97,7 @@ def export_lora(
         raise ValueError(f"No TraDy adapter named {adapter_name!r}; the model has {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     kinds: set[str] = set()
     convs: list[str] = []
     for name, layer in tuner.trady_layers(adapter_name):
@@ -112,7 +114,7 @@ def export_lora(
             convs.append(f"{name} ({indices.numel()} channels)")
             continue
         kinds.add(layer.geometry.kind)
-        factors[name] = (indices, values)
+        factors[name] = (indices, values, layer.in_features)
 
     if convs:
         message = (
@@ -124,7 +126,7 @@ def export_lora(
             raise ValueError(message + " Pass skip_unsupported=True to export the other layers without them.")
         warnings.warn(message + " They are left out of the exported adapter (skip_unsupported=True).", stacklevel=2)
 
-    ranks = {name: int(indices.numel()) for name, (indices, _) in factors.items()}
+    ranks = {name: int(indices.numel()) for name, (indices, _, _) in factors.items()}
     if max_rank is not None:
         over = [f"{name}: rank {r} > max_rank {max_rank}" for name, r in ranks.items() if r > max_rank]
         if over:
@@ -147,8 +149,7 @@ def export_lora(
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 saved[f"base_model.model.{name}.{key}"] = tensor.detach().cpu().contiguous()
 
-    for name, (indices, values) in factors.items():
-        in_features = tuner.model.get_submodule(name).in_features
+    for name, (indices, values, in_features) in factors.items():
         a, b = _lora_factors(indices.cpu(), values.detach().cpu(), in_features)
         saved[f"base_model.model.{name}.lora_A.weight"] = a
         saved[f"base_model.model.{name}.lora_B.weight"] = b
