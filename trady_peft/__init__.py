@@ -10,6 +10,7 @@ from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
+from .export import export_lora
 from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
 from .layer import TraDyLayer
@@ -24,6 +25,7 @@ _compat.install()  # atomic saves, load errors naming the file, the adapter card
 __all__ = [
     "Accounting",
     "Budget",
+    "export_lora",
     "find_tuner",
     "ImportanceEntry",
     "LayerCost",
