@@ -17,6 +17,9 @@ swap is a change of ``__class__``, undone by ``restore``) whose autograd keeps o
   statistics would need the input kept.) Outputs and gradients equal the original in eval mode;
 * ``FrozenPathReLU``, ``ReLU6``, ``LeakyReLU``, ``Hardtanh``: a bit-packed mask, 1 bit per element.
 
+Transformers' frozen path (gated MLPs, formula GELUs, dropout) has its twins in
+`trady_peft.frozen_path_transformers`; `apply_memory_saving` and `restore` handle both.
+
 The tuner applies them (``TraDyConfig(memory_saving_frozen_path=True)``, the default) to frozen
 modules only; a module whose own parameters train keeps PyTorch's behaviour.
 """
