@@ -17,6 +17,9 @@ swap is a change of ``__class__``, undone by ``restore``) whose autograd keeps o
   statistics would need the input kept.) Outputs and gradients equal the original in eval mode;
 * ``FrozenPathReLU``, ``ReLU6``, ``LeakyReLU``, ``Hardtanh``: a bit-packed mask, 1 bit per element.
 
+Transformers' frozen path (gated MLPs, formula GELUs, dropout) has its twins in
+`trady_peft.frozen_path_transformers`; `apply_memory_saving` and `restore` handle both.
+
 The tuner applies them (``TraDyConfig(memory_saving_frozen_path=True)``, the default) to frozen
 modules only; a module whose own parameters train keeps PyTorch's behaviour.
 """
@@ -195,14 +198,19 @@ ORIGINALS = {v: k for k, v in REPLACEMENTS.items()}
 
 
 def apply_memory_saving(model: nn.Module) -> list[str]:
-    """Swap every frozen ReLU-family, batch-norm and convolution module of ``model`` for its
-    memory-saving twin, in place. Returns the names of the swapped modules."""
+    """Swap every frozen ReLU-family, batch-norm and convolution module of ``model``, and the
+    transformers frozen-path modules of `trady_peft.frozen_path_transformers` (gated MLPs,
+    formula activations, dropouts), for its memory-saving twin, in place. Returns the names of
+    the swapped modules."""
+    from .frozen_path_transformers import twin_class
     from .layer import TraDyLayer
 
     inside_tuner = {id(m) for layer in model.modules() if isinstance(layer, TraDyLayer) for m in layer.modules()}
     swapped = []
     for name, module in model.named_modules():
         new_cls = REPLACEMENTS.get(type(module))
+        if new_cls is None and id(module) not in inside_tuner:
+            new_cls = twin_class(module)  # None for a module whose own parameters train
         if new_cls is None or id(module) in inside_tuner:
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -214,9 +222,11 @@ def apply_memory_saving(model: nn.Module) -> list[str]:
 
 def restore(model: nn.Module) -> int:
     """Undo `apply_memory_saving`. Returns the number of modules restored."""
+    from .frozen_path_transformers import original_class
+
     count = 0
     for module in model.modules():
-        original = ORIGINALS.get(type(module))
+        original = ORIGINALS.get(type(module)) or original_class(module)
         if original is not None:
             module.__class__ = original
             module.__dict__.pop("_trady_geometry", None)

@@ -1,0 +1,235 @@
+"""Issue 12 (first part): transformers' frozen-path twins equal the stock modules and keep less."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+)
+from transformers import activations as acts
+from transformers.models.gemma.modeling_gemma import GemmaMLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+import trady_peft
+from tests.tiny_models import Holder, tiny_llama
+from trady_peft.frozen_path import apply_memory_saving, restore
+from trady_peft.frozen_path_transformers import twin_class
+
+
+def _llama_mlp(act: str):
+    return LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_act=act))
+
+
+TWINS = {
+    "llama_mlp_silu": (lambda: _llama_mlp("silu"), (3, 5, 8)),
+    "llama_mlp_gelu": (lambda: _llama_mlp("gelu"), (3, 5, 8)),
+    "llama_mlp_gelu_new": (lambda: _llama_mlp("gelu_new"), (3, 5, 8)),  # a twin activation inside
+    "gemma_mlp_gelu_tanh": (
+        lambda: GemmaMLP(
+            GemmaConfig(
+                hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_activation="gelu_pytorch_tanh"
+            )
+        ),
+        (3, 5, 8),
+    ),
+    "new_gelu": (acts.NewGELUActivation, (4, 6, 10)),
+    "fast_gelu": (acts.FastGELUActivation, (4, 6, 10)),
+    "quick_gelu": (acts.QuickGELUActivation, (4, 6, 10)),
+    "accurate_gelu": (acts.AccurateGELUActivation, (4, 6, 10)),
+    "gelu_python": (lambda: acts.GELUActivation(use_gelu_python=True), (4, 6, 10)),
+    "gelu_tanh_python": (lambda: acts.GELUTanh(use_gelu_tanh_python=True), (4, 6, 10)),
+    "dropout": (lambda: nn.Dropout(0.3).train(), (4, 6, 10)),
+}
+
+
+def _run(module, x, probe):
+    torch.manual_seed(7)  # the same dropout draw for the twin and the stock module
+    y = module(x)
+    (y.float() * probe).sum().backward()
+    return y
+
+
+def _saved(module, x) -> int:
+    """Bytes the module itself keeps (not the stand-in loss after it)."""
+    torch.manual_seed(7)
+    mem = trady_peft.measure_training_step(Holder(module), x.detach().requires_grad_(True))
+    return sum(v for k, v in mem.saved_by_module.items() if k.startswith("layer"))
+
+
+@pytest.mark.parametrize("kind", list(TWINS))
+def test_twin_matches_stock_and_keeps_fewer_bytes(kind):
+    torch.manual_seed(0)
+    factory, shape = TWINS[kind]
+    stock = factory().double().requires_grad_(False)
+    twin = copy.deepcopy(stock)
+    swapped = apply_memory_saving(twin)
+    assert "" in swapped and type(twin) is not type(stock) and isinstance(twin, type(stock))
+
+    x = (torch.randn(shape, dtype=torch.float64) * 2).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        probe = torch.randn(stock(x_ref).shape, dtype=torch.float64)
+    y_ref = _run(stock, x_ref, probe)
+    y = _run(twin, x, probe)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+
+    kept, kept_ref = _saved(twin, x), _saved(stock, x_ref)
+    assert kept < kept_ref, (kept, kept_ref)
+    if kind == "dropout":
+        assert kept == (x.numel() + 7) // 8  # one bit per element
+    elif "mlp" not in kind:
+        assert kept == x.numel() * x.element_size()  # the input only
+
+    # The same under CPU bf16 autocast (float32 modules), within bf16 tolerance.
+    stock32, twin32 = copy.deepcopy(stock).float(), copy.deepcopy(twin).float()
+    x32, x32_ref = (x.detach().float().requires_grad_(True) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = _run(stock32, x32_ref, probe.float())
+        y = _run(twin32, x32, probe.float())
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x32.grad, x32_ref.grad, rtol=1e-2, atol=1e-2)
+
+    assert restore(twin) >= 1 and type(twin) is type(stock)
+    assert all("FrozenPath" not in type(m).__name__ for m in twin.modules())
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [nn.SiLU, acts.SiLUActivation, nn.GELU, lambda: nn.GELU(approximate="tanh"), acts.GELUActivation, acts.GELUTanh],
+)
+def test_activations_that_keep_only_their_input_have_no_twin(factory):
+    module = factory()
+    assert twin_class(module) is None
+    x = torch.randn(4, 6, 10, requires_grad=True)
+    assert _saved(module, x) == x.numel() * x.element_size()  # already the minimum
+
+
+def test_dropout_twin_keeps_stock_behaviour_in_eval_and_leaves_the_random_stream_as_stock():
+    drop = nn.Dropout(0.5)
+    apply_memory_saving(drop)
+    x = torch.randn(64, 32, requires_grad=True)
+    assert torch.equal(drop.eval()(x), x)
+    drop.train()
+    torch.manual_seed(3)
+    drop(x)
+    after_twin = torch.rand(3)
+    torch.manual_seed(3)
+    nn.functional.dropout(x, 0.5, True)
+    assert torch.equal(torch.rand(3), after_twin)
+
+
+def test_modules_that_train_or_compute_something_else_are_left_alone():
+    mlp = _llama_mlp("silu")
+    mlp.act_fn = nn.PReLU()  # an activation with a trained parameter
+    assert twin_class(mlp) is None
+
+    class NotGated(nn.Module):  # the attributes, another computation
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    assert twin_class(NotGated()) is None
+
+
+def test_swapped_models_deepcopy_and_pickle():
+    model = tiny_llama()
+    apply_memory_saving(model)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp).__name__ == "FrozenPathLlamaMLP"
+    clone = pickle.loads(pickle.dumps(mlp))
+    assert type(clone) is type(mlp) and type(copy.deepcopy(mlp)) is type(mlp)
+
+
+def _llama():
+    return tiny_llama().train()
+
+
+def _gpt2():
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.2, embd_pdrop=0.2)
+    return GPT2LMHeadModel(config).train()
+
+
+def _bert():
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).train()
+
+
+def _gemma():
+    config = GemmaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    return GemmaForCausalLM(config).train()
+
+
+MODELS = {
+    "llama": (_llama, "LlamaMLP"),
+    "gpt2": (_gpt2, "NewGELUActivation"),
+    "bert": (_bert, "Dropout"),
+    "gemma": (_gemma, "GemmaMLP"),
+}
+
+
+def _step(build, on: bool, inputs):
+    torch.manual_seed(0)
+    base = build()
+    config = trady_peft.TraDyConfig(
+        channels_per_layer=4, strategy="d-full-random", memory_saving_frozen_path=on, seed=0
+    )
+    model = get_peft_model(base, config).train()
+    torch.manual_seed(1)
+    mem = trady_peft.measure_training_step(model, inputs)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return model, mem, grads
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_whole_tiny_model_keeps_fewer_bytes_with_the_same_loss_and_bank_gradients(family):
+    build, stock_type = MODELS[family]
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0]) if family == "bert" else ids
+    inputs = {"input_ids": ids, "labels": labels}
+    model, mem, grads = _step(build, True, inputs)
+    _, mem_ref, grads_ref = _step(build, False, inputs)
+    assert any(k.startswith("FrozenPath") for k in mem.saved_by_module_type), mem.saved_by_module_type
+    assert stock_type in mem_ref.saved_by_module_type
+    assert mem.saved_activations < mem_ref.saved_activations, (mem.saved_by_module_type, mem_ref.saved_by_module_type)
+    assert mem.loss == pytest.approx(mem_ref.loss, rel=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7)
+
+    base = model.unload()
+    assert all("FrozenPath" not in type(m).__name__ for m in base.modules())
+    assert any(type(m).__name__ == stock_type for m in base.modules())

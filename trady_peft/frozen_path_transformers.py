@@ -1,0 +1,228 @@
+"""Memory-saving twins for the frozen path of transformers models (issue 12, first part).
+
+Measured on a Llama-style model, most of what autograd keeps for backward belongs to frozen
+modules whose backward needs much less:
+
+* a gated MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, keeps the gate ``g`` (for the
+  activation's derivative) and then ``act(g)`` and ``u`` again for the product: three tensors of
+  the intermediate size, where ``g`` and ``u`` suffice (``act(g)`` and ``act'(g)`` are recomputed);
+* activations written as Python formulas (``NewGELUActivation``, GPT-2's default, and the other
+  ``gelu_new``-style ones) keep every intermediate of the formula, where the input suffices;
+* a dropout keeps its mask as one float (CPU) or one byte (CUDA) per element, where one bit does.
+
+The twins below compute the same outputs with the same operations (and the same random draw for
+dropout), give the same input gradients, and keep only that. Like the CNN twins of
+`trady_peft.frozen_path` they are subclasses swapped in by changing ``__class__``
+(`apply_memory_saving`) and swapped back by `restore`. Modules are recognised by class, not by
+model name: a gated MLP is any module whose ``forward`` is the Llama-style expression above over
+``gate_proj``/``up_proj``/``down_proj``/``act_fn`` attributes (Llama, Mistral, Qwen2, Gemma, ...).
+
+Activations whose autograd already keeps only their input (``nn.SiLU``, ``SiLUActivation``,
+``nn.GELU``, ``GELUActivation`` and ``GELUTanh`` on ``F.gelu``) have no twin: nothing to save.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .frozen_path import pack_bits, unpack_bits
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _autocast_of(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    device = x.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _stock(module: nn.Module):
+    """The stock forward of ``module`` (its original class's, if it is a twin)."""
+    original = type(module).__dict__.get("_trady_original")
+    return functools.partial(original.forward, module) if original is not None else module
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- autograd functions
+
+
+class _GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` keeping ``gate`` and ``up`` only; backward recomputes ``act(gate)``."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        y = act(gate) * up
+        ctx.act, ctx.autocast = act, _autocast_of(gate)
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(gate, up if need_gate else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            g = gate.detach().requires_grad_(need_gate)
+            a = ctx.act(g)
+        grad_up = grad * a.detach() if need_up else None
+        grad_gate = torch.autograd.grad(a, g, grad * up)[0] if need_gate else None
+        return grad_gate, grad_up, None
+
+
+class _RecomputedActivation(torch.autograd.Function):
+    """``fn(x)`` for an elementwise ``fn``, keeping ``x`` only; backward recomputes ``fn``."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn, ctx.autocast = fn, _autocast_of(x)
+        ctx.save_for_backward(x)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            x_ = x.detach().requires_grad_(True)
+            y = ctx.fn(x_)
+        return torch.autograd.grad(y, x_, grad)[0], None
+
+
+class _PackedDropout(torch.autograd.Function):
+    """``torch.native_dropout`` keeping its mask bit-packed (1 bit per element).
+
+    ``F.dropout`` draws its mask with the same ``bernoulli_`` call on CPU (``_dropout``) and calls
+    ``native_dropout`` itself on CUDA, so outputs equal ``nn.Dropout``'s under the same RNG state.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        y, mask = torch.native_dropout(x, p, True)
+        ctx.shape, ctx.scale = mask.shape, 1.0 / (1.0 - p)
+        ctx.save_for_backward(pack_bits(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
+
+
+# ----------------------------------------------------------------------------- twins
+
+
+class FrozenPathDropout(nn.Dropout):
+    """``nn.Dropout`` keeping a 1-bit mask (same draw, outputs and gradients)."""
+
+    _trady_original = nn.Dropout
+
+    def forward(self, x):
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or not _needs_grad(x) or x.numel() == 0:
+            return super().forward(x)
+        return _PackedDropout.apply(x, self.p)
+
+
+class _RecomputingActivation:
+    def forward(self, x):
+        if not _needs_grad(x):
+            return super().forward(x)
+        return _RecomputedActivation.apply(x, functools.partial(self._trady_original.forward, self))
+
+
+class _GatedMLP:
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if (
+            not torch.is_grad_enabled()
+            or not (gate.requires_grad or up.requires_grad)
+            or gate.shape != up.shape
+            or gate.dtype != up.dtype
+        ):
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(_GatedProduct.apply(gate, up, _stock(self.act_fn)))
+
+
+_TWINS: dict[type, type] = {nn.Dropout: FrozenPathDropout}
+
+
+def _make_twin(cls: type, mixin: type) -> type:
+    name = f"FrozenPath{cls.__name__}"
+    while name in globals() and globals()[name]._trady_original is not cls:
+        name += "_"
+    twin = type(name, (mixin, cls), {"_trady_original": cls, "__module__": __name__, "__qualname__": name})
+    globals()[name] = twin  # importable by name, so pickle and deepcopy find it
+    return twin
+
+
+def _recomputing_activation_classes() -> list[type]:
+    """Activations whose stock autograd keeps intermediates of a Python formula (measured in tests)."""
+    try:
+        from transformers import activations as acts
+    except ImportError:  # pragma: no cover - transformers is a dependency of peft
+        return []
+    names = ("NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation")
+    return [getattr(acts, n) for n in names if hasattr(acts, n)]
+
+
+for _cls in _recomputing_activation_classes():
+    _TWINS[_cls] = _make_twin(_cls, _RecomputingActivation)
+
+_GATED_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+
+
+@functools.cache
+def _is_gated_mlp(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return _GATED_FORWARD in "".join(source.split())
+
+
+def _python_formula(module: nn.Module) -> bool:
+    """``GELUActivation``/``GELUTanh`` built with ``use_*_python=True`` run a Python formula."""
+    act = module.__dict__.get("act")
+    return act is not None and not isinstance(act, functools.partial) and act is not F.gelu
+
+
+_PYTHON_FORMULA_TWINS: dict[type, type] = {}
+_MLP_TWINS: dict[type, type] = {}
+
+
+def twin_class(module: nn.Module) -> type | None:
+    """The memory-saving class for ``module`` if it is a frozen transformers frozen-path module, else None."""
+    cls = type(module)
+    if "_trady_original" in cls.__dict__:
+        return None  # already a twin
+    if cls in _TWINS:
+        return None if _trains(module) else _TWINS[cls]
+    if cls.__name__ in ("GELUActivation", "GELUTanh") and _python_formula(module) and not _trains(module):
+        if cls not in _PYTHON_FORMULA_TWINS:
+            _PYTHON_FORMULA_TWINS[cls] = _make_twin(cls, _RecomputingActivation)
+        return _PYTHON_FORMULA_TWINS[cls]
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    if all(isinstance(getattr(module, a, None), nn.Module) for a in parts) and _is_gated_mlp(cls):
+        if _trains(module.act_fn):
+            return None  # an activation with trained parameters keeps PyTorch's backward
+        if cls not in _MLP_TWINS:
+            _MLP_TWINS[cls] = _make_twin(cls, _GatedMLP)
+        return _MLP_TWINS[cls]
+    return None
+
+
+def original_class(module: nn.Module) -> type | None:
+    """The stock class of a twin, or None for any other module."""
+    return type(module).__dict__.get("_trady_original")
