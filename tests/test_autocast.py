@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import trady_peft
-from tests.test_gradients import INPUTS, LAYERS, StaticSamePaddingConv, channel_slices, dense_from_slices
+from tests.test_gradients import INPUTS, LAYERS, StaticSamePaddingConv, channel_slices, dense_reference
 from tests.test_gradients import reference_output as _reference_output
 from tests.test_trainer import CountingText
 from tests.tiny_models import Holder, tiny_cnn, tiny_gpt2, tiny_llama
@@ -94,16 +94,8 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     if not backward_inside:
         (out.float() * probe).sum().backward()
 
-    # fp32 dense reference
     view = layer.trady_delta["default"]
-    w_eff = (
-        reference_base.weight.detach()
-        + dense_from_slices(base, layer.trady_indices["default"].long(), layer.trady_values["default"])
-        + dense_from_slices(base, channels, view().detach())
-    ).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out_ref = reference_output(reference_base, x_ref, w_eff)
-    (out_ref * probe).sum().backward()
+    x_ref, w_eff, out_ref = dense_reference(layer, base, reference_base, x, probe, reference_output)  # fp32
 
     tol = TOL[dtype]
     assert_close_rel(out, out_ref, tol, "output")

@@ -120,6 +120,21 @@ def dense_from_slices(base: nn.Module, channels: torch.Tensor, slices: torch.Ten
     return dense
 
 
+def dense_reference(layer, base, reference_base, x, probe, reference=None):
+    """The layer's full effective weight (base + accumulated store + current delta) as a leaf, run
+    through the stock layer: returns (input leaf, weight leaf, output), after the backward of ``probe``."""
+    channels = layer.trady_idx["default"].long()
+    w_eff = (
+        reference_base.weight.detach()
+        + dense_from_slices(base, layer.trady_indices["default"].long(), layer.trady_values["default"])
+        + dense_from_slices(base, channels, layer.trady_delta["default"]().detach())
+    ).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out_ref = (reference or reference_output)(reference_base, x_ref, w_eff)
+    (out_ref * probe).sum().backward()
+    return x_ref, w_eff, out_ref
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.manual_seed(0)
@@ -143,16 +158,8 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     probe = torch.randn_like(out)
     (out * probe).sum().backward()
 
-    # Dense reference: the full effective weight as a leaf.
     view = layer.trady_delta["default"]
-    w_eff = (
-        reference_base.weight.detach()
-        + dense_from_slices(base, layer.trady_indices["default"].long(), layer.trady_values["default"])
-        + dense_from_slices(base, channels, view().detach())
-    ).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out_ref = reference_output(reference_base, x_ref, w_eff)
-    (out_ref * probe).sum().backward()
+    x_ref, w_eff, out_ref = dense_reference(layer, base, reference_base, x, probe)
 
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
