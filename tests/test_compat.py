@@ -150,3 +150,55 @@ def test_tensor_leaves_finds_nested_tensors():
 
     a, b, c = torch.zeros(1), torch.ones(2), torch.ones(3)
     assert [t.shape for t in tensor_leaves(((a, [b]), {"x": {"y": c}, "n": 3}))] == [a.shape, b.shape, c.shape]
+
+
+# ------------------------------------------- private APIs used outside compat.py, one test each
+def test_peft_type_enum_accepts_the_trady_member():
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from peft.utils import PeftType
+
+    assert PeftType.TRADY in list(PeftType) and PeftType("TRADY") is PeftType["TRADY"] is PeftType.TRADY
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.TRADY] == "trady_"
+
+
+def test_buffer_dict_lives_where_layer_py_imports_it():
+    from peft.tuners._buffer_dict import BufferDict
+
+    d = BufferDict(persistent=True)
+    d["a"] = torch.zeros(2)
+    assert "a" in d and list(d.keys()) == ["a"]
+
+
+def test_aten_convolution_backward_takes_an_expanded_input_for_the_input_gradient():
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(3, 2, 3, 3)
+    g = torch.randn(1, 3, 3, 3)
+    g_in, _, _ = torch.ops.aten.convolution_backward(
+        g, x.new_empty(1).expand(x.shape), w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+    )
+    xr = x.clone().requires_grad_(True)
+    torch.nn.functional.conv2d(xr, w).backward(g)
+    torch.testing.assert_close(g_in, xr.grad)
+
+
+def test_conv_reversed_padding_attribute_gives_f_pad_amounts():
+    conv = torch.nn.Conv2d(2, 2, (3, 4), padding="same", padding_mode="reflect")
+    assert tuple(conv._reversed_padding_repeated_twice) == (1, 2, 1, 1)
+
+
+def test_peft_state_dict_hooks_round_trip_the_selection_state_key():
+    from peft.tuners.tuners_utils import BaseTuner
+
+    assert callable(BaseTuner._get_adapter_state_dict) and callable(BaseTuner._remap_adapter_state_dict_for_load)
+    key = BaseTuner._remove_adapter_name_from_key("base_model.trady_state.default", "default")
+    assert key == "base_model.trady_state"
+
+
+def test_class_swaps_keep_parameters_and_state_dict_keys():
+    from trady_peft.frozen_path import apply_memory_saving, restore
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU())
+    model.requires_grad_(False)
+    keys = list(model.state_dict())
+    assert apply_memory_saving(model) and list(model.state_dict()) == keys
+    assert restore(model) == 3 and type(model[0]) is torch.nn.Conv2d

@@ -16,6 +16,14 @@ What is patched, and why:
 * **Which file is being loaded.** ``PeftModel.load_adapter`` (used by ``from_pretrained`` and by
   the Trainer's checkpoint resume) is wrapped in `trady_peft.adapter_file.loading_from`,
   so the checks run by each TraDy layer's ``_load_from_state_dict`` can name the file.
+
+Private APIs used where they are needed (kept there because they are one line of the data path),
+each with its own test in ``tests/test_compat.py`` as well: the `PeftType` member recipe
+(``_registration.py``), ``peft.tuners._buffer_dict.BufferDict`` (``layer.py``),
+``torch.ops.aten.convolution_backward`` and ``Conv._reversed_padding_repeated_twice``
+(``geometry.py``), peft's state-dict classmethods ``_get_adapter_state_dict`` /
+``_remove_adapter_name_from_key`` (``model.py``), and ``__class__`` swaps of frozen modules
+(``frozen_path.py``).
 """
 
 from __future__ import annotations
