@@ -238,3 +238,40 @@ def test_loading_another_adapter_does_not_change_this_adapters_prices(tmp_path):
     model.load_adapter(tmp_path / "other", adapter_name="other", is_trainable=False)
     trady_peft.next_period(model, adapter="default")
     assert model.base_model.selection_states["default"].costs == before
+
+
+# ------------------------------------------------------------------ the peft-style matrix
+STRATEGY_NAMES = ["trady", "s-top-k-random", "d-full-random", "s-full-random", "d-det-rgn", "s-det-rgn", "medyate"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("budget", list(BUDGETS))
+@pytest.mark.parametrize("model_name", ["llama", "cnn"])
+def test_generic_checks_for_every_model_budget_and_strategy(model_name, budget, strategy, tmp_path):
+    """Trains, stays within the budget over periods, and round-trips through save/load exactly."""
+    from peft import PeftModel
+
+    if budget == "channels_per_layer" and strategy in ("d-det-rgn", "s-det-rgn", "medyate"):
+        pytest.skip("this strategy selects under a memory budget")
+    factory, make_batch, extra = MODELS[model_name]
+    config = trady_peft.TraDyConfig(strategy=strategy, **BUDGETS[budget], **extra)
+    model = get_peft_model(factory(), config)
+    model.train()
+    batches = [make_batch() for _ in range(2)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner = model.base_model
+    for period in range(3):
+        trady_peft.next_period(model, optimizer, batches=batches, period=period)
+        for batch in batches:
+            model(**batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if config.budget is not None:
+            assert 0 < tuner.selected_cost() <= config.budget.amount
+        assert tuner.selection_summary()["selected_channels"] > 0
+    assert tuner.selection_summary()["touched_channels"] > 0
+    model.eval()
+    expected = model(**batches[0])["logits"].detach()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(factory(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(**batches[0])["logits"], expected, rtol=1e-5, atol=1e-6)
