@@ -46,14 +46,15 @@ class PeriodLifecycle:
         names = [n for n, _ in self.trady_layers(name)]
         present = [r for r in entry.ranking if any(names_match(n, r) for n in names)] if entry else []
         if entry is None or len(present) < len(entry.ranking) / 2:
-            fallback = "every target layer (D-Full Random)" if config.strategy != "medyate" else "module order"
+            medyate = config.strategy == "medyate"
+            fallback = "rank layers by module order" if medyate else "draw from every target layer (D-Full Random)"
             logger.warning(
-                "TraDy has no importance table for %s: strategy=%r will rank layers by %s. Rank this architecture "
+                "TraDy has no importance table for %s: strategy=%r will %s. Rank this architecture "
                 "once with `trady-peft rank-layers` (or trady_peft.rank_layers) and pass layer_ranking=<file>%s.",
                 f"family {found[0]!r}" if found else type(self.model).__name__,
                 config.strategy,
                 fallback,
-                "" if config.strategy == "medyate" else ", or set strategy='d-full-random' to silence this",
+                "" if medyate else ", or set strategy='d-full-random' to silence this",
             )
             return
         config.layer_ranking = present
