@@ -8,7 +8,11 @@ modules whose backward needs much less:
   the intermediate size, where ``g`` and ``u`` suffice (``act(g)`` and ``act'(g)`` are recomputed);
 * activations written as Python formulas (``NewGELUActivation``, GPT-2's default, and the other
   ``gelu_new``-style ones) keep every intermediate of the formula, where the input suffices;
-* a dropout keeps its mask as one float (CPU) or one byte (CUDA) per element, where one bit does.
+* a dropout keeps its mask as one float (CPU) or one byte (CUDA) per element, where one bit does;
+* an RMSNorm of a bf16/fp16 model keeps the float32 upcast of its input (twice the input), where
+  the input suffices (its twin recomputes the norm in backward). In float32 it keeps the input and
+  the per-row rsqrt, and the twin saves only the rsqrt. ``nn.LayerNorm`` keeps input, mean and
+  rstd already: no twin.
 
 The twins below compute the same outputs with the same operations (and the same random draw for
 dropout), give the same input gradients, and keep only that. Like the CNN twins of
