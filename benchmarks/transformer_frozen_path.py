@@ -1,12 +1,13 @@
 """Saved activations of one training step on a Llama-style (or GPT-2) model, by module type (issue 12).
 
 Three methods, each measured by `trady_peft.measure_training_step` on a fresh model built from
-config (fp32, CPU by default): TraDy with the stock frozen path (``memory_saving_frozen_path=False``),
+config (fp32 unless --dtype, CPU): TraDy with the stock frozen path (``memory_saving_frozen_path=False``),
 TraDy with the frozen-path twins (the default), and peft LoRA r=8 on every linear layer.
 
     PYTHONPATH=. python benchmarks/transformer_frozen_path.py            # hidden 512, 6 layers, 8x256
     PYTHONPATH=. python benchmarks/transformer_frozen_path.py --seq 64   # smaller, faster
     PYTHONPATH=. python benchmarks/transformer_frozen_path.py --family gpt2  # intermediate 4 x hidden
+    PYTHONPATH=. python benchmarks/transformer_frozen_path.py --dtype bfloat16  # a bf16 model
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def build(args):
             n_head=args.heads,
             n_positions=max(args.seq, 64),
         )
-        return GPT2LMHeadModel(config).train()
+        return GPT2LMHeadModel(config).to(args.dtype).train()
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -41,7 +42,7 @@ def build(args):
         num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq, 64),
     )
-    return LlamaForCausalLM(config).train()
+    return LlamaForCausalLM(config).to(args.dtype).train()
 
 
 def main() -> None:
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--channels", type=int, default=32, help="TraDy channels per layer (d-full-random)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "labels": ids}
@@ -83,10 +86,11 @@ def main() -> None:
 
     kinds = sorted({row_key(k) for mem in results.values() for k in mem.saved_by_module_type})
     mib = 2**20
+    dtype_name = str(args.dtype).removeprefix("torch.")
     inter = args.intermediate if args.family == "llama" else 4 * args.hidden
     print(
         f"\n{args.family}: hidden {args.hidden}, intermediate {inter}, {args.layers} layers, "
-        f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, fp32, CPU. Saved activations, MiB.\n"
+        f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, {dtype_name}, CPU. Saved activations, MiB.\n"
     )
     header = f"| {'module type':<22} | " + " | ".join(f"{n:>19}" for n in results) + " |"
     print(header)

@@ -8,7 +8,11 @@ modules whose backward needs much less:
   the intermediate size, where ``g`` and ``u`` suffice (``act(g)`` and ``act'(g)`` are recomputed);
 * activations written as Python formulas (``NewGELUActivation``, GPT-2's default, and the other
   ``gelu_new``-style ones) keep every intermediate of the formula, where the input suffices;
-* a dropout keeps its mask as one float (CPU) or one byte (CUDA) per element, where one bit does.
+* a dropout keeps its mask as one float (CPU) or one byte (CUDA) per element, where one bit does;
+* an RMSNorm of a bf16/fp16 model keeps the float32 upcast of its input (twice the input), where
+  the input suffices (its twin recomputes the norm in backward). In float32 it keeps the input and
+  the per-row rsqrt, and the twin saves only the rsqrt. ``nn.LayerNorm`` keeps input, mean and
+  rstd already: no twin.
 
 The twins below compute the same outputs with the same operations (and the same random draw for
 dropout), give the same input gradients, and keep only that. Like the CNN twins of
@@ -213,6 +217,9 @@ def twin_class(module: nn.Module) -> type | None:
         if cls not in _PYTHON_FORMULA_TWINS:
             _PYTHON_FORMULA_TWINS[cls] = _make_twin(cls, _RecomputingActivation)
         return _PYTHON_FORMULA_TWINS[cls]
+    norm = _norm_twin_class(module)  # RMS norms, defined below
+    if norm is not None:
+        return norm
     parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
     if all(isinstance(getattr(module, a, None), nn.Module) for a in parts) and _is_gated_mlp(cls):
         if _trains(module.act_fn):
@@ -226,3 +233,104 @@ def twin_class(module: nn.Module) -> type | None:
 def original_class(module: nn.Module) -> type | None:
     """The stock class of a twin, or None for any other module."""
     return type(module).__dict__.get("_trady_original")
+
+
+# ----------------------------------------------------------------------------- RMS norms (issue 12)
+#
+# A frozen RMSNorm's stock autograd keeps the float32 upcast of its input and the per-row rsqrt:
+# for a bf16/fp16 input that is twice the input's bytes, for a float32 input the input itself
+# (``.to(float32)`` is then a no-op) plus the rsqrt. The twin keeps the input in its own dtype only
+# and recomputes the norm in backward, so its input gradient is the stock one bit for bit.
+# nn.LayerNorm has no twin: ``native_layer_norm`` already keeps only its input, mean and rstd.
+
+
+class _RecomputingNorm(_RecomputingActivation):
+    """A norm whose forward is a deterministic formula of its input and frozen weight: keeps the input only.
+
+    A float64 input is left to the stock forward, which keeps its float32 downcast: less than the input.
+    """
+
+    def forward(self, x):
+        if x.element_size() > 4:
+            return self._trady_original.forward(self, x)
+        return super().forward(x)
+
+
+def _normalized_source(fn) -> str | None:
+    """``fn``'s source without comments, whitespace and its ``def`` line (annotations vary)."""
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+        text = "".join(t.string for t in tokens if t.type not in skip)
+    except (OSError, TypeError, tokenize.TokenError, IndentationError):
+        return None
+    depth = 0
+    for i, ch in enumerate(text):  # the ``:`` closing the signature is the first one outside brackets
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == ":" and depth == 0 and ")" in text[:i]:
+            return text[i + 1 :]
+    return None
+
+
+# Stock RMSNorm formulas of transformers (5.x), as bodies of ``forward`` (and of ``_norm``, when
+# ``forward`` calls it). Scanned over transformers' models: the first covers Llama, Mistral,
+# Qwen2/3, Phi3, Mamba and some 140 more; the second Gemma 1-3, Qwen3-Next/3.5.
+_RMS_FORWARDS = {
+    # Llama, Mistral, Qwen2, ...: weight * normalized.to(input_dtype)
+    "input_dtype=hidden_states.dtypehidden_states=hidden_states.to(torch.float32)"
+    "variance=hidden_states.pow(2).mean(-1,keepdim=True)"
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
+    "returnself.weight*hidden_states.to(input_dtype)",
+    # Olmo2, GptOss, DeepseekV4, ...: (weight * normalized).to(input_dtype)
+    "input_dtype=hidden_states.dtypehidden_states=hidden_states.to(torch.float32)"
+    "variance=hidden_states.pow(2).mean(-1,keepdim=True)"
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
+    "return(self.weight*hidden_states).to(input_dtype)",
+    # Helium, NemotronH: (weight.float() * normalized).to(input_dtype)
+    "input_dtype=hidden_states.dtypehidden_states=hidden_states.to(torch.float32)"
+    "variance=hidden_states.pow(2).mean(-1,keepdim=True)"
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
+    "return(self.weight.to(torch.float32)*hidden_states).to(input_dtype)",
+    # Gemma 1-3: normalized in float32 times (1 + weight), cast back
+    "output=self._norm(x.float())output=output*(1.0+self.weight.float())returnoutput.type_as(x)",
+    # Moshi: normalized in float32 times weight, cast back
+    "output=self._norm(x.float())output=output*self.weight.float()returnoutput.type_as(x)",
+}
+_RMS_NORM_BODY = "returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)"
+
+
+@functools.cache
+def _is_stock_rms_norm(cls: type) -> bool:
+    body = _normalized_source(cls.forward)
+    if body not in _RMS_FORWARDS:
+        return False
+    return "self._norm(" not in body or _normalized_source(getattr(cls, "_norm", None)) == _RMS_NORM_BODY
+
+
+def _looks_like_rms_norm(module: nn.Module) -> bool:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(module.__dict__.get("_parameters", {}).get("weight"), nn.Parameter)
+        and isinstance(eps, float)
+        and _is_stock_rms_norm(type(module))
+    )
+
+
+_NORM_TWINS: dict[type, type] = {}
+
+
+def _norm_twin_class(module: nn.Module) -> type | None:
+    """The twin of a frozen stock RMSNorm, else None (called by `twin_class`)."""
+    if "_trady_original" in type(module).__dict__ or _trains(module) or not _looks_like_rms_norm(module):
+        return None
+    cls = type(module)
+    if cls not in _NORM_TWINS:
+        _NORM_TWINS[cls] = _make_twin(cls, _RecomputingNorm)
+    return _NORM_TWINS[cls]
