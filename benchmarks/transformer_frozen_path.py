@@ -90,7 +90,7 @@ def main() -> None:
         print(f"# {name}: step {time.perf_counter() - start:.1f} s, loss {results[name].loss:.4f}")
 
     def row_key(kind: str) -> str:  # a twin counts with the stock class it replaces
-        return kind.removeprefix("FrozenPath").replace("LMHead", "Linear")
+        return "Linear" if kind == "FrozenPathLMHead" else kind.removeprefix("FrozenPath")
 
     kinds = sorted({row_key(k) for mem in results.values() for k in mem.saved_by_module_type})
     mib = 2**20

@@ -150,6 +150,15 @@ def test_other_logits_and_trained_heads_keep_the_stock_path():
     loss = fused(head_logits, labels, VOCAB)
     assert loss.grad_fn is not None and "Fused" not in type(loss.grad_fn).__name__
 
+    # explicit shift_labels, and labels of the wrong length (the stock loss's error)
+    head_logits = twin.lm_head(x)
+    shifted = torch.randint(0, VOCAB, (2, 6))
+    loss = fused(head_logits, labels, VOCAB, shift_labels=shifted)
+    assert "Fused" in type(loss.grad_fn).__name__
+    torch.testing.assert_close(loss, ForCausalLMLoss(head_logits, labels, VOCAB, shift_labels=shifted))
+    with pytest.raises((ValueError, RuntimeError)):
+        fused(twin.lm_head(x), labels[:, :4], VOCAB)
+
     trained = tiny_llama()
     trained.lm_head.weight.requires_grad_(True)
     assert "lm_head" not in apply_memory_saving(trained)

@@ -128,39 +128,42 @@ class FusedCausalLMLoss:
         shift_labels=None,
         **kwargs,
     ):
+        loss = self._fused(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels)
+        if loss is not None:
+            return loss
+        return self.original(
+            logits,
+            labels,
+            vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+            shift_labels=shift_labels,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _fused(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels):
+        """The fused loss, or None where the original must run (untagged or changed logits, a
+        shape the stock loss would reject)."""
         tag = getattr(logits, _TAG, None)
         if tag is None or not torch.is_grad_enabled() or logits.shape[-1] != vocab_size:
-            return self.original(
-                logits,
-                labels,
-                vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                ignore_index=ignore_index,
-                shift_labels=shift_labels,
-                **kwargs,
-            )
+            return None
         hidden, weight, version = tag
         if logits._version != version or hidden.shape[:-1] != logits.shape[:-1]:
-            return self.original(
-                logits,
-                labels,
-                vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                ignore_index=ignore_index,
-                shift_labels=shift_labels,
-                **kwargs,
-            )
-        if shift_labels is None:
-            labels = F.pad(labels, (0, 1), value=ignore_index)
-            shift_labels = labels[..., 1:]
-        shift_labels = shift_labels.reshape(-1).to(logits.device)
+            return None
+        targets = shift_labels
+        if targets is None:  # shift so that tokens < n predict n
+            targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        targets = targets.reshape(-1).to(logits.device)
+        if targets.numel() != logits.numel() // vocab_size:
+            return None
         if num_items_in_batch is None:
-            scale = 1.0 / (shift_labels != ignore_index).sum().float()
+            scale = 1.0 / (targets != ignore_index).sum().float()
         else:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(logits.device)
             scale = 1.0 / torch.as_tensor(num_items_in_batch, device=logits.device).float()
-        return _FusedCrossEntropy.apply(hidden, logits.detach(), weight, shift_labels, ignore_index, scale)
+        return _FusedCrossEntropy.apply(hidden, logits.detach(), weight, targets, ignore_index, scale)
 
 
 def _causal_lm_loss():
