@@ -171,3 +171,33 @@ def test_swapped_model_pickles_deepcopies_and_restores():
         assert type(clone.lm_head) is FrozenPathLMHead and isinstance(clone.loss_function, FusedCausalLMLoss)
         restore(clone)
         assert type(clone.lm_head) is torch.nn.Linear and clone.loss_function is ForCausalLMLoss
+
+
+def _from_config(name: str):
+    import transformers
+
+    kw = {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw))
+
+
+@pytest.mark.parametrize(("name", "fused"), [("Qwen2", True), ("Gemma", True), ("Gemma2", False)])
+def test_other_families_fuse_or_fall_back_by_their_loss_path(name, fused):
+    """Gemma2 soft-caps its logits after the head: the original loss runs on them."""
+    stock = _from_config(name).double().requires_grad_(False)
+    twin = copy.deepcopy(stock)
+    assert "lm_head" in apply_memory_saving(twin)
+    inputs = _inputs(False)
+    out_ref, g_ref = _loss_and_input_grad(stock, inputs)
+    out, g = _loss_and_input_grad(twin, inputs)
+    assert ("Fused" in type(out.loss.grad_fn).__name__) is fused
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
