@@ -1,8 +1,11 @@
 """Saved activations of one training step on a Llama-style (or GPT-2) model, by module type (issue 12).
 
-Three methods, each measured by `trady_peft.measure_training_step` on a fresh model built from
+Four methods, each measured by `trady_peft.measure_training_step` on a fresh model built from
 config (fp32 unless --dtype, CPU): TraDy with the stock frozen path (``memory_saving_frozen_path=False``),
-TraDy with the frozen-path twins (the default), and peft LoRA r=8 on every linear layer.
+TraDy with the frozen-path twins but the stock LM head and loss (`trady_peft.frozen_path_loss`
+undone), TraDy with all twins (the default: the frozen head's fused loss keeps no logits), and
+peft LoRA r=8 on every linear layer. The fused loss shows in the top-level model's row
+(``LlamaForCausalLM``/``GPT2LMHeadModel``: the loss runs in its forward).
 
     PYTHONPATH=. python benchmarks/transformer_frozen_path.py            # hidden 512, 6 layers, 8x256
     PYTHONPATH=. python benchmarks/transformer_frozen_path.py --seq 64   # smaller, faster
@@ -20,6 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import trady_peft
+from trady_peft.frozen_path_loss import FrozenPathLMHead, restore_loss
 
 
 def build(args):
@@ -63,15 +67,22 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "labels": ids}
 
-    def trady(on: bool):
+    def trady(on: bool, fused_loss: bool = True):
         config = trady_peft.TraDyConfig(
             channels_per_layer=args.channels, strategy="d-full-random", memory_saving_frozen_path=on
         )
-        return get_peft_model(build(args), config)
+        model = get_peft_model(build(args), config)
+        if on and not fused_loss:
+            restore_loss(model)
+            for module in model.modules():
+                if type(module) is FrozenPathLMHead:
+                    module.__class__ = torch.nn.Linear
+        return model
 
     methods = {
         "TraDy, stock path": lambda: trady(False),
-        "TraDy, twins": lambda: trady(True),
+        "TraDy, twins, stock head": lambda: trady(True, fused_loss=False),
+        "TraDy, all twins": lambda: trady(True),
         "LoRA r=8 all-linear": lambda: get_peft_model(build(args), LoraConfig(r=8, target_modules="all-linear")),
     }
     results = {}
@@ -82,7 +93,7 @@ def main() -> None:
         print(f"# {name}: step {time.perf_counter() - start:.1f} s, loss {results[name].loss:.4f}")
 
     def row_key(kind: str) -> str:  # a twin counts with the stock class it replaces
-        return kind.removeprefix("FrozenPath")
+        return "Linear" if kind == "FrozenPathLMHead" else kind.removeprefix("FrozenPath")
 
     kinds = sorted({row_key(k) for mem in results.values() for k in mem.saved_by_module_type})
     mib = 2**20
@@ -92,16 +103,16 @@ def main() -> None:
         f"\n{args.family}: hidden {args.hidden}, intermediate {inter}, {args.layers} layers, "
         f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, {dtype_name}, CPU. Saved activations, MiB.\n"
     )
-    header = f"| {'module type':<22} | " + " | ".join(f"{n:>19}" for n in results) + " |"
+    header = f"| {'module type':<22} | " + " | ".join(f"{n:>24}" for n in results) + " |"
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for kind in kinds:
         cells = []
         for mem in results.values():
             nbytes = sum(v for k, v in mem.saved_by_module_type.items() if row_key(k) == kind)
-            cells.append(f"{nbytes / mib:>19.1f}")
+            cells.append(f"{nbytes / mib:>24.1f}")
         print(f"| {kind:<22} | " + " | ".join(cells) + " |")
-    print(f"| {'total':<22} | " + " | ".join(f"{m.saved_activations / mib:>19.1f}" for m in results.values()) + " |")
+    print(f"| {'total':<22} | " + " | ".join(f"{m.saved_activations / mib:>24.1f}" for m in results.values()) + " |")
 
 
 if __name__ == "__main__":

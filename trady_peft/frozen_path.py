@@ -18,7 +18,8 @@ swap is a change of ``__class__``, undone by ``restore``) whose autograd keeps o
 * ``FrozenPathReLU``, ``ReLU6``, ``LeakyReLU``, ``Hardtanh``: a bit-packed mask, 1 bit per element.
 
 Transformers' frozen path (gated MLPs, formula GELUs, dropout) has its twins in
-`trady_peft.frozen_path_transformers`; `apply_memory_saving` and `restore` handle both.
+`trady_peft.frozen_path_transformers`, and a causal LM's frozen head with its cross-entropy in
+`trady_peft.frozen_path_loss`; `apply_memory_saving` and `restore` handle all of them.
 
 The tuner applies them (``TraDyConfig(memory_saving_frozen_path=True)``, the default) to frozen
 modules only; a module whose own parameters train keeps PyTorch's behaviour.
@@ -200,8 +201,10 @@ ORIGINALS = {v: k for k, v in REPLACEMENTS.items()}
 def apply_memory_saving(model: nn.Module) -> list[str]:
     """Swap every frozen ReLU-family, batch-norm and convolution module of ``model``, and the
     transformers frozen-path modules of `trady_peft.frozen_path_transformers` (gated MLPs,
-    formula activations, dropouts), for its memory-saving twin, in place. Returns the names of
-    the swapped modules."""
+    formula activations, dropouts), for its memory-saving twin, in place; a causal LM's frozen
+    output embedding and its cross-entropy get `trady_peft.frozen_path_loss`'s fused loss. Returns
+    the names of the swapped modules."""
+    from .frozen_path_loss import apply_fused_loss
     from .frozen_path_transformers import twin_class
     from .layer import TraDyLayer
 
@@ -217,14 +220,15 @@ def apply_memory_saving(model: nn.Module) -> list[str]:
             continue  # a module that trains keeps PyTorch's own backward
         module.__class__ = new_cls
         swapped.append(name)
-    return swapped
+    return swapped + apply_fused_loss(model, inside_tuner)
 
 
 def restore(model: nn.Module) -> int:
     """Undo `apply_memory_saving`. Returns the number of modules restored."""
+    from .frozen_path_loss import restore_loss
     from .frozen_path_transformers import original_class
 
-    count = 0
+    count = restore_loss(model)
     for module in model.modules():
         original = ORIGINALS.get(type(module)) or original_class(module)
         if original is not None:
