@@ -123,7 +123,7 @@ def test_tiny_llama_norms_keep_fewer_bytes_with_the_same_loss_and_bank_gradients
     assert norms < norms_ref and mem.saved_activations < mem_ref.saved_activations
     if dtype == torch.bfloat16:
         assert 2 * norms < norms_ref  # a bf16 input instead of its float32 upcast
-    assert mem.loss == mem_ref.loss
+    assert mem.loss == pytest.approx(mem_ref.loss, rel=1e-6)  # the fused LM-head loss sums in chunks
     assert grads.keys() == grads_ref.keys() and grads
     for name in grads:  # the MLP twins reorder some float sums; the norms do not
         tol = 1e-5 if dtype == torch.float32 else 2e-2
