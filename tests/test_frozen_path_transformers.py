@@ -233,3 +233,38 @@ def test_whole_tiny_model_keeps_fewer_bytes_with_the_same_loss_and_bank_gradient
     base = model.unload()
     assert all("FrozenPath" not in type(m).__name__ for m in base.modules())
     assert any(type(m).__name__ == stock_type for m in base.modules())
+
+
+def test_review_regressions_extra_code_trained_norms_and_empty_labels():
+    """A gated MLP with more in its forward keeps its class; a norm unfrozen after wrapping still gets
+    its gradient; a batch with no counted label gives finite (zero) gradients."""
+    from peft import get_peft_model
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    import trady_peft
+    from tests.tiny_models import tiny_llama
+    from trady_peft.frozen_path_transformers import twin_class
+
+    class DropoutMLP(LlamaMLP):
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return torch.nn.functional.dropout(down_proj, p=0.5, training=self.training)
+
+    llama = tiny_llama()
+    mlp = llama.model.layers[0].mlp
+    assert twin_class(mlp) is not None
+    mlp.__class__ = DropoutMLP
+    assert twin_class(mlp) is None
+
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.requires_grad_(True)
+    ids = torch.arange(8).view(1, 8)
+    model(input_ids=ids, labels=ids)["loss"].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "norm" in n)
+
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
+    model(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=0)["loss"].backward()
+    grad = model.base_model.channel_bank["default"].weight.grad
+    assert grad is not None and torch.isfinite(grad).all()

@@ -80,7 +80,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             total += ((lse - z.gather(1, target).squeeze(1)) * valid).sum()
             g = torch.exp(z - lse.unsqueeze(1))
             g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
-            g *= (valid * scale).unsqueeze(1)
+            g *= torch.where(valid, scale, 0.0).unsqueeze(1)  # no 0 * inf when nothing counts
             # the stock backward: the fp32 gradient back in the logits' dtype, then through the head
             grad[start : start + step] = (g.to(logits.dtype) @ w).to(hidden.dtype)
         ctx.save_for_backward(grad)

@@ -141,7 +141,8 @@ class FrozenPathDropout(nn.Dropout):
 
 class _RecomputingActivation:
     def forward(self, x):
-        if not _needs_grad(x):
+        # Parameters made trainable after the swap need the stock backward (their own gradient).
+        if not _needs_grad(x) or any(p.requires_grad for p in self.parameters(recurse=False)):
             return super().forward(x)
         return _RecomputedActivation.apply(x, functools.partial(self._trady_original.forward, self))
 
@@ -152,6 +153,7 @@ class _GatedMLP:
         if (
             not torch.is_grad_enabled()
             or not (gate.requires_grad or up.requires_grad)
+            or any(p.requires_grad for p in self.act_fn.parameters())
             or gate.shape != up.shape
             or gate.dtype != up.dtype
         ):
@@ -184,16 +186,15 @@ def _recomputing_activation_classes() -> list[type]:
 for _cls in _recomputing_activation_classes():
     _TWINS[_cls] = _make_twin(_cls, _RecomputingActivation)
 
-_GATED_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+_GATED_EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+# The whole body must be the gated product: a forward that adds anything (a residual dropout,
+# a scaling) keeps its stock class.
+_GATED_BODIES = {f"return{_GATED_EXPRESSION}", f"down_proj={_GATED_EXPRESSION}returndown_proj"}
 
 
 @functools.cache
 def _is_gated_mlp(cls: type) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return _GATED_FORWARD in "".join(source.split())
+    return _normalized_source(cls.forward) in _GATED_BODIES
 
 
 def _python_formula(module: nn.Module) -> bool:
