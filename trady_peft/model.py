@@ -226,10 +226,9 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             if stored is None or not stored.numel():
                 continue
             tuner.trady_state[name] = stored.new_zeros(0)
-            old = tuner.selection_states[name]
-            if old.statistics is not None:
-                old.statistics.__init__(old.statistics.sizes)
-            state = SelectionState.from_dict(SelectionState.parse_tensor(stored), old.statistics)
+            old = tuner.selection_states[name].statistics
+            statistics = ChannelNormStatistics(old.sizes) if old is not None else None  # filled from the file
+            state = SelectionState.from_dict(SelectionState.parse_tensor(stored), statistics)
             tuner.selection_states[name] = state
             if tuner.peft_config[name].inference_mode:
                 continue

@@ -12,9 +12,9 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Mapping
 
 import torch
+from accelerate.utils import send_to_device
 
 from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
 from .compat import in_backward, tensor_leaves
@@ -104,11 +104,11 @@ class PeriodLifecycle:
     def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
         """Candidate layers with what one channel spends of each part of the budget (needs the probe)."""
         unit, costs = self.peft_config[adapter_name].budget.unit, self.selection_states[adapter_name].costs
-        prices = {n: costs[n].draw_price(unit) for n, _ in self.candidate_layers(adapter_name)}
-        return [
-            PricedLayer(n, m.geometry.in_channels, prices[n] if len(prices[n]) > 1 else prices[n][0])
-            for n, m in self.candidate_layers(adapter_name)
-        ]
+        priced = []
+        for n, m in self.candidate_layers(adapter_name):
+            price = costs[n].draw_price(unit)
+            priced.append(PricedLayer(n, m.geometry.in_channels, price if len(price) > 1 else price[0]))
+        return priced
 
     def probe(self, example_inputs) -> None:
         """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
@@ -362,7 +362,7 @@ class PeriodLifecycle:
         # Scoring must not move the training's random streams (data order, dropout): a resumed
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            batches = [_to_device(b, device) for b in batches]
+            batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
             norms = full_gradient_norms(self.model, layers, batches, self.channel_bank.parameters())
         for name in names:
             state = self.selection_states[name]
@@ -444,20 +444,6 @@ def _input_dims(args, kwargs) -> dict:
 
 def _larger(dims: tuple, seen: tuple) -> bool:
     return len(dims) != len(seen) or any(a > b for a, b in zip(dims, seen))
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):  # dicts and transformers' BatchEncoding
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return (
-            type(batch)(_to_device(v, device) for v in batch)
-            if isinstance(batch, list)
-            else tuple(_to_device(v, device) for v in batch)
-        )
-    return batch
 
 
 class _Call:

@@ -42,7 +42,7 @@ def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
     """Average tensors in place over the processes of a distributed run (no-op in one process)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     for key in sorted(tensors):
         t = tensors[key]

@@ -16,8 +16,6 @@ import torch
 
 # Large odd multiplier so that (seed, period) pairs map to distinct generator seeds.
 _PERIOD_STRIDE = 1_000_003
-#: Largest seed a period generator accepts (torch seeds are unsigned 64-bit integers).
-MAX_GENERATOR_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
