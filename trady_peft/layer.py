@@ -27,6 +27,20 @@ from torch import nn
 from .adapter_file import check_layer_state
 from .autograd import SparseChannelDelta, frozen_conv
 from .geometry import ChannelGeometry
+from .quantized import (
+    RoundingError,
+    dequantize,
+    prepare_quantized_layer,
+    quantization_of,
+    requantize,
+    restore_weight,
+    rounding_error,
+    weight_snapshot,
+)
+
+
+class QuantizedMergeWarning(UserWarning):
+    """A merge into a quantized base weight was rounded: the merged layer differs from base + delta."""
 
 
 class ResizableBufferDict(BufferDict):
@@ -88,6 +102,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
+        prepare_quantized_layer(base_layer)
         self.geometry = ChannelGeometry.of(base_layer)
         self.in_features = self.geometry.in_channels
         self.out_features = self.geometry.out_channels
@@ -97,11 +112,18 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_values = ResizableBufferDict()
         self._disable_adapters = False
         self.merged_adapters = []
-        self._merged_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._merged_originals: dict[str, tuple[Any, Any]] = {}
+        #: adapter -> `RoundingError` of its merge into a quantized base weight (while merged)
+        self.merge_rounding_errors: dict[str, RoundingError] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     # ------------------------------------------------------------------------------ adapters
+    @property
+    def quantization(self) -> str | None:
+        """The base weight's quantization backend (see `trady_peft.quantized`), or None."""
+        return quantization_of(self.base_layer)
+
     @property
     def delta_dtype(self) -> torch.dtype:
         """Deltas are kept in fp32, or in the base dtype when it is wider (float64)."""
@@ -181,8 +203,9 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         Only for merging/conversion; training never materialises it.
         """
         weight = self.base_layer.weight
+        shape = weight.shape if self.quantization is None else (self.out_features, self.in_features)
         indices, values = self.fold(adapter_name)
-        dense = torch.zeros(weight.shape, dtype=self.delta_dtype, device=weight.device)
+        dense = torch.zeros(shape, dtype=self.delta_dtype, device=weight.device)
         return self.geometry.scatter_into(dense, indices, values)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -190,13 +213,22 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
         The touched slices' original values are kept, so `unmerge` restores the base
         weight bit for bit.
+
+        A quantized base weight (bitsandbytes 4/8-bit, torchao int8) is dequantized, merged in
+        fp32 and quantized again in its own format, which rounds the merged weight (and, through
+        shared block statistics, untouched values near it): the error against the exact merge is
+        kept in ``merge_rounding_errors[adapter]`` and reported in a `QuantizedMergeWarning`. The
+        original quantized weight is kept until `unmerge`, which puts it back bit for bit.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.base_layer.weight
         for name in adapter_names:
             if name not in self.trady_delta:
                 continue
             indices, values = self.fold(name)
+            if self.quantization is not None:
+                self._merge_quantized(name, indices, values, safe_merge)
+                continue
+            weight = self.base_layer.weight
             original = self.geometry.read_slices(weight.data, indices)
             merged = original.to(self.delta_dtype) + values
             if safe_merge and not torch.isfinite(merged).all():
@@ -205,14 +237,40 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             self._merged_originals[name] = (indices, original)
             self.merged_adapters.append(name)
 
+    def _merge_quantized(self, name: str, indices: torch.Tensor, values: torch.Tensor, safe_merge: bool) -> None:
+        """Dequantize, merge in fp32, requantize (see `merge`)."""
+        exact = dequantize(self.base_layer)
+        self.geometry.scatter_into(exact, indices, values.to(device=exact.device))
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"NaNs or infs found while merging adapter {name!r}; it was not merged.")
+        snapshot = weight_snapshot(self.base_layer)
+        requantize(self.base_layer, exact, name=name)
+        error = rounding_error(dequantize(self.base_layer), exact)
+        self._merged_originals[name] = (None, snapshot)
+        self.merge_rounding_errors[name] = error
+        self.merged_adapters.append(name)
+        warnings.warn(
+            QuantizedMergeWarning(
+                f"Adapter {name!r} was merged into a {self.quantization} base weight "
+                f"[{self.out_features}, {self.in_features}] by dequantizing, adding the delta in fp32 and "
+                f"quantizing again: {error} against the exact merge. Keep the adapter unmerged for exact "
+                "outputs, or export it with trady_peft.export_lora."
+            ),
+            stacklevel=3,
+        )
+
     def unmerge(self) -> None:
-        """Restore the slices `merge` changed, newest first."""
+        """Restore the slices `merge` changed (a quantized base: the original weight), newest first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             indices, original = self._merged_originals.pop(name)
+            if indices is None:  # a quantized base: put the quantized weight back as it was
+                restore_weight(self.base_layer, original)
+                self.merge_rounding_errors.pop(name, None)
+                continue
             self.geometry.write_slices(self.base_layer.weight.data, indices, original)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

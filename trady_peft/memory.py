@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .quantized import plain_tensors
+
 
 @dataclass
 class TrainingStepMemory:
@@ -125,7 +127,9 @@ def measure_training_step(
     """
 
     def resident_storages() -> set[tuple[str, int]]:
-        return {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
+        # a tensor subclass (torchao's quantized weights) is counted by the plain tensors it holds
+        tensors = list(model.parameters()) + list(model.buffers())
+        return {_storage_key(p) for t in tensors for p in plain_tensors(t)}
 
     resident = resident_storages()
     seen: dict[tuple[str, int], tuple[int, str, str]] = {}
@@ -133,9 +137,10 @@ def measure_training_step(
     names = {m: n for n, m in model.named_modules()}
 
     def pack(t: torch.Tensor):
-        key = _storage_key(t)
-        if key not in resident and key not in seen and t.device.type != "meta":
-            seen[key] = (_tensor_bytes(t), *stack[-1])
+        for p in plain_tensors(t):
+            key = _storage_key(p)
+            if key not in resident and key not in seen and p.device.type != "meta":
+                seen[key] = (_tensor_bytes(p), *stack[-1])
         return t
 
     def pre_hook(module, args):

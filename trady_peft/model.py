@@ -16,6 +16,8 @@ state holds and what a checkpoint carries (`trady_peft.state`), how bytes are co
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -26,7 +28,7 @@ from .adapter_file import check_model_state
 from .config import TraDyConfig
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
-from .layer import ResizableBufferDict, TraDyLayer
+from .layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
 from .periods import PeriodLifecycle
 from .scoring import ChannelNormStatistics
 from .state import SelectionState
@@ -94,9 +96,45 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for hook in self._call_hooks:
             hook.remove()  # the returned base model must not call back into this tuner
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        with self._one_quantized_merge_warning():
+            model = super()._unload_and_optionally_merge(*args, **kwargs)
         restore(model)  # the plain torch modules again
         return model
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        with self._one_quantized_merge_warning():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    @contextmanager
+    def _one_quantized_merge_warning(self):
+        """One `QuantizedMergeWarning` for the whole model instead of one per quantized layer, naming
+        the layers with the largest rounding errors (each layer keeps its own in ``merge_rounding_errors``)."""
+        layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
+        before = {n: dict(m.merge_rounding_errors) for n, m in layers}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", QuantizedMergeWarning)
+            yield
+        rows = [
+            (n, adapter, err, m.quantization)
+            for n, m in layers
+            for adapter, err in m.merge_rounding_errors.items()
+            if before[n].get(adapter) is not err
+        ]
+        if not rows:
+            return
+        worst_abs = max(rows, key=lambda r: r[2].max_abs)
+        worst_rel = max(rows, key=lambda r: r[2].relative)
+        backends = ", ".join(sorted({r[3] for r in rows}))
+        warnings.warn(
+            QuantizedMergeWarning(
+                f"Merged {len(rows)} quantized layer(s) ({backends}) by dequantizing, adding the delta in fp32 and "
+                "quantizing again, so the merged model is rounded: largest max abs error "
+                f"{worst_abs[2].max_abs:.3g} in {worst_abs[0]!r}, largest relative error {worst_rel[2].relative:.3g} "
+                f"in {worst_rel[0]!r}, against the exact fp32 merge. Keep the adapter unmerged for exact outputs, "
+                "or export it with trady_peft.export_lora."
+            ),
+            stacklevel=4,
+        )
 
     # ----------------------------------------------------------------------------- wrapping
     def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
@@ -150,6 +188,13 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         self.trady_state[name] = torch.zeros(0, dtype=torch.uint8, device=device)
         bank.weight.requires_grad_(name in self.active_adapters and not config.inference_mode)
         strategy = get_strategy(config.strategy)
+        quantized = [f"{n} ({m.quantization})" for n, m in layers if m.quantization is not None]
+        if strategy.needs_scores and quantized:
+            raise ValueError(
+                f"strategy={config.strategy!r} scores channels with the full gradient of every base weight, which a "
+                f"quantized weight cannot have ({quantized[0]}{' and others' if len(quantized) > 1 else ''}). Use a "
+                "strategy that needs no scores on a quantized base: 'trady', 'd-full-random' or 'medyate'."
+            )
         statistics = None
         if strategy.channels == "weighted" and not config.inference_mode:
             statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})

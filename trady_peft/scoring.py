@@ -95,7 +95,17 @@ def full_gradient_norms(
     The layers' dense base weights are made trainable for the duration, every other gradient is
     set aside and restored (also those of ``other_parameters``, e.g. the adapter's bank, which
     lives outside ``model``).
+
+    Raises:
+        TypeError: a layer's base weight is quantized (it cannot have a gradient).
     """
+    quantized = [f"{n} ({m.quantization})" for n, m in layers.items() if m.quantization is not None]
+    if quantized:
+        raise TypeError(
+            "The Det-RGN strategies score channels with the full gradient of every base weight, which a quantized "
+            f"weight cannot have: {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. Use a strategy "
+            "that needs no scores on a quantized base (strategy='trady', 'd-full-random', 'medyate', ...)."
+        )
     flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
     params = [p for p in [*model.parameters(), *other_parameters] if p.requires_grad]
     saved_grads = {id(p): (p, p.grad) for p in params}
