@@ -177,6 +177,12 @@ def test_a_training_step_changes_only_the_selected_deltas(backend):
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     mem = trady_peft.measure_training_step(model, {"input_ids": ids(), "labels": ids()}, optimizer)
     assert mem.trainable_parameters == trainable[0].numel() * 4
+    # The frozen quantized layers keep nothing for backward (torchao's own linear would keep a
+    # dense dequantized weight): the step keeps exactly what it keeps on the fp32 base.
+    assert not [name for name in mem.saved_by_module if name.endswith("base_layer")]
+    fp32 = get_peft_model(llama(), config()).train()
+    reference = trady_peft.measure_training_step(fp32, {"input_ids": ids(), "labels": ids()})
+    assert mem.saved_activations == reference.saved_activations
     for name, weight in base_weights(model).items():
         assert torch.equal(weight, before[name]), f"the quantized base weight of {name} changed"
     changed = 0

@@ -30,6 +30,7 @@ from .geometry import ChannelGeometry
 from .quantized import (
     RoundingError,
     dequantize,
+    frozen_quantized_linear,
     prepare_quantized_layer,
     quantization_of,
     requantize,
@@ -280,6 +281,8 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.geometry.kind == "conv":  # the geometry pads (own padding and any static_padding)
             return frozen_conv(x, self.base_layer, self.geometry)
+        if not args and not kwargs:
+            return frozen_quantized_linear(x, self.base_layer)
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -15,6 +15,8 @@ is wrapped like any ``nn.Linear``; only what reads the weight itself needs this 
 * `dequantize` gives the dense fp32 ``[out, in]`` weight (merging, the Det-RGN oracle refuses);
 * `requantize` stores a new dense weight in the layer's own format (merging);
 * `weight_snapshot` / `restore_weight` keep and put back the quantized weight exactly (unmerging);
+* `FrozenQuantizedLinear` runs a torchao layer keeping nothing for backward (torchao's own
+  weight-only linear keeps a dense dequantized copy of the weight for it);
 * `storage_bytes` counts what a module's parameters, buffers and quantization statistics occupy.
 
 Nothing here imports bitsandbytes or torchao at module level: a layer is recognised by its class.
@@ -184,6 +186,37 @@ def restore_weight(layer: nn.Module, snapshot: Any) -> None:
     if scales is not None:  # bnb 8-bit: the next forward moves CB/SCB from the weight to layer.state
         weight.CB, weight.SCB = weight.data, scales
     layer.weight = weight
+
+
+class FrozenQuantizedLinear(torch.autograd.Function):
+    """``layer(x)`` for a frozen quantized linear layer, keeping nothing for the backward pass.
+
+    The forward is the layer's own (its quantized kernel), run without recording. The input
+    gradient ``grad_out @ W`` needs only the weight, which is resident: backward dequantizes it
+    for this one layer and frees it at once, as bitsandbytes' own backward does. torchao's int8
+    weight-only linear would instead keep a dense dequantized copy of every weight from forward to
+    backward (an fp32 ``[in, out]`` tensor per layer), which costs more than the quantized weight
+    saves.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = dequantize(ctx.layer).to(grad_out.dtype)
+        return (grad_out @ weight).to(ctx.x_dtype), None
+
+
+def frozen_quantized_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """The forward of a torchao-quantized ``layer`` that keeps nothing for backward (see
+    `FrozenQuantizedLinear`); any other layer, or one whose bias trains, runs as itself."""
+    bias = getattr(layer, "bias", None)
+    if quantization_of(layer) != TORCHAO or not x.requires_grad or (bias is not None and bias.requires_grad):
+        return layer(x)
+    return FrozenQuantizedLinear.apply(x, layer)
 
 
 @dataclass(frozen=True)
