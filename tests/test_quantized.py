@@ -284,3 +284,54 @@ def test_bnb_4bit_is_not_repacked_for_cpu_inference_once_wrapped(backend_name):
         assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     with pytest.warns(QuantizedMergeWarning):
         model.merge_adapter()  # the weight can still be dequantized
+
+
+def _transformers_config(backend: str):
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if backend == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if backend == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    kind = backend.removeprefix("bnb-")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32)
+
+
+def test_a_model_quantized_by_transformers_trains_and_merges(backend, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    llama().save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=_transformers_config(backend), device_map="cpu"
+    )
+    model = get_peft_model(base, config())
+    layers = [m for m in model.modules() if isinstance(m, TraDyLayer)]
+    assert len(layers) == 7 and all(m.quantization is not None for m in layers)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    optimizer.step()
+    assert any(m.get_delta_weight("default").abs().sum() > 0 for m in layers)
+    with pytest.warns(QuantizedMergeWarning):
+        merged = model.merge_and_unload()
+    assert quantization_of(merged.model.layers[0].self_attn.q_proj) is not None
+
+
+def test_export_lora_serves_the_adapter_on_the_same_quantized_base(backend, tmp_path):
+    model = get_peft_model(quantize_model(llama(), backend), config(init_weights=False))
+    with torch.no_grad():
+        expected = model(input_ids=ids()).logits
+    trady_peft.export_lora(model, tmp_path)
+    base = quantize_model(llama(), backend)
+    base.is_loaded_in_4bit = backend in ("bnb-nf4", "bnb-fp4")  # as transformers marks it: peft's bnb LoRA layers
+    base.is_loaded_in_8bit = backend == "bnb-int8"
+    lora = PeftModel.from_pretrained(base, tmp_path)
+    # Train mode (no dropout in the export): in eval mode bitsandbytes would repack the 4-bit weights
+    # for its bf16 CPU kernel (see test_bnb_4bit_is_not_repacked_for_cpu_inference_once_wrapped).
+    lora.train()
+    with torch.no_grad():
+        got = lora(input_ids=ids()).logits
+    atol = 1e-2 if backend == "bnb-int8" else 1e-5  # int8 inputs: see test_save_and_load_roundtrip
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)

@@ -13,7 +13,7 @@ from .config import TraDyConfig
 from .export import export_lora
 from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
-from .layer import TraDyLayer
+from .layer import QuantizedMergeWarning, TraDyLayer
 from .memory import TrainingStepMemory, measure_training_step
 from .model import TraDyModel, find_tuner
 
@@ -33,6 +33,7 @@ __all__ = [
     "next_period",
     "parse_budget",
     "push_to_hub",
+    "QuantizedMergeWarning",
     "rank_layers",
     "TraDyCallback",
     "TraDyConfig",
