@@ -335,3 +335,20 @@ def test_export_lora_serves_the_adapter_on_the_same_quantized_base(backend, tmp_
         got = lora(input_ids=ids()).logits
     atol = 1e-2 if backend == "bnb-int8" else 1e-5  # int8 inputs: see test_save_and_load_roundtrip
     torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+
+
+def test_a_torchao_format_that_cannot_be_rebuilt_is_refused_before_anything_merges():
+    if _unsupported("torchao-int8"):
+        pytest.skip(_unsupported("torchao-int8"))
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    base = llama()
+    quantize_(base.model, Int8DynamicActivationInt8WeightConfig())
+    model = get_peft_model(base, config(init_weights=False))
+    weights = {n: m.base_layer.weight for n, m in model.base_model.trady_layers("default")}
+    with pytest.raises(TypeError, match=r"Cannot merge into the quantized layer '.*q_proj'.*export_lora.*Nothing was"):
+        model.merge_adapter()
+    assert all(m.base_layer.weight is weights[n] for n, m in model.base_model.trady_layers("default"))
+    assert not any(m.merged for _, m in model.base_model.trady_layers("default"))
+    plain = model.unload()  # unloading without merging needs no requantization
+    assert quantization_of(plain.model.layers[0].self_attn.q_proj) is not None

@@ -245,7 +245,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         if safe_merge and not torch.isfinite(exact).all():
             raise ValueError(f"NaNs or infs found while merging adapter {name!r}; it was not merged.")
         snapshot = weight_snapshot(self.base_layer)
-        requantize(self.base_layer, exact, name=name)
+        requantize(self.base_layer, exact)
         error = rounding_error(dequantize(self.base_layer), exact)
         self._merged_originals[name] = (None, snapshot)
         self.merge_rounding_errors[name] = error

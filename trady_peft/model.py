@@ -30,6 +30,7 @@ from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
 from .periods import PeriodLifecycle
+from .quantized import requantize_refusal
 from .scoring import ChannelNormStatistics
 from .state import SelectionState
 from .strategies import get_strategy
@@ -96,7 +97,8 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for hook in self._call_hooks:
             hook.remove()  # the returned base model must not call back into this tuner
-        with self._one_quantized_merge_warning():
+        merging = kwargs.get("merge", args[0] if args else True)
+        with self._one_quantized_merge_warning(refuse=merging):
             model = super()._unload_and_optionally_merge(*args, **kwargs)
         restore(model)  # the plain torch modules again
         return model
@@ -106,10 +108,14 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     @contextmanager
-    def _one_quantized_merge_warning(self):
+    def _one_quantized_merge_warning(self, refuse: bool = True):
         """One `QuantizedMergeWarning` for the whole model instead of one per quantized layer, naming
         the layers with the largest rounding errors (each layer keeps its own in ``merge_rounding_errors``)."""
         layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
+        for n, m in layers if refuse else []:  # refuse before any layer is merged
+            refusal = requantize_refusal(m.base_layer) if m.quantization is not None else None
+            if refusal is not None:
+                raise TypeError(f"Cannot merge into the quantized layer {n!r}: {refusal}. Nothing was merged.")
         before = {n: dict(m.merge_rounding_errors) for n, m in layers}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", QuantizedMergeWarning)

@@ -125,13 +125,29 @@ def _torchao_granularity(weight: torch.Tensor):
     return None
 
 
-def requantize(layer: nn.Module, dense: torch.Tensor, name: str = "") -> None:
+def requantize_refusal(layer: nn.Module) -> str | None:
+    """Why `requantize` cannot rebuild ``layer``'s weight format, or None when it can."""
+    if quantization_of(layer) != TORCHAO:
+        return None
+    from torchao.quantization import Int8Tensor
+
+    weight = layer.weight
+    if type(weight) is Int8Tensor and _torchao_granularity(weight) is not None:
+        if getattr(weight, "act_quant_kwargs", None) is None:
+            return None
+    return (
+        f"its weight is a torchao {type(weight).__name__} (block_size={getattr(weight, 'block_size', None)}), and "
+        "TraDy only rebuilds int8 weight-only Int8Tensor weights. Keep the adapter unmerged, or export it with "
+        "trady_peft.export_lora and merge into a floating-point copy of the base model"
+    )
+
+
+def requantize(layer: nn.Module, dense: torch.Tensor) -> None:
     """Quantize the dense ``[out, in]`` weight ``dense`` in ``layer``'s own format and make it the
     layer's weight (a new parameter; the old one is left untouched for `restore_weight`).
 
     Raises:
-        TypeError: the layer's format cannot be rebuilt (a torchao tensor other than a symmetric
-            ``Int8Tensor`` without activation quantization); the message names the layer.
+        TypeError: the layer's format cannot be rebuilt (see `requantize_refusal`).
     """
     kind = quantization_of(layer)
     weight = layer.weight
@@ -157,20 +173,15 @@ def requantize(layer: nn.Module, dense: torch.Tensor, name: str = "") -> None:
         layer.weight = new.to(device)  # quantizes; the next forward moves CB/SCB to layer.state
         return
     if kind == TORCHAO:
+        refusal = requantize_refusal(layer)
+        if refusal is not None:
+            raise TypeError(f"Cannot requantize this {type(layer).__name__}: {refusal}.")
         from torchao.quantization import Int8Tensor
 
-        granularity = _torchao_granularity(weight) if type(weight) is Int8Tensor else None
-        if granularity is None or getattr(weight, "act_quant_kwargs", None) is not None:
-            raise TypeError(
-                f"Cannot requantize layer {name!r}: its weight is a torchao {type(weight).__name__} "
-                f"(block_size={getattr(weight, 'block_size', None)}) and TraDy only rebuilds int8 weight-only "
-                "Int8Tensor weights. Keep the adapter unmerged, or export it with trady_peft.export_lora and merge "
-                "into a floating-point copy of the base model."
-            )
-        new = Int8Tensor.from_hp(dense.to(device=device, dtype=weight.dtype), granularity)
+        new = Int8Tensor.from_hp(dense.to(device=device, dtype=weight.dtype), _torchao_granularity(weight))
         layer.weight = nn.Parameter(new, requires_grad=False)
         return
-    raise TypeError(f"Layer {name!r} ({type(layer).__name__}) is not a quantized layer TraDy knows.")
+    raise TypeError(f"{type(layer).__name__} is not a quantized layer TraDy knows (bitsandbytes 4/8-bit, torchao).")
 
 
 def weight_snapshot(layer: nn.Module) -> Any:
