@@ -352,3 +352,26 @@ def test_a_torchao_format_that_cannot_be_rebuilt_is_refused_before_anything_merg
     assert not any(m.merged for _, m in model.base_model.trady_layers("default"))
     plain = model.unload()  # unloading without merging needs no requantization
     assert quantization_of(plain.model.layers[0].self_attn.q_proj) is not None
+
+
+def test_a_byte_budget_prices_and_bounds_the_step_on_a_quantized_base(backend):
+    from tests.test_budget_bound import measured_footprint
+
+    budget = 48 * 1024
+    quantized = get_peft_model(
+        quantize_model(llama(), backend), trady_peft.TraDyConfig(memory_budget=f"{budget}B", strategy="d-full-random")
+    )
+    fp32 = get_peft_model(llama(), trady_peft.TraDyConfig(memory_budget=f"{budget}B", strategy="d-full-random"))
+    quantized.train()
+    optimizer = torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad], lr=1e-3)
+    for step, (size, length) in enumerate([(2, 8), (4, 16)]):
+        batch = {"input_ids": ids(step).repeat(2, 2)[:size, :length], "labels": ids(step).repeat(2, 2)[:size, :length]}
+        footprint, saved = measured_footprint(quantized, batch, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert 0 < saved and footprint <= budget, (step, footprint)
+    # The prices do not depend on the weights' format: the same layers, channels and input sizes.
+    fp32.train()
+    fp32(**batch)
+    assert len(quantized.base_model.layer_costs) == 7
+    assert quantized.base_model.layer_costs == fp32.base_model.layer_costs
