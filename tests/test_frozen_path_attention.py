@@ -232,7 +232,7 @@ def test_recomputation_under_cpu_bf16_autocast_matches_stock_autocast():
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = module(xi)
-            (y.float() * probe).sum().backward()  # the backward also runs inside the autocast region
+        (y.float() * probe).sum().backward()  # outside the region: the twin restores its state
         results.append((y, xi.grad))
     (y, g), (y_ref, g_ref) = results
     assert y.dtype == y_ref.dtype == torch.bfloat16
