@@ -60,7 +60,12 @@ def _bert():  # self-attention dropout, and BertSelfOutput's dropout and LayerNo
 
 def _qwen2():
     config = Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return Qwen2ForCausalLM(config)
 
@@ -109,7 +114,8 @@ def _model(family: str, inside: bool):
 
 
 def _attention_twins(model) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.startswith("FrozenPath") and "Attention" in type(m).__name__]
+    names = {m: type(m).__name__ for m in model.modules()}
+    return [m for m, name in names.items() if name.startswith("FrozenPath") and "Attention" in name]
 
 
 def _step(model, family: str, seed: int = 1):
@@ -248,7 +254,7 @@ def test_the_bank_hook_runs_once_per_backward():
             for m in _attention_twins(model):
                 m.__class__ = original_class(m)
         calls = []
-        model.base_model.channel_bank["default"].weight.register_hook(lambda g: calls.append(1))
+        model.base_model.channel_bank["default"].weight.register_hook(lambda g, calls=calls: calls.append(1))
         _step(model, "llama")
         counts.append(len(calls))
     assert counts == [1, 1]
@@ -268,3 +274,29 @@ def test_non_attention_modules_and_unknown_classes_have_no_attention_twin():
     llama_attn = LlamaAttention(LlamaConfig(hidden_size=32, num_attention_heads=4), layer_idx=0)
     assert attention_twin_class(llama_attn) is None  # its weights train
     assert attention_twin_class(llama_attn.requires_grad_(False)) is not None
+
+
+def test_an_output_it_cannot_rebuild_falls_back_to_the_stock_graph():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class DictOutputAttention(LlamaAttention):  # a subclass returning a ModelOutput, not a tuple
+        def forward(self, *args, **kwargs):
+            out, _ = super().forward(*args, **kwargs)
+            return BaseModelOutput(last_hidden_state=out)
+
+    twin = _OneLlamaAttention(dropout=0.2).train()
+    stock = _OneLlamaAttention(dropout=0.2).train()
+    for m in (twin, stock):
+        m.attn.__class__ = DictOutputAttention
+        m.forward = lambda x, m=m: m.attn(x, position_embeddings=m.rotary(x, torch.arange(8)[None]))[0]
+    from trady_peft.frozen_path_attention import _RecomputedAttention
+    from trady_peft.frozen_path_transformers import _make_twin
+
+    twin.attn.__class__ = _make_twin(DictOutputAttention, _RecomputedAttention)  # as if it were recognised
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(3)
+    twin(x).sum().backward()
+    torch.manual_seed(3)
+    stock(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)

@@ -239,9 +239,7 @@ class _Recompute(torch.autograd.Function):
         wanted = [t for t, need in zip(inputs + list(aliases.values()), needs) if need]
         got = iter([None] * len(wanted))
         if pairs and wanted:
-            got = iter(
-                torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-            )
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         return (None, *[next(got) if need else None for need in needs])
 
 
@@ -256,6 +254,7 @@ class _RecomputedAttention:
             or _recomputing()
             or kwargs.get("output_attentions")
             or any(p.requires_grad for p in self.parameters())
+            or type(self) in _UNSUPPORTED_OUTPUTS
         ):
             return stock(*args, **kwargs)
         tensors: list[torch.Tensor] = []
@@ -265,10 +264,23 @@ class _RecomputedAttention:
             return stock(*args, **kwargs)
         device = next((t.device for t in tensors if t.is_floating_point()), torch.device("cpu"))
         job = _Job(stock, self, (_without_caches(spec), spec), len(tensors), device)
-        outs = _Recompute.apply(job, *tensors, *banks) if banks else _Recompute.apply(job, *tensors)
-        if not job.supported:  # an output that holds tensors in an object: let autograd see it all
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        outs = _Recompute.apply(job, *tensors, *banks)
+        if not job.supported:  # an output holding tensors in an object: autograd must see the stock graph
+            _UNSUPPORTED_OUTPUTS.add(type(self))
+            if any(_is_cache(leaf) for leaf in _leaves(spec)):
+                raise RuntimeError(
+                    f"{type(self).__name__} returned {job.out_spec!r}, which its memory-saving twin cannot "
+                    "rebuild, after filling its cache. Set memory_saving_frozen_path=False or use_cache=False."
+                )
+            torch.set_rng_state(rng[0])  # the same dropout draw
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
             return stock(*args, **kwargs)
         return _unflatten(job.out_spec, iter(outs))
+
+
+_UNSUPPORTED_OUTPUTS: set[type] = set()
 
 
 def _is_kernel_source(body: str | None) -> bool:
