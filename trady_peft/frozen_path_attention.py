@@ -1,8 +1,9 @@
 """A memory-saving twin for the attention modules of transformers (issue 12, attention part).
 
-A frozen attention block keeps, for its backward pass, its input (for the q/k/v projections),
-q, k and v before and after the rotary embedding, the attention output and its logsumexp, and the
-input of the output projection: on a Llama-style model about a third of what a TraDy step keeps.
+A frozen attention block keeps, for its backward pass, q, k and v (after the rotary embedding),
+the rotary ``cos``/``sin``, the attention output and its logsumexp (eager attention: the
+probabilities and their dropout mask), and the selected input channels of its TraDy projections:
+on a Llama-style model a third of what a TraDy step keeps once the other twins are in place.
 Its input gradient, and the gradient of the few channels TraDy trains in its projections, need
 none of that but the module's input: everything else can be computed again.
 
@@ -20,7 +21,9 @@ so autograd accumulates it (and runs the bank's hooks) like any other use of the
 
 Modules are recognised by structure, not by model name: a class of ``transformers.models`` whose
 name ends in ``Attention`` and whose ``forward`` calls the ``attention_interface`` of
-transformers 5.x (Llama, Mistral, Qwen2, GPT-2, BERT's self-attention, ...), or such a class that
+transformers 5.x (453 of the 697 ``...Attention`` classes of transformers 5.24: Llama, Mistral,
+Qwen2/3, Gemma 1-3, Phi3, GPT-2, BERT/RoBERTa self-attention, T5, ...; tested on Llama, GPT-2,
+BERT and Qwen2), or such a class that
 wraps one of those as a direct child (BERT's ``BertAttention``: self-attention plus output
 projection, dropout and norm). The twin takes the stock path (no saving, no extra cost) when the
 module is in eval mode, under ``no_grad``, when attention weights are requested, when a key/value
