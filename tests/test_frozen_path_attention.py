@@ -158,9 +158,9 @@ def test_attention_twin_gives_stock_loss_and_exact_gradients(family, inside):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_gets_its_twins_and_unload_restores_them(family):
     model = _model(family, inside=True)
-    kinds = {type(m).__name__.removeprefix("FrozenPath") for m in model.modules()}
-    kinds = {k for k in kinds if f"FrozenPath{k}" in {type(m).__name__ for m in model.modules()}}
-    assert kinds == FAMILIES[family][3]
+    names = {type(m).__name__ for m in model.modules()}
+    kinds = {name.removeprefix("FrozenPath") for name in names if name.startswith("FrozenPath")}
+    assert kinds == FAMILIES[family][3]  # BERT's GELU (F.gelu) and LayerNorm already keep only their input
     base = model.unload()
     assert all("FrozenPath" not in type(m).__name__ for m in base.modules())
 
@@ -300,3 +300,18 @@ def test_an_output_it_cannot_rebuild_falls_back_to_the_stock_graph():
     torch.manual_seed(3)
     stock(x_ref).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+
+
+def test_attention_twins_pickle_deepcopy_and_restore():
+    import copy
+    import pickle
+
+    from trady_peft.frozen_path import restore
+
+    module = _OneLlamaAttention()
+    apply_memory_saving(module)
+    twin_type = type(module.attn)
+    assert twin_type.__name__ == "FrozenPathLlamaAttention"
+    assert type(pickle.loads(pickle.dumps(module)).attn) is twin_type
+    assert type(copy.deepcopy(module).attn) is twin_type
+    assert restore(module) == 1 and type(module.attn) is LlamaAttention
