@@ -35,6 +35,7 @@ def build(args):
             n_layer=args.layers,
             n_head=args.heads,
             n_positions=max(args.seq, 64),
+            use_cache=False,  # a cache would hold k and v outside autograd's saved tensors
         )
         return GPT2LMHeadModel(config).to(args.dtype).train()
     config = LlamaConfig(
@@ -45,6 +46,7 @@ def build(args):
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq, 64),
+        use_cache=False,  # a cache would hold k and v outside autograd's saved tensors
     )
     return LlamaForCausalLM(config).to(args.dtype).train()
 
@@ -67,7 +69,7 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "labels": ids}
 
-    def trady(on: bool, fused_loss: bool = True):
+    def trady(on: bool, fused_loss: bool = True, attention: bool = True):
         config = trady_peft.TraDyConfig(
             channels_per_layer=args.channels, strategy="d-full-random", memory_saving_frozen_path=on
         )
@@ -77,11 +79,16 @@ def main() -> None:
             for module in model.modules():
                 if type(module) is FrozenPathLMHead:
                     module.__class__ = torch.nn.Linear
+        if on and not attention:  # the attention twin undone (it recomputes the block in backward)
+            for module in model.modules():
+                if "_trady_original" in type(module).__dict__ and "Attention" in type(module).__name__:
+                    module.__class__ = type(module)._trady_original
         return model
 
     methods = {
         "TraDy, stock path": lambda: trady(False),
         "TraDy, twins, stock head": lambda: trady(True, fused_loss=False),
+        "TraDy, twins, stock attn": lambda: trady(True, attention=False),
         "TraDy, all twins": lambda: trady(True),
         "LoRA r=8 all-linear": lambda: get_peft_model(build(args), LoraConfig(r=8, target_modules="all-linear")),
     }

@@ -228,7 +228,9 @@ def twin_class(module: nn.Module) -> type | None:
         if cls not in _MLP_TWINS:
             _MLP_TWINS[cls] = _make_twin(cls, _GatedMLP)
         return _MLP_TWINS[cls]
-    return None
+    from .frozen_path_attention import attention_twin_class
+
+    return attention_twin_class(module)
 
 
 def original_class(module: nn.Module) -> type | None:
