@@ -24,6 +24,7 @@ from torch import nn
 from ._registration import PREFIX
 from .adapter_file import check_model_state
 from .config import TraDyConfig
+from .distributed import average_gradient, check_bank_placement
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import ResizableBufferDict, TraDyLayer
@@ -84,6 +85,8 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         self._input_dims: dict = {}  # largest size of each model input seen in training
         self._probing, self._forward_depth, self._optimizer, self._warned_stale = False, 0, None, False
         self._norm_hooks: dict = {}
+        # FSDP2: the banks stay whole on every rank and TraDy averages their gradients (distributed.py).
+        self._average_bank_grads, self._bank_grad_hooks, self._placement_checked = False, {}, False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._call_hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -160,8 +163,32 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         # An adapter added after the probe starts from the prices measured so far.
         costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
         self.selection_states[name] = SelectionState(costs=costs, statistics=statistics)
+        if self._average_bank_grads:
+            self._hook_bank_gradient(name)
         if not config.inference_mode:
             self._draw_if_ready(name)
+
+    # ------------------------------------------------------------------------- distributed
+    def average_bank_gradients(self) -> None:
+        """Average every bank's gradient over the ranks after each backward pass (FSDP2 with the
+        bank left unsharded; see `trady_peft.fsdp_ignored_params`). Idempotent."""
+        self._average_bank_grads = True
+        for name in self.channel_bank:
+            self._hook_bank_gradient(name)
+
+    def _hook_bank_gradient(self, name: str) -> None:
+        if name not in self._bank_grad_hooks:
+            weight = self.channel_bank[name].weight
+            self._bank_grad_hooks[name] = weight.register_post_accumulate_grad_hook(average_gradient)
+
+    def _check_placement(self, when: str) -> None:
+        """Refuse a sharded bank (distributed.py), and follow FSDP's move of the model to its device."""
+        check_bank_placement(self, when)
+        for name, bank in self.channel_bank.items():
+            device = self.trady_state[name].device  # a buffer: FSDP moves it with the managed states
+            if bank.weight.device != device:  # an ignored parameter stays where it was
+                with torch.no_grad():
+                    bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
     # ------------------------------------------------------------------------------- layers
     def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
@@ -193,9 +220,10 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             if adapter_name in store:
                 del store[adapter_name]
         self.selection_states.pop(adapter_name, None)
-        hook = self._norm_hooks.pop(adapter_name, None)
-        if hook is not None:
-            hook.remove()
+        for hooks in (self._norm_hooks, self._bank_grad_hooks):
+            hook = hooks.pop(adapter_name, None)
+            if hook is not None:
+                hook.remove()
         self._sync_bank_requires_grad(self.active_adapters)  # the remaining adapter trains, as with LoRA
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -250,6 +278,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
         tuner = find_tuner(model)
+        tuner._check_placement("while saving")
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
             out[key] = tuner.selection_states[adapter_name].to_tensor()
         for name, module in model.named_modules():

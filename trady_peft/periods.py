@@ -168,6 +168,9 @@ class PeriodLifecycle:
         self._forward_depth += 1
         if self._probing or not torch.is_grad_enabled():
             return  # evaluation under no_grad must not fix the byte accounting to its batch
+        if module.training and not self._placement_checked:
+            self._check_placement("at the first training forward")
+            self._placement_checked = True
         budgeted = [n for n, c in self.peft_config.items() if c.budget is not None and not c.inference_mode]
         if not budgeted:
             return
@@ -222,6 +225,7 @@ class PeriodLifecycle:
                 "next_period / advance was called inside a forward or backward pass; the channels of a period "
                 "must not change while autograd holds their inputs. Call it between optimizer steps."
             )
+        self._check_placement("at a period change")
         new_period = None
         for name in [adapter_name] if adapter_name else list(self.active_adapters):
             config, state = self.peft_config[name], self.selection_states[name]
