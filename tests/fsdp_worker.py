@@ -137,6 +137,28 @@ def run(rank: int, world: int, mode: str, phase: str, out: str) -> None:
         unwrapped.save_pretrained(save_dir)
     with open(os.path.join(out, f"{phase}_selections{rank}.json"), "w") as f:
         json.dump(selections, f)
+    if mode != "single":
+        with open(os.path.join(out, f"{phase}_memory{rank}.json"), "w") as f:
+            json.dump(held_bytes(model, optimizer), f)
+
+
+def held_bytes(model, optimizer) -> dict:
+    """Bytes this rank holds: the bank with its optimizer state, and the frozen weights (local shards)."""
+    from torch.distributed.tensor import DTensor
+
+    def size(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    bank = trady_peft.find_tuner(model).channel_bank["default"].weight
+    state = [v for v in optimizer.state[bank].values() if torch.is_tensor(v) and v.shape == bank.shape]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return {
+        "bank": sum(size(t) for t in [bank, *state]),
+        "bank_values": bank.numel(),
+        "frozen_local": sum(size(p) for p in frozen),
+        "frozen_full": sum(p.numel() * p.element_size() for p in frozen),
+    }
 
 
 def main(rank: int, world: int, mode: str, phase: str, out: str, port: int) -> None:

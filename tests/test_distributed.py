@@ -110,6 +110,12 @@ def test_fsdp2_matches_one_process_across_periods_save_and_resume(mode, tmp_path
             else:
                 torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
         assert any(v.abs().max() > 1e-3 for k, v in want.items() if "values" in k)  # something trained
+    # The placement (docs/distributed.md): the frozen weights are sharded, the bank is whole on each rank
+    # (parameter + AdamW's two moments, 12 bytes a value between steps).
+    for rank in range(2):
+        held = json.loads((distributed / f"train_memory{rank}.json").read_text())
+        assert held["bank"] == 12 * held["bank_values"] > 0
+        assert held["frozen_local"] <= held["frozen_full"] // 2 + 4096  # a half, give or take dim-0 padding
 
 
 @pytest.mark.slow  # two processes

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 class DeltaBank(nn.Module):
     """One adapter's trainable values: a flat fp32 ``weight`` shared out among the layers.
 
-    A leaf module with a ``.weight`` so that FSDP auto-wrapping treats it as its own unit.
+    Its forward never runs (the layers read ``weight`` through views), so FSDP2 must not shard it:
+    it stays whole on every rank (`trady_peft.fsdp_ignored_params`, docs/distributed.md).
     """
 
     def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
