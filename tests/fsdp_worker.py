@@ -4,8 +4,9 @@
 
 * MODE ``fsdp2``: ``fully_shard`` on each decoder layer and on the root, with
   ``ignored_params=trady_peft.fsdp_ignored_params(model)``; ``accelerate``: accelerate's
-  FSDP2 plugin with ``ignored_modules=trady_peft.fsdp_ignored_modules(model)``; ``single``: one
-  process, no wrapper (WORLD must be 1).
+  FSDP2 plugin with ``ignored_modules=trady_peft.fsdp_ignored_modules(model)``; ``zero2`` /
+  ``zero3``: ``deepspeed.initialize`` with that ZeRO stage (SGD with momentum); ``single`` /
+  ``single_sgd``: one process, no wrapper (WORLD must be 1), AdamW / SGD.
 * PHASE ``train``: periods 0 and 1, then half of period 2, and ``save_pretrained`` mid-period;
   ``resume`` (fresh processes): load that adapter, finish period 2, train period 3, save.
   ``unignored``: shard without the helper and expect TraDy's error.
@@ -31,6 +32,15 @@ GLOBAL_BATCH, SEQ, STEPS = 8, 12, 3
 CONFIG = dict(memory_budget=600, strategy="d-full-random", seed=7)
 
 
+def make_optimizer(model, mode: str):
+    """AdamW; SGD with momentum for the DeepSpeed runs and their reference (``*sgd``), whose optimizer
+    reset is exact under DeepSpeed too (Adam's bias-correction fix is not applied there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode.startswith("zero") or mode.endswith("sgd"):
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-2)
+
+
 def batch(step: int, rank: int, world: int) -> torch.Tensor:
     ids = torch.randint(0, 64, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
     share = GLOBAL_BATCH // world
@@ -42,6 +52,20 @@ def shard(model, mode: str, ignore: bool = True):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    if mode.startswith("zero"):
+        import deepspeed
+
+        config = {
+            "train_batch_size": GLOBAL_BATCH,
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+            "zero_allow_untested_optimizer": True,
+            # 0: ZeRO-3 partitions even this tiny bank (by default, parameters under 1e5 values stay whole).
+            "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, mode), config=config
+        )
+        return engine, optimizer
     if mode == "accelerate":
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -58,14 +82,13 @@ def shard(model, mode: str, ignore: bool = True):
         # that prepare() runs its real FSDP2 path (fsdp2_prepare_model + optimizer re-binding).
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        model, optimizer = accelerator.prepare(model, make_optimizer(model, mode))
     else:
         kwargs = {"ignored_params": trady_peft.fsdp_ignored_params(model)} if ignore else {}
         for block in model.base_model.model.model.layers:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = make_optimizer(model, mode)
     # FSDP2 really runs: the frozen weights are sharded DTensors, the bank is a whole tensor.
     assert any(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the model"
     if ignore:
@@ -77,7 +100,12 @@ def shard(model, mode: str, ignore: bool = True):
 def train_steps(model, optimizer, first_step: int, steps: int, rank: int, world: int) -> None:
     for step in range(first_step, first_step + steps):
         ids = batch(step, rank, world)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        if hasattr(model, "backward"):  # a DeepSpeed engine
+            model.backward(loss)
+            model.step()
+            continue
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -103,10 +131,10 @@ def run(rank: int, world: int, mode: str, phase: str, out: str) -> None:
     if phase == "train":
         model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(**CONFIG))
         model.train()
-        if mode != "single":
+        if not mode.startswith("single"):
             model, optimizer = shard(model, mode)
         else:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            optimizer = make_optimizer(model, mode)
         step = 0
         for period in range(3):
             if period:
@@ -120,10 +148,10 @@ def run(rank: int, world: int, mode: str, phase: str, out: str) -> None:
         model = PeftModel.from_pretrained(tiny_llama(), os.path.join(out, "mid"), is_trainable=True)
         model.train()
         selections.append(selection(model))  # the mid-period selection, restored
-        if mode != "single":
+        if not mode.startswith("single"):
             model, optimizer = shard(model, mode)
         else:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            optimizer = make_optimizer(model, mode)
         step = 2 * STEPS + 1
         train_steps(model, optimizer, step, STEPS - 1, rank, world)  # the rest of period 2
         step += STEPS - 1
@@ -131,13 +159,14 @@ def run(rank: int, world: int, mode: str, phase: str, out: str) -> None:
         train_steps(model, optimizer, step, STEPS, rank, world)
         selections.append(selection(model))
         save_dir = os.path.join(out, f"final{rank}")
-    # Saving needs no collective (the bank is whole on every rank): rank 0 saves alone.
-    if rank == 0 or phase == "resume":
-        unwrapped = model if isinstance(model, PeftModel) else model.module
+    unwrapped = model if isinstance(model, PeftModel) else model.module
+    if mode.startswith("zero"):  # ZeRO-3 gathers the bank to save: every rank takes part, rank 0 writes
+        unwrapped.save_pretrained(save_dir, is_main_process=rank == 0 or phase == "resume")
+    elif rank == 0 or phase == "resume":  # FSDP: the bank is whole on every rank, rank 0 saves alone
         unwrapped.save_pretrained(save_dir)
     with open(os.path.join(out, f"{phase}_selections{rank}.json"), "w") as f:
         json.dump(selections, f)
-    if mode != "single":
+    if mode in ("fsdp2", "accelerate"):
         with open(os.path.join(out, f"{phase}_memory{rank}.json"), "w") as f:
             json.dump(held_bytes(model, optimizer), f)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -53,7 +55,9 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
 def run_ranks(mode: str, phase: str, out: Path) -> None:
     """Run the two ranks of tests/fsdp_worker.py and fail with their stderr if one fails."""
     port = free_port()
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    # The caller's PYTHONPATH too: DeepSpeed may be installed outside the environment (see the DeepSpeed test).
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.fsdp_worker", str(rank), "2", mode, phase, str(out), str(port)],
@@ -125,3 +129,34 @@ def test_fsdp2_without_the_helper_is_refused_on_every_rank(tmp_path):
         message = (tmp_path / f"error{rank}.txt").read_text()
         assert "trady_peft.fsdp_ignored_params(model)" in message
         assert "every rank would train its own adapter" in message
+
+
+# -------------------------------------------------------------------------------- DeepSpeed ZeRO
+@pytest.mark.slow  # two processes, twice
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process_across_periods_save_and_resume(stage, tmp_path):
+    """DeepSpeed ZeRO-2/ZeRO-3 (``deepspeed.initialize``, gloo on CPU; ZeRO-3 partitions the bank) on
+    2 ranks against a one-process run: the period change zeroes the bank's fp32 master copy and its
+    momentum, a mid-period save gathers the bank, a reload in fresh processes trains on.
+
+    DeepSpeed is not a dependency; it runs on CPU (its CPU accelerator, gloo) when installed, e.g.
+    ``pip install --no-deps --target DIR deepspeed hjson ninja py-cpuinfo msgpack einops`` then
+    ``PYTHONPATH=DIR pytest -m slow tests/test_distributed.py``.
+    """
+    from tests import fsdp_worker
+
+    distributed, single = tmp_path / "zero", tmp_path / "single"
+    distributed.mkdir(), single.mkdir()
+    run_ranks(f"zero{stage}", "train", distributed)
+    run_ranks(f"zero{stage}", "resume", distributed)
+    for phase in ("train", "resume"):
+        fsdp_worker.main(0, 1, "single_sgd", phase, str(single), 0)
+    for phase in ("train", "resume"):
+        ranks = [json.loads((distributed / f"{phase}_selections{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] == ranks[1] == json.loads((single / f"{phase}_selections0.json").read_text()), phase
+    for saved, expected in [("mid", "mid"), ("final0", "final0"), ("final1", "final0")]:
+        got, want = adapter_values(distributed / saved), adapter_values(single / expected)
+        assert got.keys() == want.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -24,9 +24,13 @@ fix (`check_bank_placement`), before the ranks can drift apart.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .compat import has_zero_master, is_zero3_param
 
 
 def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
@@ -104,3 +108,96 @@ def check_bank_placement(tuner: nn.Module, when: str) -> None:
                 "would split the bank; left out of FSDP by hand, nobody would average its gradient and every rank "
                 f"would train its own adapter. {_FIX}"
             )
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ZeRO
+# DeepSpeed partitions (ZeRO-3) or keeps an fp32 master copy of (ZeRO-1/2/3) every trainable
+# parameter, the bank included, and its optimizer state lives in DeepSpeed's flat buffers. A period
+# change must therefore read the bank gathered, zero the master copy as well as the parameter, and
+# reset the moments through DeepSpeed's public accessors (deepspeed.utils.safe_*).
+
+
+def bank_numel(weight: torch.Tensor) -> int:
+    """Values in a bank, also while ZeRO-3 partitions it (``numel()`` is then 0)."""
+    return int(getattr(weight, "ds_numel", weight.numel())) if is_zero3_param(weight) else weight.numel()
+
+
+@contextlib.contextmanager
+def gathered(weight: torch.Tensor, modify: bool = False):
+    """The whole bank for the duration (ZeRO-3: all ranks must enter; with ``modify``, rank 0's values
+    are kept). A no-op for any other parameter."""
+    if not is_zero3_param(weight):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0 if modify else None):
+        yield
+
+
+def zero_bank(weight: torch.Tensor) -> None:
+    """Zero a bank in place, and DeepSpeed's fp32 master copy of it (else the next step restores it)."""
+    with torch.no_grad(), gathered(weight, modify=True):
+        weight.zero_()
+    if has_zero_master(weight):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(weight, torch.zeros(bank_numel(weight), dtype=torch.float32, device=weight.device))
+
+
+def reset_deepspeed_state(weight: torch.Tensor, segments: list[tuple[int, int]]) -> int:
+    """Zero DeepSpeed's optimizer state (e.g. Adam's moments) of ``weight[start:stop]`` for each segment.
+
+    No bias-correction fix (DeepSpeed's step counter is per parameter group): the first updates of a
+    re-targeted entry are those of an optimizer at step ``t``, not 1. Returns the states touched.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    touched = 0
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        try:  # deepspeed 0.19.8 raises ValueError (stages 1-2) or KeyError (stage 3) for a key it lacks
+            state = safe_get_full_optimizer_state(weight, key)
+        except (KeyError, ValueError):
+            continue
+        if state is None:
+            continue
+        for start, stop in segments:
+            state.view(-1)[start:stop].zero_()
+        safe_set_full_optimizer_state(weight, state, key)
+        touched += 1
+    return touched
+
+
+def register_zero3_bank(tuner: nn.Module, name: str) -> None:
+    """Tell ZeRO-3 that every TraDy layer reads the bank in its forward (the bank's own forward never
+    runs, so DeepSpeed would not gather it). Idempotent."""
+    weight = tuner.channel_bank[name].weight
+    if not is_zero3_param(weight) or getattr(weight, "_trady_external", False):
+        return
+    import deepspeed
+
+    for _, layer in tuner.trady_layers(name):
+        deepspeed.zero.register_external_parameter(layer, weight)
+    weight._trady_external = True
+
+
+@contextlib.contextmanager
+def bank_for_saving(weight: torch.Tensor, consolidated: torch.Tensor | None):
+    """The whole bank while an adapter file is written.
+
+    Under ZeRO-3 the Trainer saves from a consolidated state dict (gathered on every rank, written
+    by rank 0): its copy of the bank is used when it is whole, without a collective. Otherwise the
+    bank is gathered, which every rank must do (call ``save_pretrained`` on all ranks)."""
+    if not is_zero3_param(weight) or weight.numel() == bank_numel(weight):
+        yield
+        return
+    if consolidated is not None and consolidated.numel() == bank_numel(weight):
+        partition = weight.data
+        weight.data = consolidated.to(weight.dtype).view(-1)
+        try:
+            yield
+        finally:
+            weight.data = partition
+        return
+    with gathered(weight):
+        yield

@@ -23,8 +23,15 @@ from torch import nn
 
 from ._registration import PREFIX
 from .adapter_file import check_model_state
+from .compat import has_zero_master
 from .config import TraDyConfig
-from .distributed import average_gradient, check_bank_placement
+from .distributed import (
+    average_gradient,
+    bank_for_saving,
+    bank_numel,
+    check_bank_placement,
+    register_zero3_bank,
+)
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import ResizableBufferDict, TraDyLayer
@@ -186,8 +193,11 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         """Refuse a sharded bank (distributed.py), and follow FSDP's move of the model to its device."""
         check_bank_placement(self, when)
         for name, bank in self.channel_bank.items():
+            register_zero3_bank(self, name)
             device = self.trady_state[name].device  # a buffer: FSDP moves it with the managed states
-            if bank.weight.device != device:  # an ignored parameter stays where it was
+            if bank.weight.device != device and not has_zero_master(
+                bank.weight
+            ):  # an ignored parameter stays where it was
                 with torch.no_grad():
                     bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
@@ -203,7 +213,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
         for name, bank in getattr(self, "channel_bank", {}).items():
-            bank.weight.requires_grad_(name in active and not inference_mode and bank.weight.numel() > 0)
+            bank.weight.requires_grad_(name in active and not inference_mode and bank_numel(bank.weight) > 0)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -270,7 +280,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     def _install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         sizes = {n: m.geometry.slice_numel for n, m in self.trady_layers(name)}
         needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= self.channel_bank[name].weight.numel()
+        return set(selection) <= set(sizes) and needed <= bank_numel(self.channel_bank[name].weight)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -280,8 +290,19 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
         tuner = find_tuner(model)
         tuner._check_placement("while saving")
+        weight = tuner.channel_bank[adapter_name].weight
+        consolidated = next(
+            (v for k, v in state_dict.items() if k.endswith(f"channel_bank.{adapter_name}.weight")), None
+        )
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
             out[key] = tuner.selection_states[adapter_name].to_tensor()
+        with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
+            cls._fold_into(model, adapter_name, out)
+        return out
+
+    @staticmethod
+    def _fold_into(model, adapter_name: str, out: dict) -> None:
+        """Write each layer's store with the current period folded in into ``out``."""
         for name, module in model.named_modules():
             if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
                 continue
@@ -296,4 +317,3 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
                 continue
             indices, values = module.fold(adapter_name)
             out[key_idx], out[key_val] = indices.to(torch.int32), values
-        return out
