@@ -101,13 +101,13 @@ def check_bank_placement(tuner: nn.Module, when: str) -> None:
                 f"FSDP sharded adapter {name!r}'s TraDy bank (channel_bank.{name}.weight, {when}); TraDy keeps the "
                 f"bank whole on every rank. {_FIX}"
             )
-    if banks and not tuner._average_bank_grads and fsdp_managed(tuner.model):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                f"This model is sharded with FSDP, but its TraDy bank was not prepared for it ({when}): sharded, FSDP "
-                "would split the bank; left out of FSDP by hand, nobody would average its gradient and every rank "
-                f"would train its own adapter. {_FIX}"
-            )
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if banks and several and not tuner._average_bank_grads and fsdp_managed(tuner.model):
+        raise RuntimeError(
+            f"This model is sharded with FSDP, but its TraDy bank was not prepared for it ({when}): sharded, FSDP "
+            "would split the bank; left out of FSDP by hand, nobody would average its gradient and every rank "
+            f"would train its own adapter. {_FIX}"
+        )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO
