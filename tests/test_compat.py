@@ -202,3 +202,33 @@ def test_class_swaps_keep_parameters_and_state_dict_keys():
     keys = list(model.state_dict())
     assert apply_memory_saving(model) and list(model.state_dict()) == keys
     assert restore(model) == 3 and type(model[0]) is torch.nn.Conv2d
+
+
+def test_deepspeed_marks_zero_parameters_as_compat_expects(monkeypatch):
+    """deepspeed 0.19.8: ZeRO-3 parameters carry ``ds_id``/``ds_numel``; ZeRO-1/2 ones ``_hp_mapping``."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    plain = torch.nn.Parameter(torch.zeros(3))
+    assert not compat.is_zero3_param(plain) and not compat.has_zero_master(plain)
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29519", RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        for stage in (2, 3):  # one process group: DeepSpeed keeps its first one
+            model = torch.nn.Linear(4, 8)
+            config = {
+                "train_batch_size": 1,
+                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                "zero_allow_untested_optimizer": True,
+            }
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            weight = model.weight
+            assert compat.has_zero_master(weight), stage
+            assert compat.is_zero3_param(weight) == (stage == 3)
+            if stage == 3:
+                assert weight.ds_numel == 32 and weight.numel() == 0  # what bank_numel relies on
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ from ._registration import register as _register
 from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
+from .distributed import fsdp_ignored_modules, fsdp_ignored_params
 from .export import export_lora
 from .hub import push_to_hub
 from .importance import ImportanceEntry, rank_layers
@@ -27,6 +28,8 @@ __all__ = [
     "Budget",
     "export_lora",
     "find_tuner",
+    "fsdp_ignored_modules",
+    "fsdp_ignored_params",
     "ImportanceEntry",
     "LayerCost",
     "memory_accounting",

@@ -202,3 +202,23 @@ def tensor_leaves(tree) -> list:
     from torch.utils._pytree import tree_leaves
 
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+# -------------------------------------------------------------------------------- DeepSpeed ZeRO
+def is_zero3_param(tensor) -> bool:
+    """Whether ``tensor`` is a parameter DeepSpeed ZeRO-3 partitions.
+
+    deepspeed 0.19.8: ``deepspeed.initialize`` (or ``zero.Init``) gives each ZeRO-3 parameter a
+    ``ds_id`` and its full size as ``ds_numel`` (``param.numel()`` is 0 while it is partitioned);
+    ``deepspeed.utils.safe_get_full_fp32_param`` tells stage 3 apart by the same attribute.
+    """
+    return hasattr(tensor, "ds_id")
+
+
+def has_zero_master(tensor) -> bool:
+    """Whether a DeepSpeed ZeRO optimizer keeps an fp32 master copy of ``tensor`` (any stage).
+
+    deepspeed 0.19.8: stages 1 and 2 link each parameter to its fp32 fragment as ``_hp_mapping``
+    (what ``deepspeed.utils.safe_set_full_fp32_param`` looks for); stage 3 parameters carry ``ds_id``.
+    """
+    return is_zero3_param(tensor) or getattr(tensor, "_hp_mapping", None) is not None

@@ -66,8 +66,9 @@ class ResizableBufferDict(BufferDict):
 class ChannelDeltaView(nn.Module):
     """The trainable slices of one layer: a view onto its segment of the adapter's bank.
 
-    Holds no parameter of its own (the bank owns it), so the optimizer, DDP and FSDP see one
-    fixed-size tensor per adapter whatever the number of channels each layer draws.
+    Holds no parameter of its own (the bank owns it), so the optimizer and DDP see one fixed-size
+    tensor per adapter whatever the number of channels each layer draws. FSDP2 must leave the bank
+    out of its sharding (`trady_peft.fsdp_ignored_params`; docs/distributed.md).
     """
 
     def __init__(self, slice_shape: tuple[int, ...]):

@@ -25,7 +25,15 @@ from torch import nn
 
 from ._registration import PREFIX
 from .adapter_file import check_model_state
+from .compat import has_zero_master
 from .config import TraDyConfig
+from .distributed import (
+    average_gradient,
+    bank_for_saving,
+    bank_numel,
+    check_bank_placement,
+    register_zero3_bank,
+)
 from .frozen_path import apply_memory_saving, restore
 from .geometry import SUPPORTED_LAYER_TYPES
 from .layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
@@ -42,7 +50,8 @@ logger = logging.getLogger(__name__)
 class DeltaBank(nn.Module):
     """One adapter's trainable values: a flat fp32 ``weight`` shared out among the layers.
 
-    A leaf module with a ``.weight`` so that FSDP auto-wrapping treats it as its own unit.
+    Its forward never runs (the layers read ``weight`` through views), so FSDP2 must not shard it:
+    it stays whole on every rank (`trady_peft.fsdp_ignored_params`, docs/distributed.md).
     """
 
     def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -87,6 +96,8 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         self._input_dims: dict = {}  # largest size of each model input seen in training
         self._probing, self._forward_depth, self._optimizer, self._warned_stale = False, 0, None, False
         self._norm_hooks: dict = {}
+        # FSDP2: the banks stay whole on every rank and TraDy averages their gradients (distributed.py).
+        self._average_bank_grads, self._bank_grad_hooks, self._placement_checked = False, {}, False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._call_hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -211,8 +222,35 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         # An adapter added after the probe starts from the prices measured so far.
         costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
         self.selection_states[name] = SelectionState(costs=costs, statistics=statistics)
+        if self._average_bank_grads:
+            self._hook_bank_gradient(name)
         if not config.inference_mode:
             self._draw_if_ready(name)
+
+    # ------------------------------------------------------------------------- distributed
+    def average_bank_gradients(self) -> None:
+        """Average every bank's gradient over the ranks after each backward pass (FSDP2 with the
+        bank left unsharded; see `trady_peft.fsdp_ignored_params`). Idempotent."""
+        self._average_bank_grads = True
+        for name in self.channel_bank:
+            self._hook_bank_gradient(name)
+
+    def _hook_bank_gradient(self, name: str) -> None:
+        if name not in self._bank_grad_hooks:
+            weight = self.channel_bank[name].weight
+            self._bank_grad_hooks[name] = weight.register_post_accumulate_grad_hook(average_gradient)
+
+    def _check_placement(self, when: str) -> None:
+        """Refuse a sharded bank (distributed.py), and follow FSDP's move of the model to its device."""
+        check_bank_placement(self, when)
+        for name, bank in self.channel_bank.items():
+            register_zero3_bank(self, name)
+            device = self.trady_state[name].device  # a buffer: FSDP moves it with the managed states
+            if bank.weight.device != device and not has_zero_master(
+                bank.weight
+            ):  # an ignored parameter stays where it was
+                with torch.no_grad():
+                    bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
     # ------------------------------------------------------------------------------- layers
     def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
@@ -226,7 +264,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
         for name, bank in getattr(self, "channel_bank", {}).items():
-            bank.weight.requires_grad_(name in active and not inference_mode and bank.weight.numel() > 0)
+            bank.weight.requires_grad_(name in active and not inference_mode and bank_numel(bank.weight) > 0)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -244,9 +282,10 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             if adapter_name in store:
                 del store[adapter_name]
         self.selection_states.pop(adapter_name, None)
-        hook = self._norm_hooks.pop(adapter_name, None)
-        if hook is not None:
-            hook.remove()
+        for hooks in (self._norm_hooks, self._bank_grad_hooks):
+            hook = hooks.pop(adapter_name, None)
+            if hook is not None:
+                hook.remove()
         self._sync_bank_requires_grad(self.active_adapters)  # the remaining adapter trains, as with LoRA
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -292,7 +331,7 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     def _install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         sizes = {n: m.geometry.slice_numel for n, m in self.trady_layers(name)}
         needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= self.channel_bank[name].weight.numel()
+        return set(selection) <= set(sizes) and needed <= bank_numel(self.channel_bank[name].weight)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -301,8 +340,20 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
         tuner = find_tuner(model)
+        tuner._check_placement("while saving")
+        weight = tuner.channel_bank[adapter_name].weight
+        consolidated = next(
+            (v for k, v in state_dict.items() if k.endswith(f"channel_bank.{adapter_name}.weight")), None
+        )
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
             out[key] = tuner.selection_states[adapter_name].to_tensor()
+        with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
+            cls._fold_into(model, adapter_name, out)
+        return out
+
+    @staticmethod
+    def _fold_into(model, adapter_name: str, out: dict) -> None:
+        """Write each layer's store with the current period folded in into ``out``."""
         for name, module in model.named_modules():
             if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
                 continue
@@ -317,4 +368,3 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
                 continue
             indices, values = module.fold(adapter_name)
             out[key_idx], out[key_val] = indices.to(torch.int32), values
-        return out

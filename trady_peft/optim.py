@@ -38,6 +38,9 @@ import warnings
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .compat import has_zero_master
+from .distributed import reset_deepspeed_state
+
 _KEY = "trady_reset"  # optimizer-state key of the records
 _CHUNK = 1 << 20  # values corrected at a time (bounds the hook's temporaries)
 _NEGLIGIBLE = 1e-10  # beta ** s below which a record's correction no longer matters
@@ -116,6 +119,8 @@ def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tup
     the module docstring). Works with torch optimizers and accelerate's ``AcceleratedOptimizer``.
     Returns the number of state tensors touched.
     """
+    if has_zero_master(parameter):  # DeepSpeed ZeRO: the state lives in its flat partitions
+        return reset_deepspeed_state(parameter, segments) if segments else 0
     optimizer = _unwrap(optimizer)
     state = optimizer.state.get(parameter) if hasattr(optimizer, "state") else None
     if not state or not segments:

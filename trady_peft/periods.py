@@ -17,8 +17,9 @@ import torch
 from accelerate.utils import send_to_device
 
 from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
-from .compat import in_backward, tensor_leaves
+from .compat import has_zero_master, in_backward, tensor_leaves
 from .config import TraDyConfig
+from .distributed import bank_numel, gathered, zero_bank
 from .importance import builtin_entry, family_of
 from .layer import TraDyLayer
 from .optim import reset_optimizer_state
@@ -168,6 +169,9 @@ class PeriodLifecycle:
         self._forward_depth += 1
         if self._probing or not torch.is_grad_enabled():
             return  # evaluation under no_grad must not fix the byte accounting to its batch
+        if module.training and not self._placement_checked:
+            self._check_placement("at the first training forward")
+            self._placement_checked = True
         budgeted = [n for n, c in self.peft_config.items() if c.budget is not None and not c.inference_mode]
         if not budgeted:
             return
@@ -222,6 +226,7 @@ class PeriodLifecycle:
                 "next_period / advance was called inside a forward or backward pass; the channels of a period "
                 "must not change while autograd holds their inputs. Call it between optimizer steps."
             )
+        self._check_placement("at a period change")
         new_period = None
         for name in [adapter_name] if adapter_name else list(self.active_adapters):
             config, state = self.peft_config[name], self.selection_states[name]
@@ -247,13 +252,13 @@ class PeriodLifecycle:
 
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.selection_states[name]
-        for _, layer in self.trady_layers(name):
-            layer.commit(name)
+        with gathered(self.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
+            for _, layer in self.trady_layers(name):
+                layer.commit(name)
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
-        with torch.no_grad():
-            self.channel_bank[name].weight.zero_()
+        zero_bank(self.channel_bank[name].weight)  # and DeepSpeed's master copy
         self._draw_if_ready(name, optimizer)
 
     def _draw_if_ready(self, name: str, optimizer=None) -> None:
@@ -299,7 +304,7 @@ class PeriodLifecycle:
             ]
             return strategy.select(candidates, None, config.seed, period)
         priced = self.priced_layers(name)
-        limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
+        limits = draw_limits(config.budget, bank_numel(self.channel_bank[name].weight), config.optimizer_state_bytes)
         _check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
@@ -307,7 +312,7 @@ class PeriodLifecycle:
 
     def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         config, costs = self.peft_config[name], self.selection_states[name].costs
-        limits = draw_limits(config.budget, self.channel_bank[name].weight.numel(), config.optimizer_state_bytes)
+        limits = draw_limits(config.budget, bank_numel(self.channel_bank[name].weight), config.optimizer_state_bytes)
         spent = [0] * len(limits)
         for n, channels in selection.items():
             for i, part in enumerate(costs[n].draw_price(config.budget.unit)):
@@ -327,10 +332,10 @@ class PeriodLifecycle:
                 changed.append((offset, offset + n))
             layer.install_channels(name, channels, bank, offset)
             offset += n
-        if offset > bank.weight.numel():
+        if offset > bank_numel(bank.weight):
             raise RuntimeError(
                 f"Internal error: the selection needs {offset} trainable values but the bank of adapter {name!r} "
-                f"holds {bank.weight.numel()}."
+                f"holds {bank_numel(bank.weight)}."
             )
         return changed
 
@@ -338,7 +343,13 @@ class PeriodLifecycle:
         """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
         bank = self.channel_bank[name].weight
         groups = getattr(optimizer, "param_groups", None)
-        if groups is not None and bank.numel() and not any(p is bank for g in groups for p in g["params"]):
+        deepspeed = has_zero_master(bank)  # DeepSpeed's groups hold flat partitions, not the bank
+        if (
+            groups is not None
+            and not deepspeed
+            and bank.numel()
+            and not any(p is bank for g in groups for p in g["params"])
+        ):
             raise ValueError(
                 f"The optimizer given to next_period/advance ({type(optimizer).__name__}) does not hold adapter "
                 f"{name!r}'s trainable bank, so the adapter would never train. Build the optimizer after "
@@ -390,7 +401,9 @@ class PeriodLifecycle:
         selection = state.selection or {}
         if config.budget.unit == "values":
             return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
-        bank = self.channel_bank[adapter_name].weight.numel() * bytes_per_trained_value(config.optimizer_state_bytes)
+        bank = bank_numel(self.channel_bank[adapter_name].weight) * bytes_per_trained_value(
+            config.optimizer_state_bytes
+        )
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
 
     def priced_inputs(self, adapter_name: str = "default") -> dict[str, int]:
@@ -410,7 +423,7 @@ class PeriodLifecycle:
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
-            "trainable_values": self.channel_bank[adapter_name].weight.numel(),
+            "trainable_values": bank_numel(self.channel_bank[adapter_name].weight),
         }
         budget: Budget | None = self.peft_config[adapter_name].budget
         if budget is not None and self.selection_states[adapter_name].selection is not None:
