@@ -15,7 +15,7 @@ adapter footprint by `trady_peft.measure_training_step` (trainable parameters, g
 state, and the storages autograd saved for backward).
 
 Run: ``python benchmarks/quantized_memory.py`` (under a minute on 2 CPU cores). It prints the
-table, writes ``docs/quantized/results.json`` and rewrites the block of ``docs/quantized.md``
+table, writes ``docs/quantized/results.json`` and rewrites the block of ``docs/distributed.md``
 between ``<!-- quantized_memory.py -->`` and ``<!-- /quantized_memory.py -->``.
 """
 
@@ -41,7 +41,7 @@ import trady_peft  # noqa: E402
 from trady_peft.quantized import storage_bytes  # noqa: E402
 
 OUT = ROOT / "docs" / "quantized"
-PAGE = ROOT / "docs" / "quantized.md"
+PAGE = ROOT / "docs" / "distributed.md"
 BEGIN, END = "<!-- quantized_memory.py -->", "<!-- /quantized_memory.py -->"
 BACKENDS = {
     "fp32 (no quantization)": None,
