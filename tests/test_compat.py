@@ -202,3 +202,31 @@ def test_class_swaps_keep_parameters_and_state_dict_keys():
     keys = list(model.state_dict())
     assert apply_memory_saving(model) and list(model.state_dict()) == keys
     assert restore(model) == 3 and type(model[0]) is torch.nn.Conv2d
+
+
+def test_transformers_checkpoint_layers_carry_the_flag_and_partial_read_by_reentrant_checkpointing():
+    import warnings
+
+    from tests.tiny_models import tiny_llama
+    from trady_peft.compat import reentrant_checkpointing
+
+    model = tiny_llama().train()
+    layer = model.model.layers[0]
+    assert not reentrant_checkpointing(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        assert reentrant_checkpointing(layer)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert not reentrant_checkpointing(layer)
+
+
+def test_a_forward_hook_moved_last_runs_after_hooks_registered_later():
+    from trady_peft.compat import run_forward_hook_last
+
+    module, calls = torch.nn.Identity(), []
+    first = module.register_forward_hook(lambda *a: calls.append("first"))
+    module.register_forward_hook(lambda *a: calls.append("second"))
+    run_forward_hook_last(module, first)
+    module(torch.zeros(1))
+    assert calls == ["second", "first"]
