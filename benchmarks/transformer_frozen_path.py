@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from peft import LoraConfig, get_peft_model
 
 import trady_peft
 from trady_peft.budget import bytes_per_trained_value
+from trady_peft.report import stock_type_name
 from trady_peft.targets import default_targets
 
 FAMILIES = ("llama", "gpt2", "bert")
@@ -107,7 +107,11 @@ def build(family: str, shape: Shape) -> torch.nn.Module:
         model = LlamaForCausalLM(config)
     elif family == "gpt2":
         config = GPT2Config(
-            vocab_size=shape.vocab, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads, n_positions=positions
+            vocab_size=shape.vocab,
+            n_embd=shape.hidden,
+            n_layer=shape.layers,
+            n_head=shape.heads,
+            n_positions=positions,
         )
         model = GPT2LMHeadModel(config)
     elif family == "bert":
@@ -265,7 +269,9 @@ def run(
             cases += [("bf16 autocast", False), ("fp32", True), ("bf16 autocast", True)]
         rows = {}
         for precision, checkpointing in cases:
-            methods = [lora, default, shallow] + ([deep_stock] if (precision, checkpointing) == ("fp32", False) else [])
+            methods = [lora, default, shallow] + (
+                [deep_stock] if (precision, checkpointing) == ("fp32", False) else []
+            )
             key = f"{precision}{', checkpointing' if checkpointing else ''}"
             rows[key] = {
                 "precision": precision,
@@ -281,11 +287,7 @@ def run(
 
 
 # ----------------------------------------------------------------------------- tables
-def row_key(kind: str) -> str:
-    """A twin counts with the stock class it replaces (``FrozenPathLlamaMLP`` -> ``LlamaMLP``)."""
-    if kind == "FrozenPathLMHead":
-        return "Linear"
-    return kind.removeprefix("FrozenPath").rstrip("_")
+row_key = stock_type_name  # a twin counts with the stock class it replaces
 
 
 def _mib(n: float) -> str:
@@ -348,11 +350,14 @@ def markdown(results: dict) -> str:
         ]
         for kind in kinds:
             cells = [
-                _mib(sum(v for k, v in methods[o]["saved_by_module_type"].items() if row_key(k) == kind)) for o in order
+                _mib(sum(v for k, v in methods[o]["saved_by_module_type"].items() if row_key(k) == kind))
+                for o in order
             ]
             if any(c != "0.0" for c in cells):
                 lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-        lines.append("| **total** | " + " | ".join(f"**{_mib(methods[o]['saved_activations'])}**" for o in order) + " |")
+        lines.append(
+            "| **total** | " + " | ".join(f"**{_mib(methods[o]['saved_activations'])}**" for o in order) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -372,9 +377,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-time", action="store_true", help="skip the step-time comparison")
     args = parser.parse_args(argv)
     shape = Shape(args.hidden, args.layers, args.heads, args.vocab, args.batch, args.seq)
-    time_shape = None if args.no_time else copy.replace(shape, seq=args.time_seq) if hasattr(copy, "replace") else None
-    if time_shape is None and not args.no_time:
-        time_shape = Shape(args.hidden, args.layers, args.heads, args.vocab, args.batch, args.time_seq)
+    time_shape = (
+        None if args.no_time else Shape(args.hidden, args.layers, args.heads, args.vocab, args.batch, args.time_seq)
+    )
     results = run(shape, args.families.split(","), args.max_depth, time_shape, args.steps, args.warmup)
     print(markdown(results))
     return results

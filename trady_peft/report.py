@@ -132,7 +132,9 @@ class MemoryReport:
         }
         if any(r.method == "LoRA" for r in self.rows):
             columns["LoRA"] = saved_by_stock_type(self.row("LoRA").memory)
-        kinds = sorted({k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in columns.values()))
+        kinds = sorted(
+            {k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in columns.values())
+        )
         lines = [
             "saved activations by module type, TraDy before (stock frozen path) and after (frozen-path twins, "
             "memory_saving_frozen_path=True):",
