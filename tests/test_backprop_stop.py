@@ -156,3 +156,25 @@ def test_max_depth_that_leaves_no_ranked_layer_says_so():
     )
     with pytest.raises(ValueError, match=r"max_depth=1 leaves no candidate layer.*Raise max_depth, or pass None"):
         get_peft_model(tiny_llama(), config)
+
+
+def test_reentrant_checkpointing_keeps_one_hidden_state_per_block_from_the_lowest_trained_one_up():
+    """The benchmark's instrument under checkpointing (benchmarks/transformer_frozen_path.py): with the
+    reentrant checkpoint, LoRA keeps each block's input, TraDy with max_depth=1 only the top block's."""
+    import transformer_frozen_path as bench  # benchmarks/, on pytest's pythonpath
+
+    shape = bench.Shape(hidden=32, layers=2, heads=4, vocab=64, batch=2, seq=8)
+    hidden_state = shape.batch * shape.seq * shape.hidden * 4
+    budget = bench.budget_bytes(bench.parameter_count("llama", shape))
+    kept = {}
+    for method in (bench.Method("LoRA r=8", "lora"), bench.Method("TraDy", "trady", {"max_depth": 1})):
+        model = bench.make("llama", shape, method, budget)
+        bench._checkpointing(model, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mem = trady_peft.measure_training_step(model, bench.batch_of("llama", shape))
+        kept[method.kind] = [
+            mem.saved_by_module.get(f"base_model.model.model.layers.{i}", 0) for i in range(shape.layers)
+        ]
+    assert kept["lora"] == [hidden_state, hidden_state]
+    assert kept["trady"] == [0, hidden_state]

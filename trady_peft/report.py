@@ -239,7 +239,7 @@ def compare_memory(
     lora_r: int = 8,
     optimizer: str = "adamw",
     description: str = "",
-    frozen_path_split: bool = True,
+    frozen_path_split: bool = False,
 ) -> MemoryReport:
     """Measure one training step of TraDy, LoRA (rank ``lora_r``, same layers) and full fine-tuning.
 
@@ -250,7 +250,8 @@ def compare_memory(
         lora_r: LoRA rank.
         optimizer: ``"adamw"`` or ``"sgd"`` (plain SGD, the paper's setting: no optimizer state).
         frozen_path_split: also measure TraDy with the stock frozen path (``memory_saving_frozen_path=False``),
-            for the table's split by module type before/after the twins (`MemoryReport.frozen_path_split`).
+            for the table's split by module type before/after the twins (`MemoryReport.frozen_path_split`;
+            ``trady-peft memory`` does, unless ``--no-frozen-path-split``).
     """
 
     def make_optimizer(model):
