@@ -77,3 +77,18 @@ def test_memory_command_splits_tradys_saved_activations_by_module_type_before_an
     assert trady_row.split()[-2] == f"{kib['total'][1]:,}"  # the split adds up to the measured total
     assert main([*argv, "--no-frozen-path-split"]) == 0
     assert "TraDy before (stock frozen path)" not in capsys.readouterr().out
+
+
+def test_the_transformers_memory_block_is_the_output_of_its_benchmark():
+    """docs/memory.md's issue-12 table is `transformer_frozen_path.markdown` of the saved measurement."""
+    import json
+
+    import memory_report  # benchmarks/, on pytest's pythonpath
+    import transformer_frozen_path
+
+    results = json.loads((ROOT / "docs" / "memory" / "transformers.json").read_text())
+    block = (ROOT / "docs" / "memory.md").read_text().split(memory_report.TBEGIN)[1].split(memory_report.TEND)[0]
+    assert transformer_frozen_path.markdown(results) in block
+    for family in ("llama", "gpt2", "bert"):
+        trady = results["families"][family]["cases"]["fp32"]["methods"]["TraDy"]
+        assert trady["bank_values"] <= 0.01 * results["families"][family]["parameters"]  # the issue's budget
