@@ -8,9 +8,16 @@ the generated blocks of README.md and docs/memory.md (between ``<!-- memory_repo
   with a 10-class head, 128x128, batch 32, the paper's smallest budget, 27,946 units), run through the
   CLI, with the analytic floor of the TraDy selection (its channels' inputs + 1 bit per ReLU6 element);
 * ``bert``: a BERT-style encoder (4 layers, hidden 256), sequence 128, batch 8;
-* ``llama``: a Llama-style decoder (4 layers, hidden 256), sequence 128, batch 8.
+* ``llama``: a Llama-style decoder (4 layers, hidden 256), sequence 128, batch 8;
+* ``transformers``: issue 12's measured targets, `transformer_frozen_path.run` (Llama-, GPT-2- and
+  BERT-style models, hidden 512, 6 layers, vocabulary 8,000, batch 8 x sequence 512; TraDy vs LoRA r=8,
+  fp32, bf16 autocast, reentrant gradient checkpointing, ``max_depth``; the split by module type
+  before/after the frozen-path twins; the step-time ratio), written to ``docs/memory/transformers.json``
+  and the ``<!-- transformer_frozen_path.py -->`` block of docs/memory.md.
 
-Run: ``python benchmarks/memory_report.py`` (about a minute on 2 CPU cores; ``make memory-report``).
+Run: ``python benchmarks/memory_report.py`` (``make memory-report``): a minute on 2 CPU cores for the
+first three cases, about half an hour for ``transformers`` (``--cases transformers`` runs it alone;
+``--transformer-seq 128`` for a quicker, smaller run, whose shape the block then states).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ MBV2_COMMAND = [
     "docs/memory/mbv2.png",
 ]
 BEGIN, END = "<!-- memory_report.py -->", "<!-- /memory_report.py -->"
+TBEGIN, TEND = "<!-- transformer_frozen_path.py -->", "<!-- /transformer_frozen_path.py -->"
+CASES = ("mbv2", "bert", "llama", "transformers")
 
 
 def text_batch(batch: int, seq: int, causal: bool) -> dict:
@@ -176,26 +185,56 @@ def _command_lines() -> list[str]:
     return [*pairs, " ".join(line)]
 
 
-def update_docs(block: str, files=(ROOT / "README.md", ROOT / "docs" / "memory.md")) -> None:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    generated = f"{BEGIN}\n{block}{END}"
+def run_transformers(out: Path, seq: int, time_seq: int) -> dict:
+    """Issue 12's table (`transformer_frozen_path.run`): results JSON and the markdown block."""
+    import transformer_frozen_path as tfp
+
+    shape = tfp.Shape(seq=seq)
+    results = tfp.run(shape, time_shape=tfp.Shape(seq=time_seq))
+    (out / "transformers.json").write_text(json.dumps(results, indent=2))
+    command = "python benchmarks/memory_report.py --cases transformers" + (
+        f" --transformer-seq {seq}" if seq != 512 else ""
+    )
+    note = f"Measured by `{command}` (`benchmarks/transformer_frozen_path.py`; 2-core CPU).\n\n"
+    return {"results": results, "block": note + tfp.markdown(results)}
+
+
+def update_docs(
+    block: str, files=(ROOT / "README.md", ROOT / "docs" / "memory.md"), begin: str = BEGIN, end: str = END
+) -> None:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    generated = f"{begin}\n{block}{end}"
     for path in files:
         text = path.read_text()
         if not pattern.search(text):
-            raise SystemExit(f"{path}: no {BEGIN} ... {END} block to regenerate")
+            raise SystemExit(f"{path}: no {begin} ... {end} block to regenerate")
         path.write_text(pattern.sub(lambda _: generated, text))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="mbv2,bert,llama")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--transformer-seq", type=int, default=512, help="sequence of the transformers case")
+    parser.add_argument("--transformer-time-seq", type=int, default=128, help="sequence of its step-time ratio")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite README.md and docs/memory.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, reports = {}, {}
-    for case in args.cases.split(","):
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"--cases {args.cases!r}: unknown {unknown}; choose among {','.join(CASES)}")
+    if "transformers" in cases:
+        cases.remove("transformers")
+        generated = run_transformers(out, args.transformer_seq, args.transformer_time_seq)
+        print(generated["block"])
+        if not args.no_docs:
+            update_docs(generated["block"], files=(ROOT / "docs" / "memory.md",), begin=TBEGIN, end=TEND)
+            print("regenerated the transformers block of docs/memory.md")
+        results["transformers"] = generated["results"]
+    for case in cases:
         result = run_mbv2(out) if case == "mbv2" else run_text(case)
         report = reports[case] = result["report"]
         print(result.get("printed") or report.table(), "\n")
@@ -215,8 +254,10 @@ def main(argv=None):
             },
             **{k: v for k, v in result.items() if k not in ("report", "plotted")},
         }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}/results.json and one PNG per case")
+    if reports:
+        saved = {k: v for k, v in results.items() if k != "transformers"}
+        (out / "results.json").write_text(json.dumps(saved, indent=2))
+        print(f"wrote {out}/results.json and one PNG per case")
     if not args.no_docs and set(reports) == {"mbv2", "bert", "llama"}:
         update_docs(markdown(results, reports))
         print("regenerated the memory blocks of README.md and docs/memory.md")

@@ -232,3 +232,31 @@ def test_deepspeed_marks_zero_parameters_as_compat_expects(monkeypatch):
                 assert weight.ds_numel == 32 and weight.numel() == 0  # what bank_numel relies on
     finally:
         dist.destroy_process_group()
+
+
+def test_transformers_checkpoint_layers_carry_the_flag_and_partial_read_by_reentrant_checkpointing():
+    import warnings
+
+    from tests.tiny_models import tiny_llama
+    from trady_peft.compat import reentrant_checkpointing
+
+    model = tiny_llama().train()
+    layer = model.model.layers[0]
+    assert not reentrant_checkpointing(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        assert reentrant_checkpointing(layer)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert not reentrant_checkpointing(layer)
+
+
+def test_a_forward_hook_moved_last_runs_after_hooks_registered_later():
+    from trady_peft.compat import run_forward_hook_last
+
+    module, calls = torch.nn.Identity(), []
+    first = module.register_forward_hook(lambda *a: calls.append("first"))
+    module.register_forward_hook(lambda *a: calls.append("second"))
+    run_forward_hook_last(module, first)
+    module(torch.zeros(1))
+    assert calls == ["second", "first"]

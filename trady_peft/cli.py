@@ -134,6 +134,7 @@ def memory_report(args):
             strategy=args.strategy,
             modules_to_save=args.modules_to_save,
             target_modules=args.target_modules,
+            max_depth=args.max_depth,
         )
     except ValueError as err:
         raise SystemExit(str(err)) from None
@@ -143,8 +144,16 @@ def memory_report(args):
         f"{describe_budget(args.budget, args.channels_per_layer)}, {args.strategy}, {args.optimizer}; "
         "one training step, measured"
     )
+    if args.max_depth is not None:
+        desc = desc.replace("; one training step", f", max_depth {args.max_depth}; one training step")
     return compare_memory(
-        lambda: load_model(args.model), inputs, config, lora_r=args.lora_r, optimizer=args.optimizer, description=desc
+        lambda: load_model(args.model),
+        inputs,
+        config,
+        lora_r=args.lora_r,
+        optimizer=args.optimizer,
+        description=desc,
+        frozen_path_split=not args.no_frozen_path_split,
     )
 
 
@@ -225,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     memory.add_argument("--modules-to-save", nargs="*", default=None, help="e.g. classifier (trained in full)")
     memory.add_argument("--target-modules", nargs="*", default=None, help="default: every supported layer")
+    memory.add_argument(
+        "--max-depth",
+        type=int,
+        default=None,
+        help="TraDyConfig.max_depth: draw only from the N blocks nearest the output (backprop stops higher)",
+    )
+    memory.add_argument(
+        "--no-frozen-path-split",
+        action="store_true",
+        help="skip the extra TraDy step with the stock frozen path (the 'before' of the split by module type)",
+    )
     memory.add_argument("--lora-r", type=int, default=8)
     memory.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     memory.add_argument("--png", default=None, help="also save a bar chart to this PNG file")

@@ -222,3 +222,32 @@ def has_zero_master(tensor) -> bool:
     (what ``deepspeed.utils.safe_set_full_fp32_param`` looks for); stage 3 parameters carry ``ds_id``.
     """
     return is_zero3_param(tensor) or getattr(tensor, "_hp_mapping", None) is not None
+
+
+# ------------------------------------------------------------------ backprop stop (trady_peft.backprop)
+def reentrant_checkpointing(module) -> bool:
+    """Whether ``module`` (a transformers ``GradientCheckpointingLayer``) runs under torch's reentrant
+    checkpoint when it trains.
+
+    transformers 5.24, modeling_layers.py: ``activation_checkpointing_enable`` sets
+    ``layer.gradient_checkpointing = True`` and ``layer._gradient_checkpointing_func =
+    functools.partial(checkpoint, **kwargs)``; torch 2.13's ``checkpoint`` treats a missing
+    ``use_reentrant`` as True (with a warning).
+    """
+    if not getattr(module, "gradient_checkpointing", False):
+        return False
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None) or {}
+    return bool(keywords.get("use_reentrant", True)) if func is not None else False
+
+
+def run_forward_hook_last(module, handle) -> None:
+    """Move the forward hook of ``handle`` to the end of ``module``'s forward hooks, so that it sees
+    what hooks registered later (e.g. transformers' ``enable_input_require_grads``) did.
+
+    torch 2.13: ``Module._forward_hooks`` is an ``OrderedDict`` keyed by ``RemovableHandle.id``, run
+    in order.
+    """
+    hooks = module._forward_hooks
+    if handle.id in hooks:
+        hooks.move_to_end(handle.id)

@@ -102,6 +102,16 @@ class TraDyConfig(PeftConfig):
         default=None,
         metadata={"help": "How many layers of `layer_ranking` the top-K strategies use. None: all ranked layers."},
     )
+    max_depth: int | None = field(
+        default=None,
+        metadata={
+            "help": "Only the `max_depth` blocks nearest the output may be drawn from (a block: the target layers "
+            "sharing the part of their name up to the first number, e.g. `model.layers.4`; a layer without a "
+            "number is a block of its own). Backprop stops at the lowest trained layer, so a smaller depth keeps "
+            "less of the frozen path for backward, at the price of drawing from fewer, possibly less important, "
+            "layers. None: every candidate layer."
+        },
+    )
     gradient_batches: int = field(
         default=8,
         metadata={"help": "Batches of full gradient the Det-RGN oracles score channels on at each selection."},
@@ -194,6 +204,13 @@ class TraDyConfig(PeftConfig):
         self._check_channels_per_layer()
         if self.top_k is not None:
             self.top_k = _integer("top_k", self.top_k, 1, "a positive int (number of ranked layers), or None")
+        if self.max_depth is not None:
+            self.max_depth = _integer(
+                "max_depth",
+                self.max_depth,
+                1,
+                "a positive int (the number of blocks nearest the output TraDy may draw from), or None for all",
+            )
         if isinstance(self.layer_ranking, (str, os.PathLike)):
             self._load_ranking_file(os.fspath(self.layer_ranking))
         elif self.layer_ranking is not None:

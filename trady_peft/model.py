@@ -25,6 +25,7 @@ from torch import nn
 
 from ._registration import PREFIX
 from .adapter_file import check_model_state
+from .backprop import BackpropStop
 from .compat import has_zero_master
 from .config import TraDyConfig
 from .distributed import (
@@ -103,11 +104,13 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward, always_call=True),
         ]
+        self._backprop_stop = BackpropStop(self.model, self._module_trains)
         self.register_load_state_dict_post_hook(TraDyModel._restore_states)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for hook in self._call_hooks:
             hook.remove()  # the returned base model must not call back into this tuner
+        self._backprop_stop.remove()
         merging = kwargs.get("merge", args[0] if args else True)
         with self._one_quantized_merge_warning(refuse=merging):
             model = super()._unload_and_optionally_merge(*args, **kwargs)
@@ -253,6 +256,17 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
                     bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
     # ------------------------------------------------------------------------------- layers
+    def _module_trains(self, module: nn.Module) -> bool:
+        """Whether anything inside ``module`` trains now: selected channels of an active adapter whose
+        bank trains, or a parameter that requires grad (`trady_peft.backprop`)."""
+        banks = getattr(self, "channel_bank", {})
+        for m in module.modules():
+            if isinstance(m, TraDyLayer) and not m.disable_adapters and not m.merged:
+                for name in m.active_adapters:
+                    if name in banks and banks[name].weight.requires_grad and m.current_delta_installed(name):
+                        return True
+        return any(p.requires_grad for p in module.parameters())
+
     def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
         """The wrapped layers carrying ``adapter_name``, in module order."""
         return [

@@ -27,7 +27,7 @@ from .scoring import all_reduce_max_costs, any_rank, full_gradient_norms
 from .selection import Candidate, PricedLayer
 from .state import Phase
 from .strategies import alpha_top_k, get_strategy
-from .targets import names_match
+from .targets import depth_blocks, names_match
 
 logger = logging.getLogger(__name__)
 #: A period with fewer channels than this gets a warning with the numbers.
@@ -70,7 +70,7 @@ class PeriodLifecycle:
         layers = self.trady_layers(adapter_name)
         kind = get_strategy(config.strategy).layers
         if kind == "all" or (not config.layer_ranking and kind == "top-k"):
-            return layers
+            return self._within_depth(adapter_name, layers, layers)
         ranked = layers
         if config.layer_ranking:
             ranking = config.layer_ranking[: config.top_k] if config.top_k else config.layer_ranking
@@ -83,6 +83,7 @@ class PeriodLifecycle:
                         f"must be among the target layers, e.g. {[n for n, _ in layers[:3]]}."
                     )
                 ranked += [lm for lm in match if lm not in ranked]
+        ranked = self._within_depth(adapter_name, layers, ranked)
         state = self.selection_states.get(adapter_name)
         costs = state.costs if state is not None else {}
         if kind == "alpha" and not config.top_k and all(n in costs for n, _ in ranked):
@@ -91,6 +92,22 @@ class PeriodLifecycle:
             ranked = ranked[: alpha_top_k(memory, config.budget.amount, config.medyate_alpha)]
         order = {n: i for i, (n, _) in enumerate(layers)}
         return sorted(ranked, key=lambda lm: order[lm[0]])
+
+    def _within_depth(self, adapter_name: str, layers: list, candidates: list) -> list:
+        """``candidates`` restricted to the ``max_depth`` blocks of ``layers`` nearest the output."""
+        depth = self.peft_config[adapter_name].max_depth
+        if depth is None:
+            return candidates
+        blocks = depth_blocks([n for n, _ in layers])
+        allowed = {n for block in blocks[-depth:] for n in block}
+        kept = [(n, m) for n, m in candidates if n in allowed]
+        if not kept:
+            raise ValueError(
+                f"max_depth={depth} leaves no candidate layer: the {depth} block(s) nearest the output "
+                f"({blocks[-1][0]!r}, ...) hold none of the layers the strategy draws from "
+                f"(e.g. {[n for n, _ in candidates[:3]]}). Raise max_depth, or pass None."
+            )
+        return kept
 
     def _capacity(self, name: str) -> int:
         """Trainable values the bank holds: never more than any draw can use, nor than the budget allows."""
@@ -167,6 +184,8 @@ class PeriodLifecycle:
 
     def _before_forward(self, module, args, kwargs):
         self._forward_depth += 1
+        if self._forward_depth == 1:
+            self._backprop_stop.before_forward()
         if self._probing or not torch.is_grad_enabled():
             return  # evaluation under no_grad must not fix the byte accounting to its batch
         if module.training and not self._placement_checked:

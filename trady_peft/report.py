@@ -29,6 +29,25 @@ PATH_GROUPS = {
 }
 
 
+def stock_type_name(module_type: str) -> str:
+    """The stock class a frozen-path twin replaces (``FrozenPathLlamaMLP`` -> ``LlamaMLP``; the fused
+    loss's ``FrozenPathLMHead`` -> ``Linear``); any other name unchanged."""
+    if module_type == "FrozenPathLMHead":
+        return "Linear"
+    if module_type.startswith("FrozenPath"):
+        return module_type.removeprefix("FrozenPath").rstrip("_")
+    return module_type
+
+
+def saved_by_stock_type(memory: TrainingStepMemory) -> dict[str, int]:
+    """``memory.saved_by_module_type`` with each twin's bytes counted under the stock class it replaces."""
+    out: dict[str, int] = {}
+    for kind, nbytes in memory.saved_by_module_type.items():
+        key = stock_type_name(kind)
+        out[key] = out.get(key, 0) + nbytes
+    return out
+
+
 def group_of(module_type: str) -> str:
     for group, markers in PATH_GROUPS.items():
         if any(m in module_type for m in markers):
@@ -61,6 +80,9 @@ class MemoryReport:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     trady_model: nn.Module | None = None  # the measured TraDy model, for further analysis
+    #: TraDy measured with the stock frozen path (``memory_saving_frozen_path=False``): the "before" of
+    #: `frozen_path_split`; None when not measured.
+    stock_frozen_path: MethodMemory | None = None
 
     def row(self, method: str) -> MethodMemory:
         return next(r for r in self.rows if r.method == method)
@@ -86,6 +108,9 @@ class MemoryReport:
         for r in self.rows:
             sb = r.saved_by_group
             lines.append(f"{r.method:<20}" + "".join(f"{kib(sb.get(g, 0)):>16}" for g in groups))
+        split = self.frozen_path_split()
+        if split:
+            lines += ["", *split]
         notes = [f"{r.method}: {r.note}" for r in self.rows if r.note]
         notes += [f"full fine-tuning / TraDy saved activations: {self.saving_factor('full fine-tuning'):,.1f}x"]
         notes += self.explanations()
@@ -94,6 +119,31 @@ class MemoryReport:
             lines.append("")
             lines += notes
         return "\n".join(lines)
+
+    def frozen_path_split(self) -> list[str]:
+        """Lines of the table: TraDy's saved activations by module type with the stock frozen path (before)
+        and with the memory-saving twins (after), LoRA's alongside; a twin counts under the class it replaces."""
+        if self.stock_frozen_path is None:
+            return []
+        kib = lambda n: f"{n / 1024:,.0f} KiB"  # noqa: E731
+        columns = {
+            "TraDy, stock path": saved_by_stock_type(self.stock_frozen_path.memory),
+            "TraDy, twins": saved_by_stock_type(self.row("TraDy").memory),
+        }
+        if any(r.method == "LoRA" for r in self.rows):
+            columns["LoRA"] = saved_by_stock_type(self.row("LoRA").memory)
+        kinds = sorted(
+            {k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in columns.values())
+        )
+        lines = [
+            "saved activations by module type, TraDy before (stock frozen path) and after (frozen-path twins, "
+            "memory_saving_frozen_path=True):",
+            f"{'module type':<28}" + "".join(f"{name:>20}" for name in columns),
+        ]
+        for kind in kinds:
+            lines.append(f"{kind:<28}" + "".join(f"{kib(c.get(kind, 0)):>20}" for c in columns.values()))
+        lines.append(f"{'total':<28}" + "".join(f"{kib(sum(c.values())):>20}" for c in columns.values()))
+        return lines
 
     def explanations(self) -> list[str]:
         """One sentence for each figure that looks wrong at first sight: a method that holds more weights
@@ -189,6 +239,7 @@ def compare_memory(
     lora_r: int = 8,
     optimizer: str = "adamw",
     description: str = "",
+    frozen_path_split: bool = False,
 ) -> MemoryReport:
     """Measure one training step of TraDy, LoRA (rank ``lora_r``, same layers) and full fine-tuning.
 
@@ -198,6 +249,9 @@ def compare_memory(
         config: the TraDy configuration (its ``modules_to_save`` train fully in every method).
         lora_r: LoRA rank.
         optimizer: ``"adamw"`` or ``"sgd"`` (plain SGD, the paper's setting: no optimizer state).
+        frozen_path_split: also measure TraDy with the stock frozen path (``memory_saving_frozen_path=False``),
+            for the table's split by module type before/after the twins (`MemoryReport.frozen_path_split`;
+            ``trady-peft memory`` does, unless ``--no-frozen-path-split``).
     """
 
     def make_optimizer(model):
@@ -243,7 +297,15 @@ def compare_memory(
             "full fine-tuning", measure_training_step(full, inputs, make_optimizer(full)), _weights_bytes(full)
         )
     )
-    return MemoryReport(rows, description, trady_model=trady)
+    stock = None
+    if frozen_path_split and config.memory_saving_frozen_path:
+        stock_config = copy.deepcopy(config)
+        stock_config.memory_saving_frozen_path = False
+        stock_model = get_peft_model(build_model(), stock_config).train()
+        stock_mem = measure_training_step(stock_model, inputs, make_optimizer(stock_model))
+        stock = MethodMemory("TraDy, stock frozen path", stock_mem, _weights_bytes(stock_model.get_base_model()))
+        del stock_model
+    return MemoryReport(rows, description, trady_model=trady, stock_frozen_path=stock)
 
 
 def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:

@@ -90,3 +90,24 @@ def _ancestors(model: nn.Module, name: str):
 def names_match(name: str, wanted: str) -> bool:
     """Whether the qualified layer ``name`` is ``wanted`` or ends with it (a suffix match)."""
     return name == wanted or name.endswith("." + wanted)
+
+
+def depth_blocks(names: list[str]) -> list[list[str]]:
+    """``names`` (target layers in module order) grouped into blocks, from the input to the output.
+
+    A block is a run of consecutive layers sharing the part of their name up to the first number
+    (``model.layers.4``, ``encoder.layer.3``, ``features.12``); a layer without a number in its
+    name is a block of its own. ``TraDyConfig.max_depth`` counts these blocks from the output.
+    """
+    blocks: list[list[str]] = []
+    previous = None
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[: cut + 1]) if cut is not None else name
+        if blocks and key == previous:
+            blocks[-1].append(name)
+        else:
+            blocks.append([name])
+        previous = key
+    return blocks
