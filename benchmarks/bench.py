@@ -372,6 +372,18 @@ def build_method(task: Task, method: Method, seed: int, lora_targets: list[str])
     return model
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()`` with every batch norm's statistics frozen (eval mode; its affine weights still
+    train where they are trainable). TraDy's memory-saving frozen path freezes them too, so every
+    method trains under the same normalisation (short runs would otherwise drag the running
+    statistics to a few small batches; see the offline-assets notes)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
 def make_optimizer(task: Task, model: nn.Module, method: Method, total_steps: int):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -442,7 +454,7 @@ def evaluate_model(task: Task, model: nn.Module) -> float:
             metric.add_batch(predictions=logits.argmax(-1), references=task.test["labels"][rows])
         return float(metric.compute()["accuracy"])
     finally:
-        model.train()
+        train_mode(model)
 
 
 # ------------------------------------------------------------------------------------ RSS helpers
@@ -499,7 +511,7 @@ def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> d
 
     with PeakRSS() as rss:
         start_cpu, start = time.process_time(), time.perf_counter()
-        model = build_method(task, method, seed, lora_targets).train()
+        model = train_mode(build_method(task, method, seed, lora_targets))
         total = task.epochs * task.steps_per_epoch
         optimizer, scheduler = make_optimizer(task, model, method, total)
         losses = []
@@ -540,7 +552,7 @@ def measure_memory(task: Task, method: Method, lora_targets: list[str]) -> dict:
     layers) against the budget."""
     import trady_peft
 
-    model = build_method(task, method, 0, lora_targets).train()
+    model = train_mode(build_method(task, method, 0, lora_targets))
     optimizer, _ = make_optimizer(task, model, method, 10)
     batch = task.batch(slice(0, task.batch_size))
     if method.is_trady:
@@ -600,7 +612,7 @@ def measure_speed(task: Task, methods: list[Method], lora_targets: list[str], st
         group = references + others[start : start + group_size]
         models, optimizers = {}, {}
         for m in group:
-            model = build_method(task, m, 0, lora_targets).train()
+            model = train_mode(build_method(task, m, 0, lora_targets))
             optimizer, _ = make_optimizer(task, model, m, 10)
             for g in optimizer.param_groups:
                 g["lr"] = 0.0  # timing only: the weights do not move (every step costs the same)
@@ -670,11 +682,11 @@ def weight_gradient_flops(task: Task, method: Method, lora_targets: list[str]) -
                 handle.remove()
         return counter.get_total_flops()
 
-    frozen = task.build().train()
+    frozen = train_mode(task.build())
     for p in frozen.parameters():
         p.requires_grad_(False)
     reference = backward_flops(frozen)
-    model = build_method(task, method, 0, lora_targets).train()
+    model = train_mode(build_method(task, method, 0, lora_targets))
     if method.is_trady:
         optimizer, _ = make_optimizer(task, model, method, 10)
         start_period(model, task, method, optimizer, 0, 0)
@@ -692,7 +704,7 @@ def measure_artifact(task: Task, budget: int, epochs: int, lora_targets: list[st
     import trady_peft
 
     method = Method("trady", budget)
-    model = build_method(task, method, 0, lora_targets).train()
+    model = train_mode(build_method(task, method, 0, lora_targets))
     optimizer, _ = make_optimizer(task, model, method, epochs)
     tuner = trady_peft.find_tuner(model)
     candidates = [n for n, _ in tuner.candidate_layers()]
