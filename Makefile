@@ -54,3 +54,12 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# Benchmarks (docs/benchmarks.md): every strategy vs LoRA, head-only and full fine-tuning on the
+# offline tasks; writes docs/benchmarks/*.json, plots and tables (bench-quick: reduced sizes).
+.PHONY: bench-quick bench
+bench-quick: setup data
+	$(BIN)/python benchmarks/bench.py --preset quick
+
+bench: setup data
+	$(BIN)/python benchmarks/bench.py --preset full

@@ -1,0 +1,152 @@
+"""Issue 11: the benchmark harness (benchmarks/bench.py) end to end on a tiny model, and the
+win/tie/loss rule that the docs' statements come from."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402
+from tiny_models import tiny_cnn  # noqa: E402
+
+
+def tiny_image_task() -> bench.Task:
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        labels = torch.randint(0, 4, (n,), generator=g)
+        images = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+        images[torch.arange(n), labels % 3] += 1.0
+        return {"pixel_values": images, "labels": labels}
+
+    return bench.Task(
+        "image",
+        "tiny CNN -> coloured noise",
+        lambda: tiny_cnn(0),
+        data(8),
+        data(8),
+        head="classifier",
+        head_only=("classifier.",),
+        metric="accuracy",
+        budget_fractions=(0.2, 0.5),
+        epochs=2,
+        batch_size=8,
+        lr=0.125,
+        gradient_batches=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    bench.COLLECT_BETWEEN_RUNS = False
+    task = tiny_image_task()
+    preset = {"speed_steps": 2, "artifact_epochs": 3}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add synchronisation
+    try:
+        result = bench.run_task(task, preset, log=lambda s: None, seeds=(0, 1))
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("bench")
+    env = bench.environment("pytest tiny", torch.get_num_threads())
+    bench.write_outputs({"image": result}, env, out)
+    return task, result, out
+
+
+def test_every_method_of_the_grid_has_a_record_per_seed(tiny_run):
+    task, result, _ = tiny_run
+    expected = {(m.name, m.budget) for m in bench.grid(result["budgets"])}
+    assert len(expected) == 2 * 7 + 3
+    got = {}
+    for r in result["records"]:
+        got.setdefault((r["method"], r["budget_bytes"]), set()).add(r["seed"])
+    assert set(got) == expected
+    assert all(seeds == {0, 1} for seeds in got.values())
+
+
+def test_records_hold_the_metric_memory_and_speed_fields(tiny_run):
+    _, result, out = tiny_run
+    saved = json.loads((out / "accuracy.json").read_text())
+    assert {"command", "date", "versions", "machine"} <= set(saved)
+    assert saved["machine"]["cpu_count"] and saved["versions"]["torch"]
+    for r in saved["records"]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["saved_activation_bytes"] > 0 and r["trainable_state_bytes"] > 0
+        assert r["step_time_ratio_to_lora"] > 0
+        assert r["task"] == "image" and r["seed"] in (0, 1)
+    lora = [r for r in saved["records"] if r["method"] == "lora"]
+    assert all(r["step_time_ratio_to_lora"] == 1.0 for r in lora)
+    # Budget-free baselines carry no budget; every strategy row carries one of the two budgets.
+    assert {r["budget_bytes"] for r in saved["records"] if r["method"] in bench.BASELINES} == {None}
+    assert {r["budget_bytes"] for r in saved["records"] if r["method"] == "trady"} == set(result["budgets"])
+
+
+def test_memory_rows_measure_the_adapter_against_its_budget(tiny_run):
+    _, result, _ = tiny_run
+    rows = {(r["method"], r["budget_bytes"]): r for r in result["memory"]}
+    full, head = rows[("full", None)], rows[("head", None)]
+    # Full fine-tuning trains every parameter: more trainable state than the head alone.
+    assert full["trainable_state_bytes"] > head["trainable_state_bytes"]
+    for (method, budget), r in rows.items():
+        if budget is not None:
+            assert r["adapter_footprint_within_budget"], (method, budget, r["adapter_footprint_bytes"])
+            assert r["adapter_footprint_bytes"] == r["adapter_bank_bytes"] + r["adapter_saved_input_bytes"]
+
+
+def test_speed_flops_and_artifact_are_measured(tiny_run):
+    _, result, out = tiny_run
+    speed = {(r["method"], r["budget_bytes"]): r for r in result["speed"]}
+    assert speed[("full", None)]["weight_gradient_flops_vs_full"] == 0.0
+    assert speed[("head", None)]["weight_gradient_flops"] < speed[("full", None)]["weight_gradient_flops"]
+    assert all(r["timed_steps"] == 2 for r in result["speed"])
+    assert "redraw_to_step_ratio" in speed[("trady", result["budgets"][0])]
+    epochs = result["artifact"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    touched = [e["touched_channels"] for e in epochs]
+    assert touched == sorted(touched) and touched[0] == epochs[0]["selected_channels"]
+    for name in ("pareto.png", "artifact.png", "table.md", "memory.json", "speed.json", "artifact.json"):
+        assert (out / name).stat().st_size > 0
+    assert "TraDy at" in (out / "table.md").read_text()
+
+
+def test_a_difference_within_one_std_is_a_tie():
+    assert bench.verdict((0.80, 0.02), (0.79, 0.01)) == "tie"
+    assert bench.verdict((0.80, 0.0), (0.81, 0.015)) == "tie"
+    assert bench.verdict((0.80, 0.0), (0.80, 0.0)) == "tie"
+
+
+def test_a_difference_beyond_one_std_is_a_win_or_a_loss():
+    assert bench.verdict((0.85, 0.01), (0.80, 0.02)) == "win"
+    assert bench.verdict((0.75, 0.01), (0.80, 0.02)) == "loss"
+    # Perplexity: lower is better.
+    assert bench.verdict((40.0, 1.0), (50.0, 2.0), higher_is_better=False) == "win"
+    assert bench.verdict((60.0, 1.0), (50.0, 2.0), higher_is_better=False) == "loss"
+
+
+def test_statements_follow_the_results():
+    def rec(method, budget, values):
+        return [
+            {"task": "image", "method": method, "budget_bytes": budget, "seed": s, "accuracy": v}
+            for s, v in zip((0, 42, 100), values)
+        ]
+
+    records = (
+        rec("trady", 100, [0.90, 0.91, 0.92])
+        + rec("s-full-random", 100, [0.80, 0.81, 0.82])  # clearly worse: a win
+        + rec("d-det-rgn", 100, [0.905, 0.915, 0.925])  # within one std: a tie
+        + rec("s-det-rgn", 200, [0.10, 0.10, 0.10])  # another budget: not compared
+        + rec("full", None, [0.95, 0.96, 0.97])  # clearly better: a loss
+    )
+    (line,) = bench.statements(records)["image"]
+    assert "wins against s-full-random" in line
+    assert "ties with d-det-rgn" in line
+    assert "loses to full fine-tuning" in line
+    assert "s-det-rgn" not in line
