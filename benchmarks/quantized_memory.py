@@ -52,14 +52,21 @@ BACKENDS = {
 }
 
 
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+
 def quantize_linear(linear: nn.Linear, backend: str) -> nn.Module:
-    """A quantized copy of ``linear`` on the CPU (bitsandbytes quantizes when moved to a device)."""
+    """A quantized copy of ``linear`` (weights and bias) on the CPU."""
     if backend == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        holder = nn.Sequential(linear)
+        holder = _Holder(nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None))
+        holder.layer.load_state_dict(linear.state_dict())
         quantize_(holder, Int8WeightOnlyConfig())
-        return holder[0].requires_grad_(False)
+        return holder.layer.requires_grad_(False)
     import bitsandbytes as bnb
 
     bias = linear.bias is not None
@@ -74,7 +81,7 @@ def quantize_linear(linear: nn.Linear, backend: str) -> nn.Module:
         q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type=kind)
     if bias:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")
+    return q.to("cpu")  # moving a bitsandbytes parameter to its device quantizes it
 
 
 def build(backend: str | None) -> nn.Module:

@@ -22,14 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two processes
-@pytest.mark.parametrize("strategy", ["trady", "medyate"])
-def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path):
+def run_two_ranks(worker: str, *args: str) -> None:
+    """Run ``python -m worker RANK 2 *args PORT`` for ranks 0 and 1 (gloo, one thread each) and fail
+    with a rank's stderr if it fails."""
     port = free_port()
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    # The caller's PYTHONPATH too: DeepSpeed may be installed outside the environment (see the DeepSpeed test).
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed_worker", str(rank), "2", strategy, str(tmp_path), str(port)],
+            [sys.executable, "-m", worker, str(rank), "2", *args, str(port)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -41,6 +43,12 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow  # two processes
+@pytest.mark.parametrize("strategy", ["trady", "medyate"])
+def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path):
+    run_two_ranks("tests.distributed_worker", strategy, str(tmp_path))
     sel = [json.loads((tmp_path / f"selections{r}.json").read_text()) for r in range(2)]
     assert sel[0] == sel[1]
     assert sel[0][0] != sel[0][1]  # channels really were redrawn between epochs
@@ -54,24 +62,7 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
 # ------------------------------------------------------------------------------------ FSDP2
 def run_ranks(mode: str, phase: str, out: Path) -> None:
     """Run the two ranks of tests/fsdp_worker.py and fail with their stderr if one fails."""
-    port = free_port()
-    # The caller's PYTHONPATH too: DeepSpeed may be installed outside the environment (see the DeepSpeed test).
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.fsdp_worker", str(rank), "2", mode, phase, str(out), str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    run_two_ranks("tests.fsdp_worker", mode, phase, str(out))
 
 
 def adapter_values(directory: Path) -> dict[str, torch.Tensor]:

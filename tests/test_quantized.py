@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from quantized_memory import quantize_linear  # benchmarks/, on pytest's pythonpath
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,32 +23,6 @@ from trady_peft.layer import QuantizedMergeWarning, TraDyLayer
 from trady_peft.quantized import dequantize, quantization_of, storage_bytes
 
 BACKENDS = ["bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8"]
-
-
-def quantize_linear(linear: nn.Linear, backend: str) -> nn.Module:
-    """A quantized copy of ``linear`` (weights and bias) on the CPU."""
-    if backend == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        holder = Holder(nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None))
-        holder.layer.load_state_dict(linear.state_dict())
-        quantize_(holder, Int8WeightOnlyConfig())
-        return holder.layer.requires_grad_(False)
-    import bitsandbytes as bnb
-
-    bias = linear.bias is not None
-    if backend == "bnb-int8":
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
-        q.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        kind = backend.removeprefix("bnb-")
-        q = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32, quant_type=kind
-        )
-        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type=kind)
-    if bias:
-        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")  # moving a bitsandbytes parameter to its device quantizes it
 
 
 def quantize_model(model: nn.Module, backend: str, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
