@@ -178,3 +178,76 @@ def test_reentrant_checkpointing_keeps_one_hidden_state_per_block_from_the_lowes
         ]
     assert kept["lora"] == [hidden_state, hidden_state]
     assert kept["trady"] == [0, hidden_state]
+
+
+def test_a_users_own_hook_on_the_embeddings_keeps_its_gradient_in_training_and_eval():
+    """Attribution-style code makes the embedding output require grad itself: TraDy must not detach it."""
+    model = _top_block_model("plain")
+    captured = {}
+
+    def keep(module, args, output):  # not transformers' or peft's hook
+        output.requires_grad_(True)
+        output.retain_grad()
+        captured["embeddings"] = output
+
+    model.get_input_embeddings().register_forward_hook(keep)
+    for train in (True, False):
+        model.train(train)
+        model(**_ids()).loss.backward()
+        assert captured["embeddings"].grad is not None, f"training={train}"
+
+
+def test_blocks_checkpointed_outside_transformers_keep_the_hooks_effect():
+    """A custom model (no GradientCheckpointingLayer) that checkpoints its blocks reentrantly relies on
+    the grad-requiring embedding output: its adapter must still get a gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(32, 16)
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(2)
+            )
+            self.head = torch.nn.Linear(16, 4)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            for block in self.blocks:
+                h = checkpoint(block, h, use_reentrant=True)
+            return self.head(h).sum()
+
+    base = Model()
+
+    def make_inputs_require_grad(module, args, output):  # peft's prepare_model_for_kbit_training hook
+        output.requires_grad_(True)
+
+    base.embed.register_forward_hook(make_inputs_require_grad)
+    model = get_peft_model(
+        base, trady_peft.TraDyConfig(target_modules=["blocks.1.0"], channels_per_layer=4, strategy="d-full-random")
+    ).train()
+    model(torch.randint(0, 32, (2, 5))).backward()
+    grad = _bank_grad(model)
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_a_refused_quantized_merge_leaves_the_tuner_working():
+    """`merge_and_unload` refused before anything merges must not have removed the tuner's hooks."""
+    model = _top_block_model("plain")
+    tuner = model.base_model
+    hooks_before = (len(tuner.model._forward_pre_hooks), len(tuner.model._forward_hooks))
+    from unittest import mock
+
+    from trady_peft.layer import TraDyLayer
+
+    with (
+        mock.patch.object(TraDyLayer, "quantization", new_callable=mock.PropertyMock, return_value="int8"),
+        mock.patch("trady_peft.model.requantize_refusal", return_value="a format TraDy cannot rebuild"),
+        pytest.raises(TypeError, match="Nothing was merged"),
+    ):
+        model.merge_and_unload()
+    assert (len(tuner.model._forward_pre_hooks), len(tuner.model._forward_hooks)) == hooks_before
+    assert tuner._backprop_stop.handles  # the backprop stop still in place

@@ -260,3 +260,22 @@ def test_a_forward_hook_moved_last_runs_after_hooks_registered_later():
     run_forward_hook_last(module, first)
     module(torch.zeros(1))
     assert calls == ["second", "first"]
+
+
+def test_the_require_grad_hooks_of_transformers_and_peft_are_recognised_by_name():
+    import warnings
+
+    from tests.tiny_models import tiny_llama
+    from trady_peft.compat import has_require_grad_hook
+
+    model = tiny_llama()
+    embedding = model.get_input_embeddings()
+    assert not has_require_grad_hook(embedding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.enable_input_require_grads()  # transformers' make_inputs_require_grads
+    assert has_require_grad_hook(embedding)
+    model.disable_input_require_grads()
+    assert not has_require_grad_hook(embedding)
+    embedding.register_forward_hook(lambda *a: None)  # a user's own hook
+    assert not has_require_grad_hook(embedding)

@@ -315,3 +315,23 @@ def test_attention_twins_pickle_deepcopy_and_restore():
     assert type(pickle.loads(pickle.dumps(module)).attn) is twin_type
     assert type(copy.deepcopy(module).attn) is twin_type
     assert restore(module) == 1 and type(module.attn) is LlamaAttention
+
+
+def test_position_embeddings_in_a_namedtuple_that_require_grad_take_the_stock_path():
+    """A tensor inside a container the twin does not flatten (a namedtuple) would get no gradient from
+    the recomputation: such a call must go the stock way, and the gradient must arrive."""
+    from collections import namedtuple
+
+    PE = namedtuple("PE", "cos sin")
+    twin = _OneLlamaAttention().train()
+    apply_memory_saving(twin)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    cos, sin = twin.rotary(x, torch.arange(8).unsqueeze(0))
+    cos, sin = cos.detach().requires_grad_(True), sin.detach().requires_grad_(True)
+    y = twin.attn(x, position_embeddings=PE(cos, sin), attention_mask=None)[0]
+    assert type(y.grad_fn).__name__ != "_RecomputeBackward"
+    y.sum().backward()
+    assert cos.grad is not None and cos.grad.abs().sum() > 0
+    # plain tuples are still recomputed
+    y = twin.attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+    assert type(y.grad_fn).__name__ == "_RecomputeBackward"

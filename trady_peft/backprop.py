@@ -14,9 +14,12 @@ hook under reentrant checkpointing: a checkpointed block whose inputs do not req
 its parameters no gradient. TraDy does not need it below its lowest trained block, so
 `BackpropStop` undoes it there:
 
-* the input embeddings' output is detached when it requires grad only because a hook said so
-  (a leaf: the embedding's own weights do not train; a trained embedding, e.g. in
-  ``modules_to_save``, keeps its gradient);
+* in training, the input embeddings' output is detached when it requires grad only because
+  transformers' ``enable_input_require_grads`` hook (or peft's copy of it) said so: a leaf, the
+  embedding's own weights do not train (a trained embedding, e.g. in ``modules_to_save``, keeps its
+  gradient), and the model's blocks are transformers ``GradientCheckpointingLayer``s (so that the
+  next point can repair a reentrant checkpoint). A hook of the user's own (saliency, attribution),
+  eval mode, or blocks checkpointed some other way leave the output as it is;
 * the first block that trains (a transformers ``GradientCheckpointingLayer`` holding selected
   channels or a trainable parameter) gets an input that requires grad if it runs under torch's
   *reentrant* checkpoint and its input does not: exactly what that block needs, nothing below it.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compat import reentrant_checkpointing, run_forward_hook_last
+from .compat import has_require_grad_hook, reentrant_checkpointing, run_forward_hook_last
 
 
 def _checkpoint_layer_class():
@@ -63,10 +66,13 @@ class BackpropStop:
             self.embedding_handle = embedding.register_forward_hook(self._embedding_output)
             self.handles.append(self.embedding_handle)
         layer_cls = _checkpoint_layer_class()
-        if layer_cls is not None:
-            for module in model.modules():
-                if isinstance(module, layer_cls):
-                    self.handles.append(module.register_forward_pre_hook(self._block_input, with_kwargs=True))
+        blocks = [m for m in model.modules() if isinstance(m, layer_cls)] if layer_cls is not None else []
+        for module in blocks:
+            self.handles.append(module.register_forward_pre_hook(self._block_input, with_kwargs=True))
+        # Only a model whose blocks are transformers checkpoint layers gets its embedding output
+        # detached: `_block_input` can then hand the lowest trained block the grad-requiring input a
+        # reentrant checkpoint needs. Blocks checkpointed some other way keep the hook's effect.
+        self.repairs_blocks = bool(blocks)
 
     def before_forward(self) -> None:
         """Called at each top-level forward: run the embedding hook after any registered since."""
@@ -81,11 +87,14 @@ class BackpropStop:
     # ----------------------------------------------------------------------------- hooks
     def _embedding_output(self, module, args, output):
         if (
-            isinstance(output, torch.Tensor)
+            self.repairs_blocks
+            and module.training
+            and isinstance(output, torch.Tensor)
             and torch.is_grad_enabled()
             and output.requires_grad
             and output.grad_fn is None  # a leaf: made to require grad by a hook, not by trained weights
             and not any(p.requires_grad for p in module.parameters())
+            and has_require_grad_hook(module)  # transformers' or peft's hook, not a user's own
         ):
             return output.detach()
         return None

@@ -241,6 +241,18 @@ def reentrant_checkpointing(module) -> bool:
     return bool(keywords.get("use_reentrant", True)) if func is not None else False
 
 
+# The forward hooks that make the input embeddings' output require grad: transformers'
+# ``enable_input_require_grads`` (``make_inputs_require_grads``, modeling_utils.py) and peft's
+# fallback in ``prepare_model_for_kbit_training`` / ``PeftModel`` (``make_inputs_require_grad``).
+REQUIRE_GRAD_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+def has_require_grad_hook(module) -> bool:
+    """Whether one of ``module``'s forward hooks is transformers' or peft's "make the output require
+    grad" hook (by function name; torch 2.13 keeps forward hooks in ``Module._forward_hooks``)."""
+    return any(getattr(hook, "__name__", None) in REQUIRE_GRAD_HOOK_NAMES for hook in module._forward_hooks.values())
+
+
 def run_forward_hook_last(module, handle) -> None:
     """Move the forward hook of ``handle`` to the end of ``module``'s forward hooks, so that it sees
     what hooks registered later (e.g. transformers' ``enable_input_require_grads``) did.

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import is_zero3_param
+
 _TENSOR = object()  # where a tensor sits in a flattened structure
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 _local = threading.local()
@@ -92,6 +94,18 @@ def _leaves(spec: Any):
             yield from _leaves(s)
     else:
         yield spec
+
+
+def _holds_grad_tensor(leaf: Any) -> bool:
+    """Whether an unflattened leaf (a namedtuple, an ``OrderedDict``, ...) holds a tensor that requires
+    grad: the recomputation would not differentiate it, so such a call takes the stock path."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf.requires_grad
+    if isinstance(leaf, (tuple, list)):
+        return any(_holds_grad_tensor(x) for x in leaf)
+    if isinstance(leaf, dict):
+        return any(_holds_grad_tensor(x) for x in leaf.values())
+    return False
 
 
 def _is_cache(obj: Any) -> bool:
@@ -266,6 +280,12 @@ class _RecomputedAttention:
         if not (banks or any(t.requires_grad for t in tensors)) or not _cache_allows_recompute(self, spec):
             return stock(*args, **kwargs)
         device = next((t.device for t in tensors if t.is_floating_point()), torch.device("cpu"))
+        if (
+            device.type not in ("cpu", "cuda")  # the RNG state it restores: CPU and CUDA only
+            or any(is_zero3_param(b) for b in banks)  # a ZeRO-3 bank is gathered only inside its layers
+            or any(_holds_grad_tensor(leaf) for leaf in _leaves(spec))  # e.g. a namedtuple: not flattened
+        ):
+            return stock(*args, **kwargs)
         job = _Job(stock, self, (_without_caches(spec), spec), len(tensors), device)
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         outs = _Recompute.apply(job, *tensors, *banks)

@@ -108,11 +108,11 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         self.register_load_state_dict_post_hook(TraDyModel._restore_states)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
-        for hook in self._call_hooks:
-            hook.remove()  # the returned base model must not call back into this tuner
-        self._backprop_stop.remove()
         merging = kwargs.get("merge", args[0] if args else True)
-        with self._one_quantized_merge_warning(refuse=merging):
+        with self._one_quantized_merge_warning(refuse=merging):  # a refusal raises here, hooks intact
+            for hook in self._call_hooks:
+                hook.remove()  # the returned base model must not call back into this tuner
+            self._backprop_stop.remove()
             model = super()._unload_and_optionally_merge(*args, **kwargs)
         restore(model)  # the plain torch modules again
         return model
