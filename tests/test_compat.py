@@ -202,3 +202,16 @@ def test_class_swaps_keep_parameters_and_state_dict_keys():
     keys = list(model.state_dict())
     assert apply_memory_saving(model) and list(model.state_dict()) == keys
     assert restore(model) == 3 and type(model[0]) is torch.nn.Conv2d
+
+
+def test_flop_counter_without_module_tracking_counts_the_same_totals():
+    """FlopCounterMode keeps a ``mod_tracker`` whose ``parents`` name where counts go; totals are "Global"."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with FlopCounterMode(display=False) as reference:
+        layer(x).sum().backward()
+    with compat.flop_counter_without_module_tracking() as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == reference.get_total_flops() == 2 * (2 * 3 * 8 * 4)  # forward + weight gradient
