@@ -21,8 +21,8 @@ adapter's artifact (the union of channels touched) grows with epochs.
 Writes docs/benchmarks/{accuracy,memory,speed,artifact}.json, PNG plots, and the generated
 docs/benchmarks/table.md that docs/benchmarks.md includes.
 
-Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``; at one thread the image
-and text tasks take about 7 and 8 CPU-minutes, the lm task far more) or ``--preset full``
+Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``; 19 minutes wall on an
+idle 2-core machine, all three tasks) or ``--preset full``
 (``make bench``, hours). ``--tasks`` runs a subset; each task's results are kept in
 docs/benchmarks/raw/ and the report covers every task found there (``--report-only`` rebuilds it).
 """
