@@ -263,3 +263,31 @@ def run_forward_hook_last(module, handle) -> None:
     hooks = module._forward_hooks
     if handle.id in hooks:
         hooks.move_to_end(handle.id)
+
+
+class _GlobalModuleTracker:
+    """Stands in for torch's ``ModuleTracker`` inside a ``FlopCounterMode``: every count goes to "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def flop_counter_without_module_tracking():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` (no display) that counts totals only.
+
+    Its module tracker hooks every module call, including those TraDy's frozen path makes inside
+    ``backward()`` (a recomputation differentiated with ``torch.autograd.grad``), where its
+    multi-grad hooks raise on leaf inputs. Private: replaces the counter's ``mod_tracker``
+    attribute, whose ``parents`` set names where each count goes; ``get_total_flops()`` reads
+    "Global".
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalModuleTracker()
+    return counter
