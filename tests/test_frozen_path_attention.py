@@ -7,8 +7,6 @@ import torch
 from peft import get_peft_model
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
@@ -20,6 +18,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 import trady_peft
+from tests.tiny_models import tiny_bert
 from trady_peft.frozen_path import apply_memory_saving
 from trady_peft.frozen_path_attention import attention_twin_class
 from trady_peft.frozen_path_transformers import original_class
@@ -46,16 +45,7 @@ def _gpt2():  # c_attn is a Conv1D; attention and residual dropout
 
 
 def _bert():  # self-attention dropout, and BertSelfOutput's dropout and LayerNorm inside BertAttention
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert()
 
 
 def _qwen2():

@@ -10,8 +10,6 @@ import torch
 from peft import get_peft_model
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -23,7 +21,7 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import trady_peft
-from tests.tiny_models import Holder, tiny_llama
+from tests.tiny_models import Holder, tiny_bert, tiny_llama
 from trady_peft.frozen_path import apply_memory_saving, restore
 from trady_peft.frozen_path_transformers import twin_class
 
@@ -167,17 +165,8 @@ def _gpt2():
     return GPT2LMHeadModel(config).train()
 
 
-def _bert():
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).train()
+def _bert():  # self-attention dropout, and BertSelfOutput's dropout and LayerNorm inside BertAttention
+    return tiny_bert()
 
 
 def _gemma():

@@ -66,6 +66,22 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_bert() -> nn.Module:
+    """A 2-layer BERT sequence classifier (3 labels) with the stock dropouts (0.1), in training mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).train()
+
+
 def tiny_cnn(seed: int = 0) -> SmallCNN:
     torch.manual_seed(seed)
     return SmallCNN().eval()
