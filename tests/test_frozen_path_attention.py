@@ -11,14 +11,13 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
-    LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 import trady_peft
-from tests.tiny_models import tiny_bert
+from tests.tiny_models import tiny_bert, tiny_llama
 from trady_peft.frozen_path import apply_memory_saving
 from trady_peft.frozen_path_attention import attention_twin_class
 from trady_peft.frozen_path_transformers import original_class
@@ -27,16 +26,7 @@ from trady_peft.frozen_path_transformers import original_class
 
 
 def _llama():  # attention dropout on, to check the recomputation draws the same SDPA dropout
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_dropout=0.2,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(attention_dropout=0.2)
 
 
 def _gpt2():  # c_attn is a Conv1D; attention and residual dropout

@@ -15,10 +15,10 @@ import torch
 from peft import PeftModel, get_peft_model
 from quantized_memory import quantize_linear  # benchmarks/, on pytest's pythonpath
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import trady_peft
-from tests.tiny_models import Holder
+from tests.tiny_models import Holder, tiny_llama
 from trady_peft.layer import QuantizedMergeWarning, TraDyLayer
 from trady_peft.quantized import dequantize, quantization_of, storage_bytes
 
@@ -61,17 +61,7 @@ def backend(request):
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
     """A Llama-style model whose linear layers are wide enough for bitsandbytes' 64-value blocks."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, hidden_size=64, intermediate_size=128, num_hidden_layers=1, max_position_embeddings=32)
 
 
 def config(**kwargs) -> trady_peft.TraDyConfig:

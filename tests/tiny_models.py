@@ -52,9 +52,10 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 32, vocab 64) in eval mode; ``overrides`` replace its config fields."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -63,7 +64,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
 
 
 def tiny_bert() -> nn.Module:

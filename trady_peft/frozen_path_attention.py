@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import is_zero3_param
+from .compat import is_zero3_param, tensor_leaves
 
 _TENSOR = object()  # where a tensor sits in a flattened structure
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -99,13 +99,7 @@ def _leaves(spec: Any):
 def _holds_grad_tensor(leaf: Any) -> bool:
     """Whether an unflattened leaf (a namedtuple, an ``OrderedDict``, ...) holds a tensor that requires
     grad: the recomputation would not differentiate it, so such a call takes the stock path."""
-    if isinstance(leaf, torch.Tensor):
-        return leaf.requires_grad
-    if isinstance(leaf, (tuple, list)):
-        return any(_holds_grad_tensor(x) for x in leaf)
-    if isinstance(leaf, dict):
-        return any(_holds_grad_tensor(x) for x in leaf.values())
-    return False
+    return any(t.requires_grad for t in tensor_leaves(leaf))
 
 
 def _is_cache(obj: Any) -> bool:
