@@ -22,27 +22,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(worker: str, *args: str) -> None:
-    """Run ``python -m worker RANK 2 *args PORT`` for ranks 0 and 1 (gloo, one thread each) and fail
-    with a rank's stderr if it fails."""
+def run_processes(worker: str, world: int, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run ``python -m worker RANK WORLD *args PORT`` for ranks ``0 .. world - 1`` (gloo on CPU, one
+    thread each) and fail with a rank's stderr if it fails. ``env`` adds variables (e.g. CUDA's)."""
     port = free_port()
     # The caller's PYTHONPATH too: DeepSpeed may be installed outside the environment (see the DeepSpeed test).
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", worker, str(rank), "2", *args, str(port)],
+            [sys.executable, "-m", worker, str(rank), str(world), *args, str(port)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for rank in range(2)
+        for rank in range(world)
     ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+
+
+def run_two_ranks(worker: str, *args: str) -> None:
+    """`run_processes` with two ranks."""
+    run_processes(worker, 2, *args)
 
 
 @pytest.mark.slow  # two processes

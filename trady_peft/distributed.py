@@ -155,9 +155,11 @@ def reset_deepspeed_state(weight: torch.Tensor, segments: list[tuple[int, int]])
 
     touched = 0
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
-        try:  # deepspeed 0.19.8 raises ValueError (stages 1-2) or KeyError (stage 3) for a key it lacks
+        try:  # deepspeed 0.19.8 raises ValueError (stages 1-2) or KeyError (stage 3) for a key it lacks,
+            # and TypeError at stages 1-2 before the first optimizer step (no state yet: the Trainer's
+            # callback attaches the optimizer before the first draw)
             state = safe_get_full_optimizer_state(weight, key)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             continue
         if state is None:
             continue
