@@ -1,10 +1,8 @@
 """DeepSpeed ZeRO-2/ZeRO-3 through the Hugging Face Trainer (``TrainingArguments(deepspeed=...)``
 with ``TraDyCallback``), against the same Trainer without DeepSpeed (tests/trainer_deepspeed_worker.py).
 
-* CPU: one process (world size 1, gloo, DeepSpeed's CPU accelerator). Two CPU processes do not run
-  through the Trainer (docs/distributed.md says why); tests/test_distributed.py drives
-  ``deepspeed.initialize`` on two CPU ranks instead.
-* CUDA: two ranks (nccl, one GPU each) and one rank; skipped without the GPUs.
+* CPU (``use_cpu=True``, gloo, DeepSpeed's CPU accelerator): one process and two.
+* CUDA (nccl): one rank and two ranks (one GPU each); skipped without the GPUs.
 
 DeepSpeed is not a dependency: every test here is skipped when it is not importable (install it
 beside the project, e.g. ``pip install --no-deps --target DIR deepspeed hjson ninja py-cpuinfo
@@ -74,8 +72,9 @@ def check(out: Path, reference: Path, stage: int, world: int, rtol: float, atol:
     info = run["info"]
     # DeepSpeed really ran, on every rank, with the global batch of the reference.
     assert (info["engine"], info["stage"], info["world"], info["train_batch_size"]) == ("DeepSpeedEngine", stage, world, 8)
-    if stage == 3:  # the bank itself is partitioned (numel() 0 on a rank holding no share of it)
-        assert info["zero3_param"] and info["bank_local_numel"] < info["bank_numel"], info
+    if stage == 3:  # the bank itself is partitioned: numel() is 0, each rank holds a 1/world share
+        assert info["zero3_param"] and info["bank_local_numel"] == 0, info
+        assert info["bank_partition_numel"] == -(-info["bank_numel"] // world), info
     assert info["period"] == plain["info"]["period"] == 1
     # Every rank drew the reference's channels, and epoch 1 redrew them.
     wanted = json.loads((reference / "selections0.json").read_text())
@@ -105,16 +104,17 @@ def _probe() -> torch.Tensor:
     return PROBE
 
 
-@pytest.mark.slow  # one DeepSpeed process and one plain one, about 10 s each
+@pytest.mark.slow  # DeepSpeed processes and a plain one, about 10 s each
 @needs_deepspeed
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_deepspeed_one_cpu_process_matches_plain_trainer_and_saves(stage, references, tmp_path):
-    """TrainingArguments(deepspeed=...) with ZeRO-2/3 on CPU (world size 1): two epochs with a redraw,
-    the same adapter as the Trainer without DeepSpeed, and ``trainer.save_model`` /
-    ``save_pretrained`` under ZeRO-3 (bank partitioned) write an adapter that reloads to the
-    trained model."""
-    out = train(f"zero{stage}", "cpu", 1, tmp_path / "run")
-    check(out, references("cpu"), stage, 1, rtol=1e-5, atol=1e-6)
+def test_trainer_deepspeed_on_cpu_matches_plain_trainer_and_saves(stage, world, references, tmp_path):
+    """TrainingArguments(deepspeed=...) with ZeRO-2/3 on 1 or 2 CPU processes (each on 8/world rows
+    of every batch): two epochs with a redraw, every rank on the channels of the Trainer without
+    DeepSpeed and the same adapter, and ``trainer.save_model`` / ``save_pretrained`` under ZeRO-3
+    (bank partitioned) write an adapter that reloads to the trained model."""
+    out = train(f"zero{stage}", "cpu", world, tmp_path / "run")
+    check(out, references("cpu"), stage, world, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

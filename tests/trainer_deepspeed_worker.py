@@ -5,8 +5,9 @@
 * MODE ``zero2`` / ``zero3``: ``TrainingArguments(deepspeed=<dict>)`` at that ZeRO stage (ZeRO-3
   partitions even this tiny bank: ``stage3_param_persistence_threshold=0``); ``plain``: the same
   Trainer without DeepSpeed, the reference.
-* DEVICE ``cpu`` (gloo, DeepSpeed's CPU accelerator; WORLD must be 1 for the Trainer, see
-  docs/distributed.md) or ``cuda`` (nccl, one GPU per rank).
+* DEVICE ``cpu`` (``use_cpu=True``: gloo, DeepSpeed's CPU accelerator) or ``cuda`` (nccl, one GPU
+  per rank). The distributed environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``)
+  is set before ``TrainingArguments`` is built, as ``torchrun`` would.
 
 Every run sees the same 8 sequences per optimizer step (rank r the rows ``[8r/W, 8(r+1)/W)`` of
 each, ``train_sampling_strategy="sequential"``), for 2 epochs with ``TraDyCallback`` (a redraw at
@@ -102,6 +103,7 @@ def run(rank: int, world: int, mode: str, device: str, out: str) -> None:
         "train_batch_size": trainer.deepspeed.train_batch_size() if trainer.deepspeed is not None else None,
         "zero3_param": is_zero3_param(bank),
         "bank_local_numel": bank.numel(),
+        "bank_partition_numel": getattr(bank, "ds_tensor", bank).numel(),  # ZeRO-3: this rank's share
         "bank_numel": bank_numel(bank),
         "period": tuner.period("default"),
     }
