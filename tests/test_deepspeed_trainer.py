@@ -71,7 +71,12 @@ def check(out: Path, reference: Path, stage: int, world: int, rtol: float, atol:
     run, plain = torch.load(out / "trained.pt"), torch.load(reference / "trained.pt")
     info = run["info"]
     # DeepSpeed really ran, on every rank, with the global batch of the reference.
-    assert (info["engine"], info["stage"], info["world"], info["train_batch_size"]) == ("DeepSpeedEngine", stage, world, 8)
+    assert (info["engine"], info["stage"], info["world"], info["train_batch_size"]) == (
+        "DeepSpeedEngine",
+        stage,
+        world,
+        8,
+    )
     if stage == 3:  # the bank itself is partitioned: numel() is 0, each rank holds a 1/world share
         assert info["zero3_param"] and info["bank_local_numel"] == 0, info
         assert info["bank_partition_numel"] == -(-info["bank_numel"] // world), info

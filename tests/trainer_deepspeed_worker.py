@@ -119,7 +119,9 @@ def run(rank: int, world: int, mode: str, device: str, out: str) -> None:
     with open(os.path.join(out, f"selections{rank}.json"), "w") as f:
         json.dump(selections.epochs, f)
     if rank == 0:
-        torch.save({"info": info, "folded": folded, "logits": logits, "losses": losses}, os.path.join(out, "trained.pt"))
+        torch.save(
+            {"info": info, "folded": folded, "logits": logits, "losses": losses}, os.path.join(out, "trained.pt")
+        )
 
 
 def main(rank: int, world: int, mode: str, device: str, out: str, port: int) -> None:
