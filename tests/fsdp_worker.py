@@ -53,6 +53,7 @@ def shard(model, mode: str, ignore: bool = True):
     from torch.distributed.tensor import DTensor
 
     if mode.startswith("zero"):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # also on a machine with a GPU (DeepSpeed would pick CUDA)
         import deepspeed
 
         config = {

@@ -37,7 +37,9 @@ def cuda_env() -> dict[str, str]:
 
 def train(mode: str, device: str, world: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    run_processes(WORKER, world, mode, device, str(out), env=cuda_env() if device == "cuda" else None)
+    # DeepSpeed picks its accelerator when first imported: CPU runs say it, also on a machine with a GPU.
+    env = cuda_env() if device == "cuda" else {"DS_ACCELERATOR": "cpu"}
+    run_processes(WORKER, world, mode, device, str(out), env=env)
     return out
 
 

@@ -126,6 +126,8 @@ def run(rank: int, world: int, mode: str, device: str, out: str) -> None:
 
 def main(rank: int, world: int, mode: str, device: str, out: str, port: int) -> None:
     torch.manual_seed(0)
+    if device == "cpu":  # DeepSpeed's CPU accelerator, also on a machine with a GPU (else it picks CUDA)
+        os.environ["DS_ACCELERATOR"] = "cpu"
     if mode != "plain":  # DeepSpeed (through accelerate) starts the process group from these
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
