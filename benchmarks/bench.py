@@ -21,10 +21,11 @@ adapter's artifact (the union of channels touched) grows with epochs.
 Writes docs/benchmarks/{accuracy,memory,speed,artifact}.json, PNG plots, and the generated
 docs/benchmarks/table.md that docs/benchmarks.md includes.
 
-Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``; 19 minutes wall on an
-idle 2-core machine, all three tasks) or ``--preset full``
-(``make bench``, hours). ``--tasks`` runs a subset; each task's results are kept in
-docs/benchmarks/raw/ and the report covers every task found there (``--report-only`` rebuilds it).
+Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``, about 16 minutes wall on
+an idle 2-core machine, all three tasks; results in docs/benchmarks/) or ``--preset full``
+(``make bench``, about 70 minutes; results in docs/benchmarks/full/). ``--tasks`` runs a subset;
+each task's results are kept in <output>/raw/ and the report covers every task found there
+(``--report-only`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ class Task:
         metric: ``"accuracy"`` (higher is better) or ``"perplexity"`` (lower is better).
         budget_fractions: the two budgets, as fractions of the bytes of every candidate channel
             (weights + gradients + saved inputs of all target layers, for the real batch).
-        epochs, batch_size, lr, warmup: the schedule (SGD, cosine with linear warm-up).
-        lr_by_method: learning rates that differ from ``lr`` for some methods (stated in the notes).
+        epochs, batch_size, lr, warmup: the schedule (SGD, cosine with linear warm-up), the same for
+            every method.
+        max_grad_norm: gradients clipped to this global norm before each step (None: no clipping).
         speed_batch_size: rows per timed step in the speed phase (None: ``batch_size``); smaller
             for the language model, whose interleaved speed phase dominated the run time.
+        speed_group_size: methods held in memory at once by the speed phase, besides LoRA and
+            full fine-tuning (which every group repeats): the whole grid for the small models,
+            fewer for the language model (a copy of its weights per method).
         embeddings: name of the module whose output the FLOP count makes require grad (None:
             the input tensor itself).
         exclude: layers TraDy (and so LoRA) leaves alone (``exclude_modules``), e.g. one the loss
@@ -96,10 +101,11 @@ class Task:
     batch_size: int
     lr: float
     warmup: float = 0.1
-    lr_by_method: dict[str, float] = field(default_factory=dict)
+    max_grad_norm: float | None = 1.0
     embeddings: str | None = None
     eval_batch_size: int = 128
     speed_batch_size: int | None = None
+    speed_group_size: int = 15
     gradient_batches: int = 2
     exclude: tuple[str, ...] | None = None
     notes: list[str] = field(default_factory=list)
@@ -118,18 +124,19 @@ def tensors(dataset) -> dict[str, torch.Tensor]:
 
 
 PRESETS = {
-    # sizes per task: training/test rows, resolution or sequence length, epochs, batch size
+    # sizes per task: training/test rows, resolution or sequence length, epochs, batch size; quick fits
+    # in about 16 minutes on 2 idle cores, full in about 70 (docs/benchmarks.md, "Run time")
     "quick": {
-        "image": {"train": 128, "test": 200, "size": 32, "epochs": 3, "batch": 32, "lr_full": 0.01},
-        "text": {"train": 64, "test": 200, "length": 24, "epochs": 3, "batch": 16},
-        "lm": {"train": 4, "test": 8, "length": 16, "epochs": 2, "batch": 2, "lr_full": 0.005, "gradient_batches": 1},
+        "image": {"train": 192, "test": 400, "size": 32, "epochs": 3, "batch": 32},
+        "text": {"train": 64, "test": 400, "length": 24, "epochs": 3, "batch": 16},
+        "lm": {"train": 4, "test": 8, "length": 16, "epochs": 2, "batch": 2, "gradient_batches": 1, "speed_batch": 1},
         "speed_steps": 15,
         "artifact_epochs": 10,
     },
     "full": {
-        "image": {"train": 5000, "test": 2000, "size": 128, "epochs": 20, "batch": 32, "lr_full": 0.01},
-        "text": {"train": 8000, "test": 2000, "length": 64, "epochs": 10, "batch": 32},
-        "lm": {"train": 400, "test": 40, "length": 256, "epochs": 5, "batch": 4, "lr_full": 0.005},
+        "image": {"train": 768, "test": 1000, "size": 32, "epochs": 5, "batch": 32},
+        "text": {"train": 256, "test": 1000, "length": 32, "epochs": 4, "batch": 16},
+        "lm": {"train": 8, "test": 16, "length": 32, "epochs": 3, "batch": 2, "gradient_batches": 1, "speed_batch": 1},
         "speed_steps": 30,
         "artifact_epochs": 30,
     },
@@ -146,14 +153,6 @@ def image_task(sizes: dict) -> Task:
     def build():
         return copy.deepcopy(base)
 
-    lr_by_method, notes = {}, []
-    if "lr_full" in sizes:
-        lr_by_method["full"] = sizes["lr_full"]
-        notes.append(
-            f"full fine-tuning trains with SGD lr {sizes['lr_full']}, every other method with the paper's 0.125: "
-            "under 0.125 (with frozen batch-norm statistics) full fine-tuning collapsed to 0.08 test accuracy, "
-            "below chance, in a first run"
-        )
     return Task(
         "image",
         f"EfficientNet-Lite0 -> Fashion-MNIST ({sizes['train']} train / {sizes['test']} test images, "
@@ -168,8 +167,6 @@ def image_task(sizes: dict) -> Task:
         epochs=sizes["epochs"],
         batch_size=sizes["batch"],
         lr=0.125,
-        lr_by_method=lr_by_method,
-        notes=notes,
     )
 
 
@@ -273,15 +270,7 @@ def lm_task(sizes: dict) -> Task:
     def build():
         return copy.deepcopy(base)  # the tied output layer stays tied (deepcopy keeps shared tensors shared)
 
-    notes, lr_by_method = [], {}
-    if "lr_full" in sizes:
-        lr_by_method["full"] = sizes["lr_full"]
-        notes.append(
-            f"full fine-tuning trains with SGD lr {sizes['lr_full']}, every other method with the paper's 0.125: "
-            "full fine-tuning diverged under 0.125 in a pilot run (held-out perplexity 1.5e19, 32-token blocks), and "
-            "went from 318 (untrained) to 3.8e6 and 8.0e3 under 0.05 and 0.02, to 252 under 0.005 "
-            "(3 epochs of these blocks)"
-        )
+    notes = []
     if sizes.get("speed_batch"):
         notes.append(
             f"the speed phase times steps on {sizes['speed_batch']} block(s) of {length} tokens (training batches "
@@ -300,11 +289,11 @@ def lm_task(sizes: dict) -> Task:
         epochs=sizes["epochs"],
         batch_size=sizes["batch"],
         lr=0.125,
-        lr_by_method=lr_by_method,
         embeddings="model.embed_tokens",
         eval_batch_size=8,
         gradient_batches=sizes.get("gradient_batches", 2),
         speed_batch_size=sizes.get("speed_batch"),
+        speed_group_size=8,
         notes=notes,
     )
 
@@ -407,12 +396,11 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_optimizer(task: Task, model: nn.Module, method: Method, total_steps: int):
+def make_optimizer(task: Task, model: nn.Module, total_steps: int):
     from transformers import get_cosine_schedule_with_warmup
 
-    lr = task.lr_by_method.get(method.name, task.lr)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    optimizer = torch.optim.SGD(params, lr=task.lr, momentum=0.0, weight_decay=0.0)
     warmup = max(1, round(task.warmup * total_steps))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
@@ -440,9 +428,12 @@ def loss_of(output) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output.loss
 
 
-def train_step(model, batch, optimizer, scheduler=None) -> float:
+def train_step(model, batch, optimizer, scheduler=None, max_grad_norm: float | None = None) -> float:
     loss = loss_of(model(**batch))
     loss.backward()
+    if max_grad_norm is not None:  # the Trainer's default clipping (max_grad_norm=1.0), over all trained values
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -536,13 +527,13 @@ def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> d
         start_cpu, start = time.process_time(), time.perf_counter()
         model = train_mode(build_method(task, method, seed, lora_targets))
         total = task.epochs * task.steps_per_epoch
-        optimizer, scheduler = make_optimizer(task, model, method, total)
+        optimizer, scheduler = make_optimizer(task, model, total)
         losses = []
         for epoch in range(task.epochs):
             if method.is_trady:
                 start_period(model, task, method, optimizer, seed, epoch)
             for rows in epoch_order(task, seed, epoch):
-                losses.append(train_step(model, task.batch(rows), optimizer, scheduler))
+                losses.append(train_step(model, task.batch(rows), optimizer, scheduler, task.max_grad_norm))
         value = evaluate_model(task, model)
         seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     record = {
@@ -552,7 +543,7 @@ def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> d
         "seed": seed,
         task.metric: value,
         "final_train_loss": losses[-1],
-        "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),
+        "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),  # refined by run_task
         "epochs": task.epochs,
         "steps": total,
         "peak_rss_growth_bytes": rss.growth,
@@ -568,6 +559,44 @@ def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> d
     return record
 
 
+# Worker processes of the accuracy grid: each builds the task once (data, pretrained model).
+_WORKER_TASK: Task | None = None
+
+
+def _start_worker(name: str, sizes: dict) -> None:
+    global _WORKER_TASK
+    torch.set_num_threads(1)  # one thread per process: small batches scale poorly across threads
+    quiet()
+    _WORKER_TASK = TASKS[name](sizes)
+
+
+def _run_in_worker(method: Method, seed: int, lora_targets: list[str]) -> dict:
+    return run_one(_WORKER_TASK, method, seed, lora_targets)
+
+
+def run_grid(
+    task: Task, runs: list[tuple[Method, int]], lora_targets: list[str], jobs: int, spec: tuple[str, dict] | None
+) -> list[dict]:
+    """`run_one` for every ``(method, seed)`` of ``runs``, in order: in this process, or spread
+    over ``jobs`` spawned processes that rebuild the task from ``spec`` (the same data and weights:
+    the subsets and the pretrained model are fixed)."""
+    if jobs <= 1 or spec is None:
+        return [run_one(task, m, seed, lora_targets) for m, seed in runs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=spec) as pool:
+        futures = [pool.submit(_run_in_worker, m, seed, lora_targets) for m, seed in runs]
+        return [f.result() for f in futures]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 # ----------------------------------------------------------------------------------------- memory
 def measure_memory(task: Task, method: Method, lora_targets: list[str]) -> dict:
     """One measured training step (seed 0): saved activations, trainable + gradient + optimizer
@@ -576,7 +605,7 @@ def measure_memory(task: Task, method: Method, lora_targets: list[str]) -> dict:
     import trady_peft
 
     model = train_mode(build_method(task, method, 0, lora_targets))
-    optimizer, _ = make_optimizer(task, model, method, 10)
+    optimizer, _ = make_optimizer(task, model, 10)
     batch = task.batch(slice(0, task.batch_size))
     if method.is_trady:
         start_period(model, task, method, optimizer, 0, 0)
@@ -629,14 +658,14 @@ def measure_speed(task: Task, methods: list[Method], lora_targets: list[str], st
 
     references = [m for m in methods if m.name in ("lora", "full")]
     others = [m for m in methods if m.name not in ("lora", "full")]
-    group_size = 8
+    group_size = task.speed_group_size
     rows = []
     for start in range(0, len(others), group_size):
         group = references + others[start : start + group_size]
         models, optimizers = {}, {}
         for m in group:
             model = train_mode(build_method(task, m, 0, lora_targets))
-            optimizer, _ = make_optimizer(task, model, m, 10)
+            optimizer, _ = make_optimizer(task, model, 10)
             for g in optimizer.param_groups:
                 g["lr"] = 0.0  # timing only: the weights do not move (every step costs the same)
             if m.is_trady:
@@ -689,7 +718,7 @@ def weight_gradient_flops(task: Task, method: Method, lora_targets: list[str], r
         reference = frozen_backward_flops(task)
     model = train_mode(build_method(task, method, 0, lora_targets))
     if method.is_trady:
-        optimizer, _ = make_optimizer(task, model, method, 10)
+        optimizer, _ = make_optimizer(task, model, 10)
         start_period(model, task, method, optimizer, 0, 0)
         model(**task.batch(slice(0, task.batch_size)))  # the probe (first training forward) draws channels
         model.zero_grad(set_to_none=True)
@@ -740,7 +769,7 @@ def measure_artifact(task: Task, budget: int, epochs: int, lora_targets: list[st
 
     method = Method("trady", budget)
     model = train_mode(build_method(task, method, 0, lora_targets))
-    optimizer, _ = make_optimizer(task, model, method, epochs)
+    optimizer, _ = make_optimizer(task, model, epochs)
     tuner = trady_peft.find_tuner(model)
     candidates = [n for n, _ in tuner.candidate_layers()]
     layers = dict(tuner.trady_layers("default"))
@@ -785,9 +814,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def verdict(a: tuple[float, float], b: tuple[float, float], higher_is_better: bool = True) -> str:
+def verdict(
+    a: tuple[float, float],
+    b: tuple[float, float],
+    higher_is_better: bool = True,
+    diverged: tuple[bool, bool] = (False, False),
+) -> str:
     """``"win"``, ``"tie"`` or ``"loss"`` of result ``a`` against ``b`` (each ``(mean, std)``): a
-    difference within one standard deviation (the larger of the two) is a tie."""
+    difference within one standard deviation (the larger of the two) is a tie. A row that diverged
+    for some seed (``diverged``, for ``a`` and ``b``) loses to one that did not, whatever its std;
+    two such rows tie."""
+    if diverged[0] or diverged[1]:
+        return "tie" if diverged[0] and diverged[1] else ("loss" if diverged[0] else "win")
     diff = a[0] - b[0]
     if abs(diff) <= max(a[1], b[1]):
         return "tie"
@@ -803,8 +841,23 @@ def summarize(records: list[dict]) -> dict:
     for key, rows in groups.items():
         metric = "perplexity" if "perplexity" in rows[0] else "accuracy"
         values = [r[metric] for r in rows]
-        out[key] = {"metric": metric, "mean_std": mean_std(values), "seeds": len(values)}
+        diverged = sum(bool(r.get("diverged")) for r in rows)
+        out[key] = {"metric": metric, "mean_std": mean_std(values), "seeds": len(values), "diverged": diverged}
     return out
+
+
+#: A language-model run diverged if its held-out perplexity ends this many times above the
+#: untrained model's (or anything became non-finite).
+DIVERGENCE_FACTOR = 10.0
+
+
+def diverged(record: dict, untrained: float | None) -> bool:
+    """Whether a run diverged: a non-finite loss or metric, or (perplexity) `DIVERGENCE_FACTOR` times
+    the untrained model's."""
+    value = record.get("perplexity", record.get("accuracy"))
+    if not all(math.isfinite(x) for x in (record["final_train_loss"], value)):
+        return True
+    return "perplexity" in record and untrained is not None and value > DIVERGENCE_FACTOR * untrained
 
 
 def statements(records: list[dict]) -> dict[str, list[str]]:
@@ -823,7 +876,8 @@ def statements(records: list[dict]) -> dict[str, list[str]]:
             for (t, m, b), other in summary.items():
                 if t != task or m == "trady" or (b is not None and b != budget):
                     continue
-                results[verdict(mine["mean_std"], other["mean_std"], higher)].append(label(m))
+                flags = (mine["diverged"] > 0, other["diverged"] > 0)
+                results[verdict(mine["mean_std"], other["mean_std"], higher, flags)].append(label(m))
             words = {"win": "wins against", "tie": "ties with", "loss": "loses to"}
             parts = [f"{words[kind]} {', '.join(names)}" for kind, names in results.items() if names]
             mean, std = mine["mean_std"]
@@ -905,8 +959,11 @@ def markdown_tables(records: list[dict], memory: list[dict], speed: list[dict], 
             s, m, p = summary[k], mem.get(k, {}), spd.get(k, {})
             foot = m.get("adapter_footprint_bytes")
             footprint = "-" if foot is None else f"{fmt_bytes(foot)} ({100 * foot / k[2]:.0f}%)"
+            value = fmt_metric(*s["mean_std"], metric)
+            if s["diverged"]:
+                value += f" (diverged: {s['diverged']}/{s['seeds']} seeds)"
             out.append(
-                f"| {label(k[1])} | {fmt_bytes(k[2])} | {fmt_metric(*s['mean_std'], metric)} "
+                f"| {label(k[1])} | {fmt_bytes(k[2])} | {value} "
                 f"| {fmt_bytes(m.get('saved_activation_bytes'))} | {fmt_bytes(m.get('trainable_state_bytes'))} "
                 f"| {footprint} | {p.get('step_time_ratio_to_lora', float('nan')):.2f} "
                 f"| {p.get('step_time_ratio_to_full', float('nan')):.2f} |"
@@ -996,12 +1053,23 @@ def write_json(path: Path, env: dict, key: str, rows: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------------- run
-def run_task(task: Task, preset: dict, log=print, seeds: Sequence[int] = SEEDS) -> dict:
-    """The whole protocol on one task: memory, speed, FLOPs, accuracy grid, artifact."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def run_task(
+    task: Task,
+    preset: dict,
+    log=print,
+    seeds: Sequence[int] = SEEDS,
+    jobs: int = 1,
+    spec: tuple[str, dict] | None = None,
+) -> dict:
+    """The whole protocol on one task: memory, speed, FLOPs, accuracy grid, artifact.
+
+    ``jobs`` > 1 trains the accuracy grid in that many worker processes (one torch thread each),
+    which rebuild the task from ``spec`` = ``(task name, preset sizes)``; everything timed or
+    measured step by step (memory, speed, FLOPs) runs in this process before them."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
 
     def since() -> str:
-        return f"{time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s"
+        return f"{time.perf_counter() - t0:.0f} s, CPU {cpu_seconds() - c0:.0f} s"
 
     targets = target_layers(task)
     probe = build_method(task, Method("trady", 1 << 40), 0, [])  # not trained: only the LoRA-wrappable layers
@@ -1049,21 +1117,23 @@ def run_task(task: Task, preset: dict, log=print, seeds: Sequence[int] = SEEDS) 
     records = []
     mem = {(r["method"], r["budget_bytes"]): r for r in memory}
     spd = {(r["method"], r["budget_bytes"]): r for r in speed}
-    for m in methods:
-        for seed in seeds:
-            r = run_one(task, m, seed, lora)
-            k = (m.name, m.budget)
-            r.update(
-                saved_activation_bytes=mem[k]["saved_activation_bytes"],
-                trainable_state_bytes=mem[k]["trainable_state_bytes"],
-                step_time_ratio_to_lora=spd[k]["step_time_ratio_to_lora"],
-                step_time_ratio_to_full=spd[k]["step_time_ratio_to_full"],
-            )
-            records.append(r)
-        log(f"[{task.name}] {m.key}: {[round(r[task.metric], 4) for r in records[-len(seeds) :]]} ({since()})")
+    untrained = evaluate_model(task, train_mode(task.build()))  # the reference a diverged run ends far above
+    runs = [(m, seed) for m in methods for seed in seeds]
+    for (m, seed), r in zip(runs, run_grid(task, runs, lora, jobs, spec)):
+        k = (m.name, m.budget)
+        r["diverged"] = r["diverged"] or diverged(r, untrained)
+        r.update(
+            saved_activation_bytes=mem[k]["saved_activation_bytes"],
+            trainable_state_bytes=mem[k]["trainable_state_bytes"],
+            step_time_ratio_to_lora=spd[k]["step_time_ratio_to_lora"],
+            step_time_ratio_to_full=spd[k]["step_time_ratio_to_full"],
+        )
+        records.append(r)
+        if seed == seeds[-1]:
+            log(f"[{task.name}] {m.key}: {[round(r[task.metric], 4) for r in records[-len(seeds) :]]} ({since()})")
     artifact = measure_artifact(task, budgets[0], preset["artifact_epochs"], lora)
     log(f"[{task.name}] artifact measured ({since()})")
-    elapsed = {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+    elapsed = {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1)}
     log(f"[{task.name}] done: {elapsed}")
     return {
         "records": records,
@@ -1076,8 +1146,9 @@ def run_task(task: Task, preset: dict, log=print, seeds: Sequence[int] = SEEDS) 
         "lora_targets": len(lora),
         "target_layers": len(targets),
         "budgets": budgets,
+        "untrained": untrained,
         "lr": task.lr,
-        "lr_by_method": task.lr_by_method,
+        "max_grad_norm": task.max_grad_norm,
     }
 
 
@@ -1097,8 +1168,9 @@ def write_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
                 "lora_targets",
                 "target_layers",
                 "budgets",
+                "untrained",
                 "lr",
-                "lr_by_method",
+                "max_grad_norm",
                 "elapsed",
                 "run",
             )
@@ -1113,25 +1185,38 @@ def write_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
     artifact_plot(artifacts, out / "artifact.png", titles)
     table = report_markdown(results, env, records, memory, speed, artifacts, titles)
     (out / "table.md").write_text(table)
-    if out.resolve() == OUT.resolve():
-        update_docs_page(DOCS_PAGE, table)
+    preset = env.get("preset", {}).get("name", "quick")
+    if out.resolve() == default_output(preset).resolve():
+        update_docs_page(DOCS_PAGE, table, preset, out)
 
 
 DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench.py -->", "<!-- /bench.py -->"
 
 
-def update_docs_page(page: Path, table: str) -> None:
-    """Put the generated tables (docs/benchmarks/table.md) between the page's markers."""
+def default_output(preset: str) -> Path:
+    """Where a preset's results go: docs/benchmarks (quick), docs/benchmarks/<preset> (the others)."""
+    return OUT if preset == "quick" else OUT / preset
+
+
+def markers(preset: str) -> tuple[str, str]:
+    """The docs page's markers around a preset's generated tables."""
+    name = "bench.py" if preset == "quick" else f"bench.py {preset}"
+    return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+
+def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = OUT) -> None:
+    """Put the generated tables (``<out>/table.md``) between the page's markers for ``preset``."""
+    begin, end = markers(preset)
     text = page.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{page} lacks the {BEGIN} ... {END} markers that bench.py fills.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    table = table.replace("](pareto.png)", "](benchmarks/pareto.png)").replace(
-        "](artifact.png)", "](benchmarks/artifact.png)"
-    )  # table.md sits next to the plots; the page one folder up
-    page.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} lacks the {begin} ... {end} markers that bench.py fills.")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    folder = Path(os.path.relpath(out, page.parent)).as_posix()  # table.md sits next to its plots
+    table = table.replace("](pareto.png)", f"]({folder}/pareto.png)").replace(
+        "](artifact.png)", f"]({folder}/artifact.png)"
+    )
+    page.write_text(f"{head}{begin}\n{table}{end}{tail}")
 
 
 def pareto_front(records: list[dict], memory: list[dict]) -> dict[str, list[tuple]]:
@@ -1141,7 +1226,7 @@ def pareto_front(records: list[dict], memory: list[dict]) -> dict[str, list[tupl
     mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
     out: dict[str, list[tuple]] = {}
     for key, s in summary.items():
-        if key not in mem:
+        if key not in mem or s["diverged"]:  # a row that diverged for some seed is never a pick
             continue
         higher = s["metric"] == "accuracy"
         beaten = any(
@@ -1149,7 +1234,7 @@ def pareto_front(records: list[dict], memory: list[dict]) -> dict[str, list[tupl
             and other != key
             and other in mem
             and mem[other] <= mem[key]
-            and verdict(o["mean_std"], s["mean_std"], higher) == "win"
+            and verdict(o["mean_std"], s["mean_std"], higher, (o["diverged"] > 0, s["diverged"] > 0)) == "win"
             for other, o in summary.items()
         )
         if not beaten:
@@ -1182,6 +1267,19 @@ def took(env: dict) -> str:
     return f", which ran {total['wall_seconds'] / 60:.1f} minutes wall ({total['cpu_seconds'] / 60:.1f} CPU-minutes),"
 
 
+def before_training(results: dict[str, dict]) -> list[str]:
+    """One line per task: its metric before any training (the reference for divergence)."""
+    lines = []
+    for name, t in results.items():
+        if t.get("untrained") is None or not t["records"]:
+            continue
+        if "perplexity" in t["records"][0]:
+            lines.append(f"* {name} before training: perplexity {t['untrained']:.1f} (the pretrained model)")
+        else:
+            lines.append(f"* {name} before training: accuracy {t['untrained']:.3f} (pretrained body, untrained head)")
+    return lines
+
+
 def report_markdown(results, env, records, memory, speed, artifacts, titles) -> str:
     lines = [
         "<!-- generated by benchmarks/bench.py; do not edit -->",
@@ -1194,6 +1292,7 @@ def report_markdown(results, env, records, memory, speed, artifacts, titles) -> 
             for k, t in results.items()
             if t.get("run")
         ],
+        *before_training(results),
         "",
         markdown_tables(records, memory, speed, titles),
         "### What to pick",
@@ -1242,12 +1341,34 @@ def report_markdown(results, env, records, memory, speed, artifacts, titles) -> 
     return "\n".join(lines) + "\n"
 
 
+def quiet() -> None:
+    """The examples' assets importable; transformers', datasets' and trady_peft's chatter off."""
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("trady_peft").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--tasks", default="image,text,lm", help="comma-separated subset of image,text,lm")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (timings assume an idle machine)")
-    parser.add_argument("--output-dir", default=str(OUT))
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the measuring process (timings need an idle machine)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes (one thread each) for the accuracy runs; 1 runs them in this process",
+    )
+    parser.add_argument("--output-dir", help="default: docs/benchmarks (quick) or docs/benchmarks/full (full)")
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -1256,27 +1377,29 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "examples"))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    import logging
-
-    logging.getLogger("trady_peft").setLevel(logging.ERROR)
+    quiet()
     preset = PRESETS[args.preset]
     command = ("python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    out = Path(args.output_dir)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: needs at least 1 (1 runs everything in this process).")
+    out = Path(args.output_dir) if args.output_dir else default_output(args.preset)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for name in [] if args.report_only else args.tasks.split(","):
         if name not in TASKS:
             raise SystemExit(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}.")
         t0 = time.perf_counter()
         task = TASKS[name](preset[name])
         print(f"[{name}] data and model loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
-        result = run_task(task, preset, log=lambda s: print(s, flush=True))
-        result["run"] = {**environment(command, args.threads), "preset": args.preset, "sizes": preset[name]}
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, preset[name]))
+        result["run"] = {
+            **environment(command, args.threads),
+            "preset": args.preset,
+            "sizes": preset[name],
+            "jobs": args.jobs,
+        }
         (raw / f"{name}.json").write_text(json.dumps(result, default=float) + "\n")
     # The report covers every task with results in raw/ (this run's, and earlier runs' of other tasks).
     results = {n: json.loads((raw / f"{n}.json").read_text()) for n in TASKS if (raw / f"{n}.json").exists()}
@@ -1284,7 +1407,7 @@ def main(argv=None) -> dict:
     env["preset"] = {"name": args.preset, **preset}
     env["total"] = {
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "cpu_seconds": round(time.process_time() - cpu, 1),
+        "cpu_seconds": round(cpu_seconds() - cpu, 1),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     write_outputs(results, env, out)
