@@ -137,7 +137,7 @@ PRESETS = {
         "image": {"train": 768, "test": 1000, "size": 32, "epochs": 5, "batch": 32},
         "text": {"train": 256, "test": 1000, "length": 32, "epochs": 4, "batch": 16},
         "lm": {"train": 8, "test": 16, "length": 32, "epochs": 3, "batch": 2, "gradient_batches": 1, "speed_batch": 1},
-        "speed_steps": 30,
+        "speed_steps": 20,
         "artifact_epochs": 30,
     },
 }

@@ -150,3 +150,80 @@ def test_statements_follow_the_results():
     assert "ties with d-det-rgn" in line
     assert "loses to full fine-tuning" in line
     assert "s-det-rgn" not in line
+
+
+def test_a_row_that_diverged_loses_whatever_its_std():
+    # A diverged row's huge std would make the one-std rule call it a tie: it loses instead.
+    assert bench.verdict((300.0, 10.0), (1e9, 1e9), higher_is_better=False, diverged=(False, True)) == "win"
+    assert bench.verdict((1e9, 1e9), (300.0, 10.0), higher_is_better=False, diverged=(True, False)) == "loss"
+    assert bench.verdict((1e9, 1e9), (1e8, 1e8), higher_is_better=False, diverged=(True, True)) == "tie"
+
+
+def test_divergence_is_a_non_finite_value_or_a_perplexity_far_above_the_untrained_model():
+    def rec(**kw):
+        return {"final_train_loss": 2.0, **kw}
+
+    assert not bench.diverged(rec(perplexity=400.0), untrained=318.0)  # worse, but not diverged
+    assert bench.diverged(rec(perplexity=3.7e7), untrained=318.0)
+    assert bench.diverged(rec(perplexity=float("inf")), untrained=318.0)
+    assert bench.diverged({"final_train_loss": float("nan"), "accuracy": 0.1}, untrained=0.1)
+    assert not bench.diverged(rec(accuracy=0.05), untrained=0.1)  # a low accuracy is just low
+
+
+def test_statements_table_and_picks_mark_a_diverged_row():
+    def rec(method, values, bad=()):
+        return [
+            {
+                "task": "lm",
+                "method": method,
+                "budget_bytes": None if method == "head" else 100,
+                "seed": s,
+                "perplexity": v,
+                "diverged": s in bad,
+            }
+            for s, v in zip((0, 42, 100), values)
+        ]
+
+    records = rec("trady", [300.0, 310.0, 320.0]) + rec("head", [250.0, 3.7e7, 260.0], bad=(42,))
+    (line,) = bench.statements(records)["lm"]
+    assert "wins against head only" in line
+    memory = [
+        {"task": "lm", "method": "trady", "budget_bytes": 100, "step_total_bytes": 2000},
+        {"task": "lm", "method": "head", "budget_bytes": None, "step_total_bytes": 1000},
+    ]
+    assert bench.pareto_front(records, memory)["lm"] == [("lm", "trady", 100)]
+    table = bench.markdown_tables(records, memory, [], {})
+    assert "(diverged: 1/3 seeds)" in table
+
+
+def test_each_preset_fills_its_own_block_of_the_docs_page(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(
+        "intro\n<!-- bench.py -->\nold quick\n<!-- /bench.py -->\nmid\n<!-- bench.py full -->\nold full\n"
+        "<!-- /bench.py full -->\nend\n"
+    )
+    bench.update_docs_page(page, "new full ![p](pareto.png)\n", "full", tmp_path / "benchmarks" / "full")
+    text = page.read_text()
+    assert "old quick" in text and "old full" not in text
+    assert "![p](benchmarks/full/pareto.png)" in text  # the plot next to the full preset's table
+    assert bench.default_output("full") == bench.OUT / "full" and bench.default_output("quick") == bench.OUT
+    with pytest.raises(SystemExit, match="bench.py nightly"):
+        bench.update_docs_page(page, "x", "nightly", tmp_path)
+
+
+@pytest.mark.slow
+def test_worker_processes_reproduce_the_in_process_runs():
+    """--jobs 2: the spawned workers rebuild the task from its preset sizes and give the same records."""
+    sizes = {"train": 8, "test": 16, "size": 32, "epochs": 2, "batch": 8}
+    bench.quiet()
+    task = bench.image_task(sizes)
+    budget = bench.task_budgets(task)[0]
+    runs = [(bench.Method("trady", budget), 0), (bench.Method("head"), 42)]
+    here = bench.run_grid(task, runs, [], jobs=1, spec=None)
+    there = bench.run_grid(task, runs, [], jobs=2, spec=("image", sizes))
+    for a, b in zip(here, there):
+        assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+        assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == pytest.approx(
+            b["final_train_loss"], rel=1e-5
+        )
+        assert a.get("touched_channels") == b.get("touched_channels")
