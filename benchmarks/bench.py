@@ -1219,43 +1219,49 @@ def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = 
     page.write_text(f"{head}{begin}\n{table}{end}{tail}")
 
 
-def pareto_front(records: list[dict], memory: list[dict]) -> dict[str, list[tuple]]:
-    """Per task, the (method, budget) rows no other row beats: none has a better metric (beyond one
-    std, `verdict`) with no more measured step memory. Sorted by memory."""
+#: Strategies that are not memory-feasible (docs/strategies.md): their scoring computes the dense
+#: gradient of every candidate channel, which no budget bounds. Compared, never recommended.
+ORACLES = ("d-det-rgn", "s-det-rgn")
+
+
+def picks(records: list[dict], memory: list[dict]) -> dict[str, list[tuple]]:
+    """Per task, the rows worth their memory: from the row with the least measured step memory up,
+    each next pick is the cheapest row that beats the previous pick beyond one std (`verdict`).
+    Rows that diverged for some seed and the Det-RGN oracles (`ORACLES`) are never picks."""
     summary = summarize(records)
     mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
     out: dict[str, list[tuple]] = {}
-    for key, s in summary.items():
-        if key not in mem or s["diverged"]:  # a row that diverged for some seed is never a pick
-            continue
-        higher = s["metric"] == "accuracy"
-        beaten = any(
-            other[0] == key[0]
-            and other != key
-            and other in mem
-            and mem[other] <= mem[key]
-            and verdict(o["mean_std"], s["mean_std"], higher, (o["diverged"] > 0, s["diverged"] > 0)) == "win"
-            for other, o in summary.items()
-        )
-        if not beaten:
-            out.setdefault(key[0], []).append(key)
-    return {t: sorted(keys, key=lambda k: mem[k]) for t, keys in out.items()}
+    for task in dict.fromkeys(k[0] for k in summary):
+        rows = [k for k in summary if k[0] == task and k in mem and not summary[k]["diverged"] and k[1] not in ORACLES]
+        rows.sort(key=lambda k: (mem[k], order_of(k[1])))
+        ladder: list[tuple] = []
+        for key in rows:
+            s = summary[key]
+            higher = s["metric"] == "accuracy"
+            if not ladder or verdict(s["mean_std"], summary[ladder[-1]]["mean_std"], higher) == "win":
+                ladder.append(key)
+        if ladder:
+            out[task] = ladder
+    return out
 
 
 def recommendations(records: list[dict], memory: list[dict]) -> list[str]:
-    """What to pick, per task, from the results: the rows on the accuracy-memory Pareto front."""
+    """What to pick, per task, from the results (`picks`)."""
     summary = summarize(records)
     mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
     lines = []
-    for task, keys in pareto_front(records, memory).items():
-        picks = [
+    for task, keys in picks(records, memory).items():
+        described = [
             f"{label(k[1])}{'' if k[2] is None else ' at ' + fmt_bytes(k[2])} ({fmt_bytes(mem[k])} per step, "
             f"{summary[k]['metric']} {fmt_metric(*summary[k]['mean_std'], summary[k]['metric'])})"
             for k in keys
         ]
-        lines.append(
-            f"{task}: from the least to the most memory, nothing measured here beats " + "; then ".join(picks) + "."
-        )
+        text = f"{task}: {described[0]}"
+        if len(described) > 1:
+            text += "; more memory buys a real improvement only with " + ", then ".join(described[1:])
+        else:
+            text += "; no row that uses more memory is better by more than one std"
+        lines.append(text + ".")
     return lines
 
 
@@ -1297,8 +1303,9 @@ def report_markdown(results, env, records, memory, speed, artifacts, titles) -> 
         markdown_tables(records, memory, speed, titles),
         "### What to pick",
         "",
-        "Rows on the accuracy-memory Pareto front (no other row is better by more than one std with no "
-        "more measured memory per step):",
+        "Per task, the row with the least measured memory per step, then each cheapest row that beats the "
+        "previous pick by more than one std (rows that diverged, and the Det-RGN oracles, whose scoring needs "
+        "dense gradients no budget bounds, are left out):",
         "",
         *[f"* {line}" for line in recommendations(records, memory)],
         "",

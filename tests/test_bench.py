@@ -191,7 +191,7 @@ def test_statements_table_and_picks_mark_a_diverged_row():
         {"task": "lm", "method": "trady", "budget_bytes": 100, "step_total_bytes": 2000},
         {"task": "lm", "method": "head", "budget_bytes": None, "step_total_bytes": 1000},
     ]
-    assert bench.pareto_front(records, memory)["lm"] == [("lm", "trady", 100)]
+    assert bench.picks(records, memory)["lm"] == [("lm", "trady", 100)]  # the cheaper head diverged
     table = bench.markdown_tables(records, memory, [], {})
     assert "(diverged: 1/3 seeds)" in table
 
@@ -227,3 +227,32 @@ def test_worker_processes_reproduce_the_in_process_runs():
             b["final_train_loss"], rel=1e-5
         )
         assert a.get("touched_channels") == b.get("touched_channels")
+
+
+def test_picks_climb_only_for_a_real_improvement_and_skip_the_oracles():
+    def rec(method, budget, values):
+        return [
+            {"task": "image", "method": method, "budget_bytes": budget, "seed": s, "accuracy": v}
+            for s, v in zip((0, 42, 100), values)
+        ]
+
+    records = (
+        rec("head", None, [0.50, 0.51, 0.52])
+        + rec("trady", 100, [0.60, 0.61, 0.62])  # beats the head: a pick
+        + rec("medyate", 100, [0.60, 0.62, 0.61])  # more memory, a tie with TraDy: not a pick
+        + rec("d-det-rgn", 100, [0.90, 0.90, 0.90])  # best, but an oracle
+        + rec("full", None, [0.70, 0.71, 0.72])  # much more memory, clearly better: a pick
+    )
+    memory = [
+        {"task": "image", "method": m, "budget_bytes": b, "step_total_bytes": n}
+        for m, b, n in (
+            ("head", None, 10),
+            ("trady", 100, 20),
+            ("medyate", 100, 25),
+            ("d-det-rgn", 100, 20),
+            ("full", None, 1000),
+        )
+    ]
+    assert [k[1] for k in bench.picks(records, memory)["image"]] == ["head", "trady", "full"]
+    (line,) = bench.recommendations(records, memory)
+    assert line.startswith("image: head only") and "then full fine-tuning" in line and "det-rgn" not in line
