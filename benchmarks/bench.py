@@ -354,8 +354,11 @@ def task_budgets(task: Task) -> list[int]:
     return [int(total * f) for f in task.budget_fractions]
 
 
-def build_method(task: Task, method: Method, seed: int, lora_targets: list[str]) -> nn.Module:
-    """A fresh model set up for ``method`` (its trainable parameters marked)."""
+def build_method(
+    task: Task, method: Method, seed: int, lora_targets: list[str], frozen_path: bool = True
+) -> nn.Module:
+    """A fresh model set up for ``method`` (its trainable parameters marked). ``frozen_path=False``
+    turns TraDy's memory-saving frozen path off (`count_flops`: its twins recompute inside backward)."""
     from peft import LoraConfig, get_peft_model
 
     import trady_peft
@@ -374,6 +377,7 @@ def build_method(task: Task, method: Method, seed: int, lora_targets: list[str])
             optimizer_state_bytes=0,  # plain SGD
             gradient_batches=task.gradient_batches,
             exclude_modules=task.exclude,
+            memory_saving_frozen_path=frozen_path,
         )
         return get_peft_model(model, config)
     if method.name == "lora":
@@ -713,10 +717,13 @@ def weight_gradient_flops(task: Task, method: Method, lora_targets: list[str], r
     """FLOPs of the backward pass spent on weight derivatives: the backward FLOPs of ``method``
     minus those of the same model with nothing trainable, both with the input (embeddings)
     requiring grad so that the activation-gradient pass is complete and identical in both.
-    ``reference``: the frozen model's count, if already known (it is the same for every method)."""
+    ``reference``: the frozen model's count, if already known (it is the same for every method).
+    TraDy is counted with its memory-saving frozen path off: the attention twin recomputes the
+    attention block inside backward, forward FLOPs that are not weight derivatives; the channels
+    and their weight derivatives are the same either way."""
     if reference is None:
         reference = frozen_backward_flops(task)
-    model = train_mode(build_method(task, method, 0, lora_targets))
+    model = train_mode(build_method(task, method, 0, lora_targets, frozen_path=False))
     if method.is_trady:
         optimizer, _ = make_optimizer(task, model, 10)
         start_period(model, task, method, optimizer, 0, 0)
@@ -757,6 +764,60 @@ def backward_flops(task: Task, model: nn.Module) -> int:
         if handle is not None:
             handle.remove()
     return counter.get_total_flops()
+
+
+def lora_targets_of(task: Task, n_targets: int | None = None) -> list[str]:
+    """The target layers peft LoRA r=8 can wrap (TraDy's targets less those it cannot); with
+    ``n_targets`` (TraDy's count), a note on the task says how many are left out and why."""
+    from trady_peft.report import lora_targets
+
+    probe = build_method(task, Method("trady", 1 << 40), 0, [])  # not trained: only the LoRA-wrappable layers
+    lora, skipped = lora_targets(probe, LORA_RANK)
+    plain = lora_wrappable(probe.base_model.model, lora)
+    del probe
+    if n_targets is not None and len(plain) < n_targets:
+        task.notes.append(
+            f"LoRA wraps {len(plain)} of the {n_targets} target layers: {len(skipped)} grouped convs whose groups "
+            f"do not divide r={LORA_RANK}"
+            + (f", {len(lora) - len(plain)} TF-same-padded convs" if len(plain) < len(lora) else "")
+            + " are left out"
+        )
+    return plain
+
+
+def count_flops(task: Task, methods: list[Method], lora_targets: list[str], speed: list[dict]) -> list[str]:
+    """Fill ``weight_gradient_flops`` (and its change against full fine-tuning) into each method's
+    speed row; returns notes on methods whose count failed."""
+    reference = frozen_backward_flops(task)  # the same for every method
+    full_flops = weight_gradient_flops(task, Method("full"), lora_targets, reference)
+    failed = []
+    for m in methods:
+        try:
+            flops = full_flops if m.name == "full" else weight_gradient_flops(task, m, lora_targets, reference)
+        except RuntimeError as error:  # see the note below
+            flops = None
+            failed.append((m.key, str(error).splitlines()[0]))
+        row = next(r for r in speed if r["method"] == m.name and r["budget_bytes"] == m.budget)
+        row["weight_gradient_flops"] = flops
+        row["weight_gradient_flops_vs_full"] = None if flops is None else flops / full_flops - 1
+    if not failed:
+        return []
+    return [
+        f"weight-derivative FLOPs not counted for {len(failed)} methods ({', '.join(k for k, _ in failed)}): "
+        f"torch's FlopCounterMode failed on their backward ({failed[0][1]!r})"
+    ]
+
+
+def recount_flops(raw: Path, task: Task, command: str) -> None:
+    """Recount the FLOPs of a finished run (``raw/<name>.json``) with this version of
+    `count_flops`, recording the command that did (FLOP counts do not depend on timing)."""
+    result = json.loads(raw.read_text())
+    methods = [Method(r["method"], r["budget_bytes"]) for r in result["speed"]]
+    lora = lora_targets_of(task)
+    notes = count_flops(task, methods, lora, result["speed"])
+    result["notes"] = [n for n in result["notes"] if not n.startswith("weight-derivative FLOPs")] + notes
+    result["flops_recounted"] = {"command": command, "date": environment(command, 0)["date"]}
+    raw.write_text(json.dumps(result, default=float) + "\n")
 
 
 # --------------------------------------------------------------------------------------- artifact
@@ -1072,20 +1133,7 @@ def run_task(
         return f"{time.perf_counter() - t0:.0f} s, CPU {cpu_seconds() - c0:.0f} s"
 
     targets = target_layers(task)
-    probe = build_method(task, Method("trady", 1 << 40), 0, [])  # not trained: only the LoRA-wrappable layers
-    from trady_peft.report import lora_targets
-
-    lora, skipped = lora_targets(probe, LORA_RANK)
-    plain = lora_wrappable(probe.base_model.model, lora)
-    del probe
-    if len(plain) < len(targets):
-        task.notes.append(
-            f"LoRA wraps {len(plain)} of the {len(targets)} target layers: {len(skipped)} grouped convs whose groups "
-            f"do not divide r={LORA_RANK}"
-            + (f", {len(lora) - len(plain)} TF-same-padded convs" if len(plain) < len(lora) else "")
-            + " are left out"
-        )
-    lora = plain
+    lora = lora_targets_of(task, len(targets))
     budgets = task_budgets(task)
     methods = grid(budgets)
     log(
@@ -1095,24 +1143,7 @@ def run_task(
     log(f"[{task.name}] memory measured ({since()})")
     speed = measure_speed(task, methods, lora, preset["speed_steps"])
     log(f"[{task.name}] speed measured ({since()})")
-    reference = frozen_backward_flops(task)  # the same for every method
-    full_flops = weight_gradient_flops(task, Method("full"), lora, reference)
-    failed = []
-    for m in methods:
-        try:
-            flops = full_flops if m.name == "full" else weight_gradient_flops(task, m, lora, reference)
-        except RuntimeError as error:  # see the note added below
-            flops = None
-            failed.append((m.key, str(error).splitlines()[0]))
-        row = next(r for r in speed if r["method"] == m.name and r["budget_bytes"] == m.budget)
-        row["weight_gradient_flops"] = flops
-        row["weight_gradient_flops_vs_full"] = None if flops is None else flops / full_flops - 1
-    if failed:
-        task.notes.append(
-            f"weight-derivative FLOPs not counted for {len(failed)} methods ({', '.join(k for k, _ in failed)}): "
-            f"torch's FlopCounterMode failed on their backward ({failed[0][1]!r}; its module tracker hooks the "
-            "recomputation that TraDy's frozen path runs inside backward)"
-        )
+    task.notes.extend(count_flops(task, methods, lora, speed))
     log(f"[{task.name}] FLOPs counted ({since()})")
     records = []
     mem = {(r["method"], r["budget_bytes"]): r for r in memory}
@@ -1295,6 +1326,11 @@ def report_markdown(results, env, records, memory, speed, artifacts, titles) -> 
         *[
             f"* {k}: `{t['run']['command']}` on {t['run']['date']} ({t['run']['machine']['cpu_count']} CPUs, "
             f"{t['run']['machine']['torch_threads']} torch threads)"
+            + (
+                f"; FLOPs recounted by `{t['flops_recounted']['command']}` on {t['flops_recounted']['date']}"
+                if t.get("flops_recounted")
+                else ""
+            )
             for k, t in results.items()
             if t.get("run")
         ],
@@ -1377,6 +1413,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--output-dir", help="default: docs/benchmarks (quick) or docs/benchmarks/full (full)")
     parser.add_argument(
+        "--recount-flops",
+        action="store_true",
+        help="run only the FLOP count of each task in --tasks, into its finished results in <output-dir>/raw, "
+        "then rebuild the report",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: rebuild the JSON, plots and tables from the per-task results in <output-dir>/raw",
@@ -1396,9 +1438,15 @@ def main(argv=None) -> dict:
     for name in [] if args.report_only else args.tasks.split(","):
         if name not in TASKS:
             raise SystemExit(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}.")
+        if args.recount_flops and not (raw / f"{name}.json").exists():
+            raise SystemExit(f"--recount-flops: no results of task {name!r} in {raw}; run the benchmark first.")
         t0 = time.perf_counter()
         task = TASKS[name](preset[name])
         print(f"[{name}] data and model loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.recount_flops:
+            recount_flops(raw / f"{name}.json", task, command)
+            print(f"[{name}] FLOPs recounted ({time.perf_counter() - t0:.0f} s)", flush=True)
+            continue
         log = lambda s: print(s, flush=True)  # noqa: E731
         result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, preset[name]))
         result["run"] = {

@@ -256,3 +256,20 @@ def test_picks_climb_only_for_a_real_improvement_and_skip_the_oracles():
     assert [k[1] for k in bench.picks(records, memory)["image"]] == ["head", "trady", "full"]
     (line,) = bench.recommendations(records, memory)
     assert line.startswith("image: head only") and "then full fine-tuning" in line and "det-rgn" not in line
+
+
+def test_flops_are_recounted_into_finished_results(tiny_run, tmp_path):
+    """--recount-flops: the FLOP columns of a finished run are counted again, the command recorded."""
+    task, result, _ = tiny_run
+    raw = tmp_path / "image.json"
+    stale = json.loads(json.dumps(result, default=float))
+    for row in stale["speed"]:
+        row["weight_gradient_flops"] = row["weight_gradient_flops_vs_full"] = -1  # not what a count gives
+    raw.write_text(json.dumps(stale))
+    bench.recount_flops(raw, task, "pytest recount")
+    again = json.loads(raw.read_text())
+    assert again["flops_recounted"]["command"] == "pytest recount"
+    counted = {(r["method"], r["budget_bytes"]): r for r in again["speed"]}
+    assert counted[("full", None)]["weight_gradient_flops_vs_full"] == 0.0
+    assert all(r["weight_gradient_flops"] >= 0 for r in again["speed"])
+    assert again["records"] == stale["records"]  # only the FLOP columns change
