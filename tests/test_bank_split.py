@@ -47,6 +47,16 @@ def _edges_into(root, target) -> int:
     return edges
 
 
+def _nodes(root) -> set:
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
 def _accumulator(bank):
     return bank.view_as(bank).grad_fn.next_functions[0][0]  # the leaf's AccumulateGrad node
 
@@ -61,14 +71,24 @@ def narrow_reference(monkeypatch):
     return use_narrow
 
 
-def test_one_gradient_of_the_bank_per_backward(narrow_reference):
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_one_gradient_of_the_bank_per_backward(train, narrow_reference):
+    """In training mode the attention blocks run as memory-saving twins that recompute in backward
+    (`trady_peft.frozen_path_attention`): they too must hand the bank's split segment gradients."""
     model = _model()
+    model.train(train)
     bank = _bank(model)
     layers = [m for m in model.modules() if isinstance(m, trady_peft.TraDyLayer)]
     layers = [m for m in layers if m.current_delta_installed("default")]
     assert len(layers) > 4
     loss = _loss(model)
     assert _edges_into(loss.grad_fn, _accumulator(bank)) == 1
+    names = {type(n).__name__ for n in _nodes(loss.grad_fn)}
+    assert ("_RecomputeBackward" in names) == train  # the twins ran (training) or not (eval)
+    grads = []
+    bank.register_hook(grads.append)  # what reaches the bank's accumulator: one full-size gradient
+    loss.backward()
+    assert len(grads) == 1 and torch.equal(grads[0], bank.grad)
     narrow_reference()
     assert _edges_into(_loss(model).grad_fn, _accumulator(bank)) == len(layers)  # what the check catches
 
