@@ -111,7 +111,8 @@ def _compare(make, steps, narrow_reference):
         assert torch.equal(a, b)
 
 
-def test_accumulation_and_reuse_across_forwards(narrow_reference):
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_accumulation_and_reuse_across_forwards(train, narrow_reference):
     def two_forwards_one_backward(model):
         (_loss(model, 0) + _loss(model, 1)).backward()
 
@@ -130,8 +131,16 @@ def test_accumulation_and_reuse_across_forwards(narrow_reference):
         _bank(model).grad = None
         _loss(model, 5).backward()
 
-    steps = [two_forwards_one_backward, backward_each, step_then_backward, advance_then_backward]
-    _compare(_model, steps, narrow_reference)
+    def autocast_backward(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, 6)
+        loss.backward()
+
+    def make():
+        return _model().train(train)
+
+    steps = [two_forwards_one_backward, backward_each, step_then_backward, advance_then_backward, autocast_backward]
+    _compare(make, steps, narrow_reference)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
