@@ -292,3 +292,13 @@ def test_flop_counter_without_module_tracking_counts_the_same_totals():
     with compat.flop_counter_without_module_tracking() as counter:
         layer(x).sum().backward()
     assert counter.get_total_flops() == reference.get_total_flops() == 2 * (2 * 3 * 8 * 4)  # forward + weight gradient
+
+
+def test_tensor_version_counts_in_place_changes():
+    weight = torch.nn.Parameter(torch.zeros(4))
+    before = compat.tensor_version(weight)
+    view = weight.narrow(0, 1, 2)
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert compat.tensor_version(weight) > before
+    assert compat.tensor_version(view) == compat.tensor_version(weight)  # views share the counter

@@ -291,3 +291,13 @@ def flop_counter_without_module_tracking():
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalModuleTracker()
     return counter
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The in-place modification counter of ``tensor`` (shared by all its views).
+
+    torch 2.x: ``Tensor._version`` is bumped by every in-place operation (an optimizer step,
+    ``zero_()``, ``copy_``); autograd uses the same counter to detect saved tensors modified in
+    place. TraDy uses it to know when one forward's split of a bank may no longer be reused.
+    """
+    return tensor._version

@@ -3,7 +3,7 @@
 Decision (docs/distributed.md): the bank is **left out of FSDP's sharding** and kept whole on
 every rank; TraDy averages its gradient over the ranks itself, once per backward pass.
 
-Why: the bank is one flat fp32 vector read by every TraDy layer through ``narrow`` views, and it
+Why: the bank is one flat fp32 vector read by every TraDy layer through views (one split), and it
 is touched outside forward/backward at every period change (fold, zero, install, optimizer
 reset), by MeDyate's gradient hook and by every save. Sharded, it becomes a ``DTensor`` outside
 forward (each rank holds a slice), FSDP replaces the ``nn.Parameter`` object (so hooks registered

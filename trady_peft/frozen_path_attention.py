@@ -15,9 +15,11 @@ random draw (so attention dropout draws the same mask), and backpropagates throu
 one more forward of the attention block per layer and step.
 
 Everything it keeps goes through ``ctx.save_for_backward``, so `trady_peft.measure_training_step`
-(saved-tensor hooks) sees it. Gradients of TraDy's bank reach the bank once: the recomputed graph
-differentiates a detached alias of the bank, and the twin returns that gradient as its own input's,
-so autograd accumulates it (and runs the bank's hooks) like any other use of the bank.
+(saved-tensor hooks) sees it. Gradients of TraDy's bank reach the bank once: the twin takes the
+segments its TraDy layers read (views from the bank's one split, `trady_peft.model.DeltaBank.segment`)
+as inputs, the recomputed graph differentiates detached aliases of those segments, and the twin
+returns their gradients as its inputs', so the bank's split assembles the bank's gradient once per
+backward pass (and autograd runs the bank's hooks) like any other use of the bank.
 
 Modules are recognised by structure, not by model name: a class of ``transformers.models`` whose
 name ends in ``Attention`` and whose ``forward`` calls the ``attention_interface`` of
@@ -136,39 +138,54 @@ def _cache_allows_recompute(module: nn.Module, spec: Any) -> bool:
 
 def _banks(module: nn.Module) -> list[nn.Parameter]:
     """The trainable TraDy banks the module's TraDy layers draw their current slices from."""
+    banks: dict[int, nn.Parameter] = {}
+    for _, bank in _delta_views(module):
+        banks[id(bank.weight)] = bank.weight
+    return list(banks.values())
+
+
+def _delta_views(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``(view, bank)`` of the module's TraDy layers that read a trainable bank this period."""
     from .layer import ChannelDeltaView
 
-    banks: dict[int, nn.Parameter] = {}
+    found = []
     for m in module.modules():
         if isinstance(m, ChannelDeltaView) and m.count:
             bank = m.__dict__.get("bank")
             if bank is not None and bank.weight.requires_grad:
-                banks[id(bank.weight)] = bank.weight
-    return list(banks.values())
+                found.append((m, bank))
+    return found
+
+
+def _segment_of(view: nn.Module, bank: nn.Module) -> torch.Tensor:
+    """The flat bank segment ``view`` reads (from the bank's shared split, see `DeltaBank.segment`)."""
+    segment = getattr(bank, "segment", None)
+    return segment(view.offset, view.numel) if segment else bank.weight.narrow(0, view.offset, view.numel)
 
 
 @dataclass
-class _BankAlias:
-    weight: torch.Tensor
+class _SegmentAlias:
+    """Stands in for a bank during a recomputation: hands the layer a detached alias of its segment."""
+
+    weight: torch.Tensor  # the real bank (never read through here)
+    alias: torch.Tensor
+
+    def segment(self, offset: int, numel: int) -> torch.Tensor:
+        return self.alias
 
 
 @contextlib.contextmanager
-def _aliased_banks(module: nn.Module, aliases: dict[int, torch.Tensor]):
-    """Point the module's TraDy layers at detached aliases of their banks for the recomputation, so
-    the inner backward neither accumulates into the bank nor runs its hooks."""
-    from .layer import ChannelDeltaView
-
-    swapped = []
-    for m in module.modules():
-        bank = m.__dict__.get("bank") if isinstance(m, ChannelDeltaView) else None
-        if bank is not None and id(bank.weight) in aliases:
-            swapped.append((m, bank))
-            m.__dict__["bank"] = _BankAlias(aliases[id(bank.weight)])
+def _aliased_segments(views: list[tuple[nn.Module, nn.Module]], aliases: list[torch.Tensor]):
+    """Point the TraDy layers at detached aliases of their bank segments for the recomputation, so
+    the inner backward neither accumulates into the bank nor runs its hooks, and returns gradients
+    of the segments only (the bank's gradient is assembled once, by its split, outside)."""
+    for (view, bank), alias in zip(views, aliases):
+        view.__dict__["bank"] = _SegmentAlias(bank.weight, alias)
     try:
         yield
     finally:
-        for m, bank in swapped:
-            m.__dict__["bank"] = bank
+        for view, bank in views:
+            view.__dict__["bank"] = bank
 
 
 def _autocast_state(device: str) -> list[tuple[str, bool, torch.dtype]]:
@@ -186,6 +203,7 @@ class _Job:
     n_inputs: int
     device: torch.device
     out_spec: Any = None
+    views: list = field(default_factory=list)  # (ChannelDeltaView, bank) whose segments are inputs
     supported: bool = True
     autocast: list = field(default_factory=list)
 
@@ -208,7 +226,7 @@ class _Recompute(torch.autograd.Function):
         job.supported = all(isinstance(leaf, _SCALARS) or leaf is _TENSOR for leaf in _leaves(job.out_spec))
         job.spec = spec  # drop the forward's references (caches) before backward
         ctx.job = job
-        # The banks are resident parameters (the hooks skip them); the RNG state is a few KiB.
+        # The bank segments are views of resident parameters; the RNG state is a few KiB.
         ctx.n_rng = len(rng)
         ctx.save_for_backward(*inputs, *rng, *banks)
         ctx.set_materialize_grads(False)
@@ -222,15 +240,18 @@ class _Recompute(torch.autograd.Function):
         n = job.n_inputs
         needs = ctx.needs_input_grad[1:]
         inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:n], needs[:n])]
-        banks = saved[n + ctx.n_rng :]
-        # Saved-tensor hooks may hand back other tensor objects: match the live banks by storage.
-        live = {b.data_ptr(): b for b in _banks(job.module)}
-        if any(b.data_ptr() not in live for b in banks):
+        segments = saved[n + ctx.n_rng :]
+        # Saved-tensor hooks may hand back other tensor objects: check the live layout by storage.
+        views = job.views
+        if _delta_views(job.module) != views or any(
+            s.numel() != v.numel or s.data_ptr() != b.weight.data_ptr() + v.offset * b.weight.element_size()
+            for s, (v, b) in zip(segments, views)
+        ):
             raise RuntimeError(
                 "A TraDy bank used in an attention block's forward was replaced before its backward; "
                 "run backward before changing the channel selection."
             )
-        aliases = {id(live[b.data_ptr()]): b.detach().requires_grad_(need) for b, need in zip(banks, needs[n:])}
+        aliases = [s.detach().requires_grad_(need) for s, need in zip(segments, needs[n:])]
         cuda = [job.device] if job.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.set_rng_state(saved[n])
@@ -241,13 +262,13 @@ class _Recompute(torch.autograd.Function):
                 for device, enabled, dtype in job.autocast:
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
                 stack.enter_context(_recompute_scope())
-                stack.enter_context(_aliased_banks(job.module, aliases))
+                stack.enter_context(_aliased_segments(views, aliases))
                 args, kwargs = _unflatten(job.spec, iter(inputs))
                 out = job.run(*args, **kwargs)
         outs: list[torch.Tensor] = []
         _flatten(out, outs)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wanted = [t for t, need in zip(inputs + list(aliases.values()), needs) if need]
+        wanted = [t for t, need in zip(inputs + aliases, needs) if need]
         got = iter([None] * len(wanted))
         if pairs and wanted:
             got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
@@ -282,7 +303,8 @@ class _RecomputedAttention:
             return stock(*args, **kwargs)
         job = _Job(stock, self, (_without_caches(spec), spec), len(tensors), device)
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        outs = _Recompute.apply(job, *tensors, *banks)
+        job.views = _delta_views(self)
+        outs = _Recompute.apply(job, *tensors, *[_segment_of(v, b) for v, b in job.views])
         if not job.supported:  # an output holding tensors in an object: autograd must see the stock graph
             _UNSUPPORTED_OUTPUTS.add(type(self))
             if any(_is_cache(leaf) for leaf in _leaves(spec)):

@@ -89,7 +89,9 @@ class ChannelDeltaView(nn.Module):
         bank = self.__dict__["bank"]
         if bank is None or self.count == 0:
             raise RuntimeError("This TraDy layer has no channel selection installed.")
-        return bank.weight.narrow(0, self.offset, self.numel).view(self.count, *self.slice_shape)
+        segment = getattr(bank, "segment", None)  # a DeltaBank: one split per bank (see DeltaBank.segment)
+        flat = segment(self.offset, self.numel) if segment else bank.weight.narrow(0, self.offset, self.numel)
+        return flat.view(self.count, *self.slice_shape)
 
     def extra_repr(self) -> str:
         return f"channels={self.count}, slice_shape={self.slice_shape}, offset={self.offset}"

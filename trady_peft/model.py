@@ -26,7 +26,7 @@ from torch import nn
 from ._registration import PREFIX
 from .adapter_file import check_model_state
 from .backprop import BackpropStop
-from .compat import has_zero_master
+from .compat import has_zero_master, is_zero3_param, tensor_version
 from .config import TraDyConfig
 from .distributed import (
     average_gradient,
@@ -63,8 +63,76 @@ class DeltaBank(nn.Module):
         # on the meta device, and the bank is runtime state that no checkpoint fills in.
         self._parameters["weight"] = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
 
+        self.layout: tuple[tuple[int, int], ...] = ()  # (offset, numel) of each installed layer segment
+        self._slices = _SliceCache()
+
+    def set_layout(self, segments) -> None:
+        """Record the layers' segments ``(offset, numel)`` of this period (disjoint, set by `install`)."""
+        self.layout = tuple(sorted((int(o), int(n)) for o, n in segments if n))
+        self._slices.clear()
+
+    def segment(self, offset: int, numel: int) -> torch.Tensor:
+        """The flat segment ``weight[offset:offset + numel]`` as read by a layer's forward.
+
+        With gradients enabled, every segment of the layout comes from one ``split_with_sizes`` of
+        the bank, made once and reused until the bank changes in place (an optimizer step, a
+        period change), so the backward pass builds the bank's gradient once (O(bank)) instead of
+        once per layer through a ``narrow`` view each (O(layers x bank)). Otherwise, or for a
+        segment outside the layout, a plain ``narrow`` view.
+        """
+        weight = self.weight
+        if not torch.is_grad_enabled() or is_zero3_param(weight):
+            return weight.narrow(0, offset, numel)
+        slices = self._slices.get(weight, self.layout)
+        piece = slices.get((offset, numel)) if slices is not None else None
+        return piece if piece is not None else weight.narrow(0, offset, numel)
+
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
+
+
+class _SliceCache:
+    """One split of a bank into its layout's segments, valid while the bank is unchanged.
+
+    The key is the bank tensor itself, its storage address, its in-place version counter
+    (`trady_peft.compat.tensor_version`), whether it requires grad, and the layout. Reusing the
+    split over several forwards is safe: ``split_with_sizes``'s backward keeps no saved tensor, so
+    each backward pass (and a checkpoint's recomputation) can run through it again. Copies and
+    pickles of a model start with an empty cache (the split outputs are not leaves).
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.key, self.slices = None, None
+
+    def get(self, weight: torch.Tensor, layout: tuple[tuple[int, int], ...]) -> dict | None:
+        if not layout:
+            return None
+        key = (weight.data_ptr(), tensor_version(weight), weight.requires_grad, weight.numel(), layout)
+        if self.slices is not None and self.key[0] is weight and self.key[1:] == key:
+            return self.slices
+        sizes, pieces, at = [], [], 0
+        for offset, numel in layout:
+            if offset < at or offset + numel > weight.numel():
+                return None  # overlapping or out of range: the caller narrows
+            if offset > at:
+                sizes.append(offset - at)
+                pieces.append(None)
+            sizes.append(numel)
+            pieces.append((offset, numel))
+            at = offset + numel
+        if at < weight.numel():
+            sizes.append(weight.numel() - at)
+            pieces.append(None)
+        outputs = torch.split_with_sizes(weight, sizes)
+        self.key = (weight, *key)
+        self.slices = {p: t for p, t in zip(pieces, outputs) if p is not None}
+        return self.slices
+
+    def __reduce__(self):
+        return (_SliceCache, ())
 
 
 def find_tuner(model: nn.Module) -> TraDyModel:

@@ -341,7 +341,7 @@ class PeriodLifecycle:
     def _install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
         bank = self.channel_bank[name]
-        offset, changed = 0, []
+        offset, changed, segments = 0, [], []
         for layer_name, layer in self.trady_layers(name):
             channels = selection.get(layer_name, torch.zeros(0, dtype=torch.long))
             view, old = layer.trady_delta[name], layer.trady_idx[name]
@@ -350,12 +350,14 @@ class PeriodLifecycle:
             if not same and n:
                 changed.append((offset, offset + n))
             layer.install_channels(name, channels, bank, offset)
+            segments.append((offset, n))
             offset += n
         if offset > bank_numel(bank.weight):
             raise RuntimeError(
                 f"Internal error: the selection needs {offset} trainable values but the bank of adapter {name!r} "
                 f"holds {bank_numel(bank.weight)}."
             )
+        bank.set_layout(segments)
         return changed
 
     def attach_optimizer(self, optimizer, name: str = "default") -> None:
