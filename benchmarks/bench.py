@@ -21,9 +21,9 @@ adapter's artifact (the union of channels touched) grows with epochs.
 Writes docs/benchmarks/{accuracy,memory,speed,artifact}.json, PNG plots, and the generated
 docs/benchmarks/table.md that docs/benchmarks.md includes.
 
-Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``, about 16 minutes wall on
+Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``, about 18 minutes wall on
 an idle 2-core machine, all three tasks; results in docs/benchmarks/) or ``--preset full``
-(``make bench``, about 70 minutes; results in docs/benchmarks/full/). ``--tasks`` runs a subset;
+(``make bench``, about 75 minutes; results in docs/benchmarks/full/). ``--tasks`` runs a subset;
 each task's results are kept in <output>/raw/ and the report covers every task found there
 (``--report-only`` rebuilds it).
 """
@@ -125,7 +125,7 @@ def tensors(dataset) -> dict[str, torch.Tensor]:
 
 PRESETS = {
     # sizes per task: training/test rows, resolution or sequence length, epochs, batch size; quick fits
-    # in about 16 minutes on 2 idle cores, full in about 70 (docs/benchmarks.md, "Run time")
+    # in about 18 minutes on 2 idle cores, full in about 75 (docs/benchmarks.md, "Run time")
     "quick": {
         "image": {"train": 192, "test": 400, "size": 32, "epochs": 3, "batch": 32},
         "text": {"train": 64, "test": 400, "length": 24, "epochs": 3, "batch": 16},
