@@ -33,6 +33,7 @@ test: setup data
 	$(BIN)/python -m pytest -m "not slow" --durations=15
 	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 docs: setup
 	$(BIN)/mkdocs serve
@@ -47,6 +48,7 @@ memory-report: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix .

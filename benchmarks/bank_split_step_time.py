@@ -3,12 +3,12 @@
 Two measurements, on CPU, single thread (``torch.set_num_threads(1)``), median of ``--steps``:
 
 1. micro: a flat fp32 bank of ``--bank`` values read by ``--views`` equal segments, each through
-   its own ``narrow`` view (the previous `trady_peft.DeltaBank` reading) or all from one
+   its own ``narrow`` view (the previous `trady_peft.core.bank.DeltaBank` reading) or all from one
    ``split_with_sizes``; backward time of ``sum(segment.sum())``.
 2. model: a config-built Llama (``--layers`` blocks, 7 TraDy layers each) trained one step
    (forward, backward, AdamW step) on one ``--seq``-token block, with LoRA r=8 and with TraDy at
    ``--budget`` values (``memory_budget`` in values), TraDy's layers reading the bank through
-   `trady_peft.model.DeltaBank.segment` (split) or through the previous per-layer ``narrow``.
+   `trady_peft.core.bank.DeltaBank.segment` (split) or through the previous per-layer ``narrow``.
 
     PYTHONPATH=. python benchmarks/bank_split_step_time.py
 """
@@ -25,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trady_peft
-from trady_peft.model import DeltaBank
+from trady_peft.core.bank import DeltaBank
 
 
 def _median_time(fn, steps: int, warmup: int = 1) -> float:

@@ -45,9 +45,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import trady_peft
-from trady_peft.budget import bytes_per_trained_value
+from trady_peft.core.targets import default_targets
+from trady_peft.memory.budget import bytes_per_trained_value
 from trady_peft.report import stock_type_name
-from trady_peft.targets import default_targets
 
 FAMILIES = ("llama", "gpt2", "bert")
 TITLES = {"llama": "Llama-style", "gpt2": "GPT-2-style", "bert": "BERT-style"}

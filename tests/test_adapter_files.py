@@ -26,7 +26,7 @@ def _trained_model(seed: int = 0):
     torch.manual_seed(seed)
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
     for _ in range(3):
-        model.base_model.resample()
+        model.base_model.next_period()
     return model
 
 

@@ -20,7 +20,7 @@ from tests.test_gradients import INPUTS, LAYERS, StaticSamePaddingConv, channel_
 from tests.test_gradients import reference_output as _reference_output
 from tests.test_trainer import CountingText
 from tests.tiny_models import Holder, tiny_cnn, tiny_gpt2, tiny_llama
-from trady_peft import frozen_path
+from trady_peft.memory import frozen_path
 
 
 def _cpu_autocast_works(dtype: torch.dtype) -> bool:
@@ -77,7 +77,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
         ),
     )
     tuner, layer = model.base_model, model.base_model.model.layer
-    tuner.resample()  # non-empty accumulated store, then a new selection
+    tuner.next_period()  # non-empty accumulated store, then a new selection
     bank = tuner.channel_bank["default"].weight
     with torch.no_grad():
         bank.normal_(0, 0.3)
@@ -105,7 +105,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     got = bank.grad[view.offset : view.offset + view.numel].view(channels.numel(), *view.slice_shape)
     assert_close_rel(got, channel_slices(reference_base, w_eff.grad, channels), tol, "delta gradient")
     assert layer.base_layer.weight.grad is None
-    tuner.resample()  # folding after a mixed-precision step keeps the store in fp32
+    tuner.next_period()  # folding after a mixed-precision step keeps the store in fp32
     assert layer.trady_values["default"].dtype == torch.float32
 
 

@@ -16,7 +16,7 @@ from peft import get_peft_model
 
 import trady_peft
 from tests.tiny_models import tiny_cnn, tiny_llama
-from trady_peft.targets import depth_blocks
+from trady_peft.core.targets import depth_blocks
 
 TOP_BLOCK = ["layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"]
 
@@ -241,7 +241,7 @@ def test_a_refused_quantized_merge_leaves_the_tuner_working():
     hooks_before = (len(tuner.model._forward_pre_hooks), len(tuner.model._forward_hooks))
     from unittest import mock
 
-    from trady_peft.layer import TraDyLayer
+    from trady_peft.core.layer import TraDyLayer
 
     with (
         mock.patch.object(TraDyLayer, "quantization", new_callable=mock.PropertyMock, return_value="int8"),

@@ -17,7 +17,7 @@ from peft import get_peft_model
 
 import trady_peft
 from tests.tiny_models import tiny_llama
-from trady_peft.model import DeltaBank
+from trady_peft.core.bank import DeltaBank
 
 
 def _model(**config):
@@ -74,7 +74,7 @@ def narrow_reference(monkeypatch):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_one_gradient_of_the_bank_per_backward(train, narrow_reference):
     """In training mode the attention blocks run as memory-saving twins that recompute in backward
-    (`trady_peft.frozen_path_attention`): they too must hand the bank's split segment gradients."""
+    (`trady_peft.memory.frozen_path.attention`): they too must hand the bank's split segment gradients."""
     model = _model()
     model.train(train)
     bank = _bank(model)
@@ -127,7 +127,7 @@ def test_accumulation_and_reuse_across_forwards(train, narrow_reference):
         _loss(model, 4).backward()
 
     def advance_then_backward(model):
-        model.base_model.advance()
+        model.base_model.next_period()
         _bank(model).grad = None
         _loss(model, 5).backward()
 

@@ -11,8 +11,8 @@ from paper_models import mcunet_in1, mobilenet_v2_w035, proxyless_w03  # benchma
 from peft import get_peft_model
 
 import trady_peft
-from trady_peft.budget import parse_budget
-from trady_peft.selection import PricedLayer, draw_under_budget, period_generator
+from trady_peft.memory.budget import parse_budget
+from trady_peft.selection.draws import PricedLayer, draw_under_budget, period_generator
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 
@@ -154,7 +154,7 @@ def test_every_strategy_stays_within_the_budget_over_periods(strategy, budget):
     for _ in range(4):
         costs.append(tuner.selected_cost())
         selections.append([m.trady_idx["default"].tolist() for _, m in tuner.trady_layers("default")])
-        tuner.resample()
+        tuner.next_period()
     assert all(0 < c <= budget for c in costs), costs
     if strategy.startswith("s-"):
         assert all(s == selections[0] for s in selections)
@@ -173,7 +173,7 @@ def test_top_k_strategies_draw_only_inside_the_ranked_layers():
         for name, layer in tuner.trady_layers("default"):
             if name not in top:
                 assert layer.trady_delta["default"].count == 0, name
-        tuner.resample()
+        tuner.next_period()
     assert tuner.selection_summary()["candidate_layers"] == 10
 
 
@@ -194,7 +194,7 @@ def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for period in range(5):
         if period:
-            tuner.resample(optimizer)
+            tuner.next_period(optimizer=optimizer)
         mem = trady_peft.measure_training_step(model, batch, optimizer)
         optimizer.zero_grad()
         bank_bytes = mem.trainable_parameters - 4 * head

@@ -71,7 +71,7 @@ def test_without_repricing_a_longer_batch_would_exceed_the_budget(monkeypatch):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     measured_footprint(model, batch(2, 8, 0), optimizer)
-    monkeypatch.setattr(type(model.base_model), "probe", lambda self, inputs: None)
+    monkeypatch.setattr(type(model.base_model.periods), "probe", lambda self, inputs: None)
     footprint, _ = measured_footprint(model, batch(8, 48, 1), optimizer)
     assert footprint > BUDGET
 
@@ -86,7 +86,7 @@ def test_a_period_never_trains_nothing_when_one_channel_fits(budget, caplog):
         model.train()
         for period in range(4):
             if period:
-                model.base_model.advance()
+                model.base_model.next_period()
             model(**batch(1, 1, period))
             costs.append(model.base_model.selection_summary()["selected_channels"])
     except ValueError as err:  # too small for one channel: refused with the numbers instead

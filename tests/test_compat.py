@@ -1,6 +1,6 @@
 """One test per private peft/torch/transformers assumption made in trady_peft/compat.py.
 
-If one of these fails after an upgrade, the patch it names in compat.py needs revisiting.
+If one of these fails after an upgrade, the helper it names in compat.py needs revisiting.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ from peft import PeftModel, get_peft_model
 
 import trady_peft
 from tests.tiny_models import tiny_cnn
-from trady_peft import compat
+from trady_peft import _patches, compat
+from trady_peft.files.atomic import atomic_save_file
 
 
 @pytest.fixture
 def adapter_dir(tmp_path):
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
-    model.base_model.resample()
+    model.base_model.next_period()
     model.save_pretrained(tmp_path)
     return tmp_path
 
 
 def test_peft_save_pretrained_writes_safetensors_through_peft_model_safe_save_file(tmp_path, monkeypatch):
     # peft 0.21.2: `from safetensors.torch import save_file as safe_save_file` in peft/peft_model.py.
-    assert peft.peft_model.safe_save_file is compat.atomic_save_file  # installed by `import trady_peft`
+    assert peft.peft_model.safe_save_file is atomic_save_file  # installed by `import trady_peft`
     calls = []
     monkeypatch.setattr(peft.peft_model, "safe_save_file", lambda t, f, metadata=None: calls.append(f))
     get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2)).save_pretrained(tmp_path)
@@ -69,7 +70,7 @@ def test_trainer_resumes_a_peft_checkpoint_through_load_adapter():
 def test_layer_load_hook_sees_its_keys_before_its_buffers_are_filled(adapter_dir, monkeypatch):
     # torch 2.13: load_state_dict calls a module's _load_from_state_dict with the keys under its
     # prefix (peft has inserted the adapter name) before loading its children; also with assign=True.
-    import trady_peft.layer
+    import trady_peft.core.layer
 
     for low_cpu_mem_usage in (False, True):
         seen = []
@@ -78,7 +79,7 @@ def test_layer_load_hook_sees_its_keys_before_its_buffers_are_filled(adapter_dir
             layer = f"{prefix}trady_indices.default"
             seen.append((prefix, layer in state_dict, list(adapters)))
 
-        monkeypatch.setattr(trady_peft.layer, "check_layer_state", spy)
+        monkeypatch.setattr(trady_peft.core.layer, "check_layer_state", spy)
         PeftModel.from_pretrained(tiny_cnn(), adapter_dir, low_cpu_mem_usage=low_cpu_mem_usage)
         assert sorted(p for p, _, _ in seen) == [f"base_model.model.{n}." for n in ("dw", "pw", "stem")]
         assert all(found and adapters == ["default"] for _, found, adapters in seen)
@@ -94,9 +95,13 @@ def test_safetensors_raises_safetensor_error_for_a_truncated_file(tmp_path):
 
 
 def test_install_is_idempotent():
+    import transformers.trainer
+
     load_file, load_adapter = peft.utils.save_and_load.safe_load_file, PeftModel.load_adapter
-    compat.install()
+    card, callbacks = PeftModel.create_or_update_model_card, list(transformers.trainer.DEFAULT_CALLBACKS)
+    _patches.install()
     assert peft.utils.save_and_load.safe_load_file is load_file and PeftModel.load_adapter is load_adapter
+    assert PeftModel.create_or_update_model_card is card and transformers.trainer.DEFAULT_CALLBACKS == callbacks
 
 
 def test_seq_cls_head_names_lists_the_classifier_heads():
@@ -195,7 +200,7 @@ def test_peft_state_dict_hooks_round_trip_the_selection_state_key():
 
 
 def test_class_swaps_keep_parameters_and_state_dict_keys():
-    from trady_peft.frozen_path import apply_memory_saving, restore
+    from trady_peft.memory.frozen_path import apply_memory_saving, restore
 
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU())
     model.requires_grad_(False)
@@ -279,19 +284,6 @@ def test_the_require_grad_hooks_of_transformers_and_peft_are_recognised_by_name(
     assert not has_require_grad_hook(embedding)
     embedding.register_forward_hook(lambda *a: None)  # a user's own hook
     assert not has_require_grad_hook(embedding)
-
-
-def test_flop_counter_without_module_tracking_counts_the_same_totals():
-    """FlopCounterMode keeps a ``mod_tracker`` whose ``parents`` name where counts go; totals are "Global"."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    layer = torch.nn.Linear(8, 4)
-    x = torch.randn(3, 8)
-    with FlopCounterMode(display=False) as reference:
-        layer(x).sum().backward()
-    with compat.flop_counter_without_module_tracking() as counter:
-        layer(x).sum().backward()
-    assert counter.get_total_flops() == reference.get_total_flops() == 2 * (2 * 3 * 8 * 4)  # forward + weight gradient
 
 
 def test_tensor_version_counts_in_place_changes():

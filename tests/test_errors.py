@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trady_peft import TraDyCallback, TraDyConfig, parse_budget
-from trady_peft.config import MAX_SEED
-from trady_peft.selection import period_generator
+from trady_peft import TraDyCallback, TraDyConfig
+from trady_peft.memory.budget import parse_budget
+from trady_peft.selection.draws import MAX_SEED, period_generator
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 RAISES = {"ValueError": ValueError, "UserWarning": UserWarning}

@@ -28,7 +28,7 @@ def trained(base, **kwargs):
     options.update(kwargs)
     model = get_peft_model(base, trady_peft.TraDyConfig(**options))
     tuner = trady_peft.find_tuner(model)
-    tuner.advance()  # folds the first period's deltas, draws new channels (some overlap)
+    tuner.next_period()  # folds the first period's deltas, draws new channels (some overlap)
     with torch.no_grad():
         tuner.channel_bank["default"].weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
     return model

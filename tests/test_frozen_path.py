@@ -11,7 +11,8 @@ from torch import nn
 
 import trady_peft
 from tests.tiny_models import tiny_cnn
-from trady_peft.frozen_path import apply_memory_saving, pack_bits, restore, unpack_bits
+from trady_peft.memory.frozen_path import apply_memory_saving, restore
+from trady_peft.memory.frozen_path.common import pack_bits, unpack_bits
 
 MODULES = {
     "relu": (lambda: nn.ReLU(), (4, 6, 5, 5)),

@@ -18,9 +18,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 
 import trady_peft
 from tests.tiny_models import tiny_bert, tiny_llama
-from trady_peft.frozen_path import apply_memory_saving
-from trady_peft.frozen_path_attention import attention_twin_class
-from trady_peft.frozen_path_transformers import original_class
+from trady_peft.memory.frozen_path import apply_memory_saving
+from trady_peft.memory.frozen_path.attention import attention_twin_class
+from trady_peft.memory.frozen_path.transformers import original_class
 
 # ----------------------------------------------------------------------------- tiny families
 
@@ -269,10 +269,10 @@ def test_an_output_it_cannot_rebuild_falls_back_to_the_stock_graph():
     for m in (twin, stock):
         m.attn.__class__ = DictOutputAttention
         m.forward = lambda x, m=m: m.attn(x, position_embeddings=m.rotary(x, torch.arange(8)[None]))[0]
-    from trady_peft.frozen_path_attention import _RecomputedAttention
-    from trady_peft.frozen_path_transformers import _make_twin
+    from trady_peft.memory.frozen_path.attention import _RecomputedAttention
+    from trady_peft.memory.frozen_path.common import make_twin
 
-    twin.attn.__class__ = _make_twin(DictOutputAttention, _RecomputedAttention)  # as if it were recognised
+    twin.attn.__class__ = make_twin(DictOutputAttention, _RecomputedAttention)  # as if it were recognised
     x = torch.randn(2, 8, 32, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     torch.manual_seed(3)
@@ -286,7 +286,7 @@ def test_attention_twins_pickle_deepcopy_and_restore():
     import copy
     import pickle
 
-    from trady_peft.frozen_path import restore
+    from trady_peft.memory.frozen_path import restore
 
     module = _OneLlamaAttention()
     apply_memory_saving(module)

@@ -13,8 +13,8 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 import trady_peft
 from tests.tiny_models import tiny_gpt2, tiny_llama
-from trady_peft.frozen_path import apply_memory_saving, restore
-from trady_peft.frozen_path_loss import FrozenPathLMHead, FusedCausalLMLoss
+from trady_peft.memory.frozen_path import apply_memory_saving, restore
+from trady_peft.memory.frozen_path.loss import FrozenPathLMHead, FusedCausalLMLoss
 
 BUILDS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 VOCAB, HIDDEN = 64, 32

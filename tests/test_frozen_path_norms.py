@@ -15,8 +15,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import trady_peft
 from tests.tiny_models import Holder, tiny_llama
-from trady_peft.frozen_path import apply_memory_saving, restore
-from trady_peft.frozen_path_transformers import twin_class
+from trady_peft.memory.frozen_path import apply_memory_saving, restore
+from trady_peft.memory.frozen_path.transformers import twin_class
 
 NORMS = {"llama": LlamaRMSNorm, "qwen2": Qwen2RMSNorm, "mistral": MistralRMSNorm, "gemma": GemmaRMSNorm}
 SHAPE = (3, 5, 16)

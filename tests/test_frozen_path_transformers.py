@@ -22,8 +22,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import trady_peft
 from tests.tiny_models import Holder, tiny_bert, tiny_llama
-from trady_peft.frozen_path import apply_memory_saving, restore
-from trady_peft.frozen_path_transformers import twin_class
+from trady_peft.memory.frozen_path import apply_memory_saving, restore
+from trady_peft.memory.frozen_path.transformers import twin_class
 
 
 def _llama_mlp(act: str):
@@ -232,7 +232,7 @@ def test_review_regressions_extra_code_trained_norms_and_empty_labels():
 
     import trady_peft
     from tests.tiny_models import tiny_llama
-    from trady_peft.frozen_path_transformers import twin_class
+    from trady_peft.memory.frozen_path.transformers import twin_class
 
     class DropoutMLP(LlamaMLP):
         def forward(self, x):

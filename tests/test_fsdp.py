@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 import trady_peft
 from tests.tiny_models import tiny_llama
-from trady_peft.distributed import average_gradient
+from trady_peft.core.collectives import average_gradient
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def test_helper_leaves_the_bank_whole_and_training_saving_work(tmp_path):
         trady_peft.next_period(model, optimizer)
         model(input_ids=ids, labels=ids).loss.backward()
         model.save_pretrained(tmp_path)
-    assert model.base_model._average_bank_grads
+    assert all(bank.averages_gradients for bank in model.base_model.channel_bank.values())
     assert sum(layer.trady_indices["default"].numel() for _, layer in model.base_model.trady_layers("default"))
 
 

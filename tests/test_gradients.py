@@ -146,7 +146,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     )
     tuner, layer = model.base_model, model.base_model.model.layer
     # Train one period so the accumulated store is non-empty, then draw a new selection.
-    tuner.resample()
+    tuner.next_period()
     with torch.no_grad():
         tuner.channel_bank["default"].weight.normal_()
     channels = layer.trady_idx["default"].long()

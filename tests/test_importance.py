@@ -14,7 +14,7 @@ from peft import get_peft_model
 import trady_peft
 from tests.tiny_models import colour_images_loader, tiny_cnn
 from trady_peft.cli import main
-from trady_peft.importance import ImportanceEntry, builtin_entry, spearman, top_k_for
+from trady_peft.selection.importance import ImportanceEntry, builtin_entry, spearman, top_k_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -184,7 +184,7 @@ def llama_like_smollm2():
 
 
 def test_medyate_uses_the_family_importance_table():
-    from trady_peft.importance import builtin_entry
+    from trady_peft.selection.importance import builtin_entry
 
     model = get_peft_model(llama_like_smollm2(), trady_peft.TraDyConfig(memory_budget=2000, strategy="medyate"))
     tuner = model.base_model

@@ -14,8 +14,8 @@ from peft import get_peft_model
 import trady_peft
 import trady_peft.model
 from tests.tiny_models import tiny_cnn
-from trady_peft import optim
-from trady_peft.optim import reset_optimizer_state
+from trady_peft.core import optim
+from trady_peft.core.optim import reset_optimizer_state
 
 N = 40
 RESETS = {6: [(0, 10), (20, 25)], 11: [(5, 15), (30, 40)]}  # step -> segments reset before it
@@ -203,7 +203,7 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
     make = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     optimizer = make([bank])
     changed = []
-    real_reset = trady_peft.periods.reset_optimizer_state
+    real_reset = trady_peft.core.optim.reset_optimizer_state
     monkeypatch.setattr(
         trady_peft.periods, "reset_optimizer_state", lambda o, p, s: changed.append(list(s)) or real_reset(o, p, s)
     )
@@ -211,7 +211,7 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]
     for period in range(3):
         if period:
-            tuner.resample(optimizer)
+            tuner.next_period(optimizer=optimizer)
             assert changed[-1], "the draw re-targeted nothing"
             index = torch.cat([torch.arange(a, b) for a, b in changed[-1]])
             kept = torch.ones(bank.numel(), dtype=torch.bool)

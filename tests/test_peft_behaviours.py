@@ -26,7 +26,7 @@ def trained_model(name: str):
     base_out = logits(factory(), make_inputs())
     model = get_peft_model(factory(), trady_peft.TraDyConfig(channels_per_layer=0.25, init_weights=False))
     tuner = model.base_model
-    tuner.resample()  # fold the random init into the store, then a new random period
+    tuner.next_period()  # fold the random init into the store, then a new random period
     with torch.no_grad():
         tuner.channel_bank["default"].weight.normal_(0, 0.05)
     return model.eval(), make_inputs(), base_out
@@ -108,7 +108,7 @@ def test_tiny_update_survives_folding_over_bf16_base():
     tuner = model.base_model
     with torch.no_grad():
         tuner.channel_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
-    tuner.resample()
+    tuner.next_period()
     stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
     assert all(torch.all(v == 1e-6) for v in stored)
 
@@ -125,7 +125,7 @@ def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     before = {n: (layer.trady_idx["default"].clone(), layer.trady_delta["default"].offset) for n, layer in layers}
     exp_avg = optimizer.state[bank]["exp_avg"]
     assert exp_avg.abs().sum() > 0
-    model.base_model.resample(optimizer)
+    model.base_model.next_period(optimizer=optimizer)
     assert model.base_model.channel_bank["default"].weight is bank
     assert [p for p in model.parameters() if p.requires_grad] == params
     assert torch.all(bank == 0)
@@ -140,7 +140,7 @@ def test_static_strategy_keeps_its_channels():
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, strategy="s-top-k-random"))
     layers = model.base_model.trady_layers("default")
     first = [layer.trady_idx["default"].clone() for _, layer in layers]
-    model.base_model.resample()
+    model.base_model.next_period()
     assert all(torch.equal(a, layer.trady_idx["default"]) for a, (_, layer) in zip(first, layers))
 
 

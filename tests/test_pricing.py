@@ -16,7 +16,7 @@ from torch import nn
 
 import trady_peft
 from tests.tiny_models import Holder
-from trady_peft.layer import TraDyLayer
+from trady_peft.core.layer import TraDyLayer
 
 
 class StaticPaddingConv(nn.Conv2d):
@@ -76,7 +76,10 @@ def saved_bytes_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def priced_bytes_by_layer(model) -> dict[str, int]:
     """Activation bytes the budget charges for the channels drawn in each layer."""
-    return model.base_model.priced_inputs()
+    tuner = model.base_model
+    state = tuner.selection_states["default"]
+    costs = {**tuner.layer_costs, **state.costs}  # without a budget: the probe's measurement
+    return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
 
 
 @pytest.mark.parametrize("size_index", [0, 1])

@@ -2,8 +2,8 @@
 
 Over random layer shapes, groups, kernel sizes, strides, paddings (incl. padding modes and
 ``"same"``), dilations, channel selections and dtypes, the output, the input gradient and the
-delta gradient of :class:`~trady_peft.autograd.SparseChannelDelta` (and of
-:class:`~trady_peft.autograd.FrozenConv` and the frozen-path twins) must equal those of a stock
+delta gradient of :class:`~trady_peft.core.autograd.SparseChannelDelta` (and of
+:class:`~trady_peft.core.autograd.FrozenConv` and the frozen-path twins) must equal those of a stock
 module run in float64 on a dense weight holding the same slices, with gradients by autograd.
 
 Errors are bounded elementwise: ``|got - ref| <= tol * bound``, where ``bound`` is the same
@@ -23,9 +23,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.test_gradients import dense_from_slices
-from trady_peft import frozen_path
-from trady_peft.autograd import FrozenConv, SparseChannelDelta
-from trady_peft.geometry import ChannelGeometry
+from trady_peft.core.autograd import FrozenConv, SparseChannelDelta
+from trady_peft.core.geometry import ChannelGeometry
+from trady_peft.memory import frozen_path
 
 SETTINGS = settings(
     max_examples=200,

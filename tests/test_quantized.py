@@ -19,8 +19,8 @@ from transformers import LlamaForCausalLM
 
 import trady_peft
 from tests.tiny_models import Holder, tiny_llama
-from trady_peft.layer import QuantizedMergeWarning, TraDyLayer
-from trady_peft.quantized import dequantize, quantization_of, storage_bytes
+from trady_peft.core.layer import QuantizedMergeWarning, TraDyLayer
+from trady_peft.core.quantized import dequantize, quantization_of, storage_bytes
 
 BACKENDS = ["bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8"]
 

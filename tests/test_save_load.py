@@ -37,7 +37,7 @@ def train_a_little(model, steps: int = 2, periods: int = 3) -> list[dict[str, se
     selections = []
     for period in range(periods):
         if period:
-            tuner.resample(optimizer)
+            tuner.next_period(optimizer=optimizer)
         selections.append({n: set(layer.trady_idx["default"].tolist()) for n, layer in tuner.trady_layers("default")})
         for _ in range(steps):
             batch = torch.randn(4, 3, 16, 16)
@@ -99,7 +99,7 @@ print("EXACT")
 
 def test_low_cpu_mem_usage_and_trainable_reload(tmp_path):
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
-    model.base_model.resample()
+    model.base_model.next_period()
     x = torch.randn(2, 3, 16, 16)
     expected = model.eval()(pixel_values=x)["logits"].detach()
     model.save_pretrained(tmp_path)
@@ -122,7 +122,7 @@ def test_file_grows_with_the_union_of_touched_channels(tmp_path):
     counts = []
     for period in range(4):
         if period:
-            tuner.resample()
+            tuner.next_period()
         with torch.no_grad():  # pretend a period of training moved every selected value
             tuner.channel_bank["default"].weight.add_(0.01)
         for name, layer in tuner.trady_layers("default"):

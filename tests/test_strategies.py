@@ -11,7 +11,7 @@ from torch import nn
 
 import trady_peft
 from tests.tiny_models import tiny_cnn
-from trady_peft.selection import PricedLayer, draw_weighted_under_budget
+from trady_peft.selection.draws import PricedLayer, draw_weighted_under_budget
 
 BATCHES = [
     {
@@ -93,7 +93,7 @@ def test_medyate_records_last_seen_norms_and_explores_unseen_channels():
         model(**batch)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-    tuner.resample(optimizer)
+    tuner.next_period(optimizer=optimizer)
 
     state = tuner.selection_states["default"].statistics
     top = max(float(state.norms[n][c].max()) for n, c in first.items() if c)
@@ -131,8 +131,8 @@ def test_an_adapter_waiting_for_oracle_scores_is_probed_once(monkeypatch):
     model = get_peft_model(tiny_cnn(), config)
     tuner = model.base_model
     calls = []
-    original = type(tuner).probe
-    monkeypatch.setattr(type(tuner), "probe", lambda self, inputs: calls.append(1) or original(self, inputs))
+    original = type(tuner.periods).probe
+    monkeypatch.setattr(type(tuner.periods), "probe", lambda self, inputs: calls.append(1) or original(self, inputs))
     for batch in BATCHES:
         model(**batch)["loss"].backward()
     assert len(calls) == 1
@@ -140,7 +140,7 @@ def test_an_adapter_waiting_for_oracle_scores_is_probed_once(monkeypatch):
 
 # ------------------------------------------------------------ strategies without a model
 def test_strategies_are_small_objects_usable_without_a_model():
-    from trady_peft.strategies import STRATEGIES, alpha_top_k, get_strategy
+    from trady_peft.selection.strategies import STRATEGIES, alpha_top_k, get_strategy
 
     layers = [PricedLayer("a", 16, (10, 100)), PricedLayer("b", 32, (20, 50))]
     limits = (200, 1000)

@@ -33,7 +33,7 @@ import trady_peft
 from tests.test_trainer import CountingText
 from tests.tiny_models import tiny_llama
 from trady_peft.compat import is_zero3_param
-from trady_peft.distributed import bank_numel, gathered
+from trady_peft.core.distributed import bank_numel, gathered
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 8, 32, 2
 CONFIG = dict(memory_budget=600, strategy="d-full-random", seed=7)

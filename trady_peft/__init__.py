@@ -5,36 +5,36 @@
 accept TraDy adapters.
 """
 
-from . import compat as _compat
-from ._registration import register as _register
-from .budget import Accounting, Budget, LayerCost, memory_accounting, parse_budget
+from . import _patches
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig
-from .distributed import fsdp_ignored_modules, fsdp_ignored_params
+from .core.distributed import fsdp_ignored_modules, fsdp_ignored_params
+from .core.layer import QuantizedMergeWarning, TraDyLayer
 from .export import export_lora
+from .files.format import AdapterFileError
 from .hub import push_to_hub
-from .importance import ImportanceEntry, rank_layers
-from .layer import QuantizedMergeWarning, TraDyLayer
-from .memory import TrainingStepMemory, measure_training_step
+from .memory.budget import Accounting, memory_accounting
+from .memory.measure import TrainingStepMemory, measure_training_step
 from .model import TraDyModel, find_tuner
+from .report import MemoryReport, compare_memory
+from .selection.importance import ImportanceEntry, rank_layers
 
 __version__ = "0.1.0"
 
-_register()
-_compat.install()  # atomic saves, load errors naming the file, the adapter card (trady_peft/compat.py)
+_patches.install()  # registers the method with peft; atomic saves, load errors naming the file, the card
 
 __all__ = [
     "Accounting",
-    "Budget",
+    "AdapterFileError",
     "export_lora",
     "find_tuner",
     "fsdp_ignored_modules",
     "fsdp_ignored_params",
+    "compare_memory",
+    "MemoryReport",
     "ImportanceEntry",
-    "LayerCost",
     "memory_accounting",
     "next_period",
-    "parse_budget",
     "push_to_hub",
     "QuantizedMergeWarning",
     "rank_layers",

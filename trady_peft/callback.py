@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from .compat import move_callback_first
 from .model import find_tuner
-from .selection import period_generator
-from .state import Phase
+from .selection.draws import period_generator
+from .selection.state import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TraDyCallback(TrainerCallback):
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it (the checkpoint carried the selection).
                 batches = _scoring_batches(dataloader, tuner.peft_config[name], target)
-                tuner.advance(target, None if restoring else optimizer, batches=batches, adapter_name=name)
+                tuner.next_period(target, None if restoring else optimizer, batches=batches, adapter_name=name)
                 if tuner.phase(name) is Phase.DRAWN:  # else drawn at the first training forward (the probe)
                     logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
             if optimizer is not None:
@@ -184,7 +184,7 @@ def next_period(
         The new period index.
     """
     tuner = find_tuner(model)
-    new_period = tuner.advance(period, optimizer, batches=batches, adapter_name=adapter)
+    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter)
     for name in [adapter] if adapter else tuner.active_adapters:
         logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
     return new_period

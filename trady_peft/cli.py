@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .budget import memory_accounting
+from .memory.budget import memory_accounting
 
 
 def resolve_factory(spec: str, flag: str):
@@ -166,7 +166,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_rank_layers(args) -> int:
-    from .importance import rank_layers, top_k_for
+    from .selection.importance import rank_layers, top_k_for
 
     model = load_model(args.model)
     loader = resolve_factory(args.data, "--data")()

@@ -1,164 +1,139 @@
-"""Every private peft/torch/transformers API that trady-peft patches or relies on, in one place.
+"""Every private peft/torch/transformers API that trady-peft relies on, in one leaf module.
 
-Installed by ``import trady_peft`` (`install`, idempotent). Each assumption below is
-commented with the versions it was checked against and has one test in ``tests/test_compat.py``,
-so that an upgrade which breaks one fails one clear test.
+Nothing here imports from the rest of the package: callers hand in what is theirs. Each
+assumption is commented with the versions it was checked against and has one test in
+``tests/test_compat.py``, so that an upgrade which breaks one fails one clear test.
 
-What is patched, and why:
+* **Registration.** peft has no plugin hook: ``register_peft_method`` only accepts names that
+  are already members of the ``PeftType`` enum. `ensure_peft_type` adds a ``TRADY`` member with
+  a recipe that works on Python 3.10-3.13 (3.12 removed ``EnumType.__getattr__``; 3.13 stopped
+  appending to ``_member_names_``); `register_method` registers the config and tuner classes.
+  Both are idempotent, so importing twice or ``importlib.reload`` is safe.
+* **Patches** (applied by ``trady_peft._patches``): the safetensors writer and reader peft's
+  saving and loading call, ``PeftModel`` methods, and the Trainer's default callbacks.
+* **Helpers** over private attributes: the autograd node being run, the Trainer's callback
+  handler, pytree flattening, DeepSpeed's parameter attributes, transformers' checkpointing
+  attributes and input-grad hooks, torch's forward-hook order, a tensor's version counter,
+  peft's ``BufferDict`` and the sequence-classification head names.
 
-* **Atomic saves.** ``PeftModel.save_pretrained`` writes ``adapter_model.safetensors`` in place;
-  a failure half-way (disk full, a crash) leaves a truncated file and the adapter saved before
-  is lost. `atomic_save_file` writes a temporary file in the same directory, fsyncs it and
-  ``os.replace``-s it over the target. Harmless for other methods (LoRA files are written the
-  same way).
-* **Errors that name the file.** A truncated or garbage file makes safetensors raise an error
-  that names no file; `_load_file_naming_path` re-raises it as a ``ValueError`` with the path.
-* **Which file is being loaded.** ``PeftModel.load_adapter`` (used by ``from_pretrained`` and by
-  the Trainer's checkpoint resume) is wrapped in `trady_peft.adapter_file.loading_from`,
-  so the checks run by each TraDy layer's ``_load_from_state_dict`` can name the file.
-
-Private APIs used where they are needed (kept there because they are one line of the data path),
-each with its own test in ``tests/test_compat.py`` as well: the `PeftType` member recipe
-(``_registration.py``), ``peft.tuners._buffer_dict.BufferDict`` (``layer.py``),
-``torch.ops.aten.convolution_backward`` and ``Conv._reversed_padding_repeated_twice``
-(``geometry.py``), peft's state-dict classmethods ``_get_adapter_state_dict`` /
-``_remove_adapter_name_from_key`` (``model.py``), and ``__class__`` swaps of frozen modules
-(``frozen_path.py``).
+Private APIs that are one line of a data path stay there, each with its own test in
+``tests/test_compat.py`` as well: ``torch.ops.aten.convolution_backward`` and
+``Conv._reversed_padding_repeated_twice`` (``core/geometry.py``), peft's state-dict classmethod
+``_get_adapter_state_dict`` (``model.py``), and ``__class__`` swaps of frozen modules
+(``memory/frozen_path``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import uuid
 
-import safetensors.torch
 import torch
+
+# peft 0.21.2: a dict of buffers that moves with the module (peft.tuners._buffer_dict, not exported).
+from peft.tuners._buffer_dict import BufferDict  # noqa: F401
+from peft.utils import PeftType
 
 # peft 0.21.2: names of sequence-classification heads (peft.utils.constants, not exported).
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES  # noqa: F401
 
-from .adapter_file import loading_from, record_source
-
 _MARK = "__trady_compat__"
 
 
-# --------------------------------------------------------------------------------------- saving
-def atomic_save_file(tensors, filename, metadata=None) -> None:
-    """``safetensors.torch.save_file``, but the target is replaced only by a complete, synced file."""
-    filename = os.fspath(filename)
-    directory = os.path.dirname(os.path.abspath(filename))
-    # A fresh name in the same directory (same file system, so os.replace is atomic), created by
-    # the writer itself so that it gets the usual permissions (umask), unlike mkstemp's 0600.
-    tmp = os.path.join(directory, f".{os.path.basename(filename)}.{uuid.uuid4().hex}.tmp")
-    try:
-        # Looked up at call time: `safetensors.torch.save_file` (safetensors 0.8) is the writer.
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_directory(directory)
+# --------------------------------------------------------------------------------- registration
+def ensure_peft_type() -> PeftType:
+    """Return ``PeftType.TRADY``, adding the member to peft's enum the first time."""
+    member = PeftType._value2member_map_.get("TRADY")
+    if member is not None:
+        return member
+    member = str.__new__(PeftType, "TRADY")
+    member._name_ = "TRADY"
+    member._value_ = "TRADY"
+    type.__setattr__(PeftType, "TRADY", member)
+    PeftType._member_map_["TRADY"] = member
+    PeftType._value2member_map_["TRADY"] = member
+    if "TRADY" not in PeftType._member_names_:
+        PeftType._member_names_.append("TRADY")
+    return member
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
-    if os.name != "posix":
+def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -> None:
+    """Register a config and tuner class with peft under ``PeftType.TRADY`` (idempotent).
+
+    peft 0.21.2: ``register_peft_method`` fills ``PEFT_TYPE_TO_CONFIG_MAPPING``,
+    ``PEFT_TYPE_TO_TUNER_MAPPING`` and ``PEFT_TYPE_TO_PREFIX_MAPPING`` and refuses a second call;
+    after a reload the mappings are pointed at the new classes directly.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    peft_type = ensure_peft_type()
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
         return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+        return
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
 
-# -------------------------------------------------------------------------------------- loading
-def _load_file_naming_path(original):
-    @functools.wraps(original)
-    def load_file(filename, *args, **kwargs):
-        record_source(filename)
-        try:
-            return original(filename, *args, **kwargs)
-        except safetensors.SafetensorError as err:  # a bad header or short data; not a missing file or OOM
-            raise ValueError(
-                f"Could not read adapter file {os.fspath(filename)!r}: {err}. The file is truncated or corrupt "
-                "(an interrupted save or download?); save the adapter again, or delete the file and download it "
-                "again."
-            ) from err
-
-    setattr(load_file, _MARK, True)
-    return load_file
+# -------------------------------------------------------------------------------------- patches
+def _marked(function):
+    setattr(function, _MARK, True)
+    return function
 
 
-def _load_adapter_naming_source(original):
-    @functools.wraps(original)
-    def load_adapter(self, model_id, *args, **kwargs):
-        # The reader fills in the exact file (local or from the Hub cache); the id is a fallback.
-        with loading_from(model_id):
-            return original(self, model_id, *args, **kwargs)
+def replace_peft_save_file(save_file) -> None:
+    """Make ``PeftModel.save_pretrained`` write ``adapter_model.safetensors`` with ``save_file``.
 
-    setattr(load_adapter, _MARK, True)
-    return load_adapter
-
-
-# -------------------------------------------------------------------------------------- install
-def install() -> None:
-    """Apply the patches above (idempotent)."""
+    peft 0.21.2, peft/peft_model.py: ``from safetensors.torch import save_file as
+    safe_save_file``; ``PeftModel.save_pretrained`` calls ``safe_save_file(state_dict, path,
+    metadata={"format": "pt"})``.
+    """
     import peft.peft_model
-    import peft.utils.save_and_load
 
-    # peft 0.21.2, peft/peft_model.py: `from safetensors.torch import save_file as safe_save_file`;
-    # PeftModel.save_pretrained calls `safe_save_file(state_dict, path, metadata={"format": "pt"})`.
-    peft.peft_model.safe_save_file = atomic_save_file
+    peft.peft_model.safe_save_file = save_file
 
-    # peft 0.21.2, peft/utils/save_and_load.py: `from safetensors.torch import load_file as
-    # safe_load_file`; load_peft_weights calls `safe_load_file(filename, device=...)` with the
-    # resolved local path (also for files downloaded from the Hub).
-    module = peft.utils.save_and_load
+
+def wrap_peft_load_file(wrapper) -> None:
+    """Wrap the safetensors reader peft loads adapter weights with (once): ``wrapper(original)``.
+
+    peft 0.21.2, peft/utils/save_and_load.py: ``from safetensors.torch import load_file as
+    safe_load_file``; ``load_peft_weights`` calls ``safe_load_file(filename, device=...)`` with the
+    resolved local path (also for files downloaded from the Hub).
+    """
+    import peft.utils.save_and_load as module
+
     if not getattr(module.safe_load_file, _MARK, False):
-        module.safe_load_file = _load_file_naming_path(module.safe_load_file)
+        module.safe_load_file = _marked(wrapper(module.safe_load_file))
 
-    # peft 0.21.2: PeftModel.from_pretrained calls `model.load_adapter(model_id, adapter_name, ...)`,
-    # and transformers 5.24's Trainer resumes a PeftModel checkpoint with `model.load_adapter(dir, name)`.
-    # load_adapter reads the weights (load_peft_weights) then calls set_peft_model_state_dict, which
-    # ends in torch's `load_state_dict` (torch 2.13: each module's `_load_from_state_dict` gets the
-    # keys under its prefix, before its children load).
-    cls = peft.peft_model.PeftModel
-    if not getattr(cls.load_adapter, _MARK, False):
-        cls.load_adapter = _load_adapter_naming_source(cls.load_adapter)
 
-    # peft 0.21.2: `PeftModel.save_pretrained` writes its card by calling
-    # `self.create_or_update_model_card(save_directory)` (once, on the main process); there is no
-    # hook for a method to add to that card, so the TraDy section is added after it.
-    if not getattr(cls.create_or_update_model_card, _MARK, False):
-        cls.create_or_update_model_card = _with_trady_card_section(cls.create_or_update_model_card)
+def wrap_peft_model_method(name: str, wrapper) -> None:
+    """Replace ``PeftModel.<name>`` by ``wrapper(original)`` (once).
 
-    # transformers 5.24, transformers/trainer.py: `DEFAULT_CALLBACKS = [DefaultFlowCallback]` is read
-    # by every Trainer.__init__; a class appended there runs in every Trainer (here: a watchdog that
-    # warns when a dynamic strategy trains for epochs without TraDyCallback).
+    peft 0.21.2: ``PeftModel.from_pretrained`` calls ``model.load_adapter(model_id, adapter_name,
+    ...)``, and transformers 5.24's Trainer resumes a PeftModel checkpoint with
+    ``model.load_adapter(dir, name)``; ``PeftModel.save_pretrained`` writes its card by calling
+    ``self.create_or_update_model_card(save_directory)`` once, on the main process, with no hook
+    for a method to add to that card.
+    """
+    from peft.peft_model import PeftModel
+
+    original = getattr(PeftModel, name)
+    if not getattr(original, _MARK, False):
+        setattr(PeftModel, name, _marked(functools.wraps(original)(wrapper(original))))
+
+
+def add_default_trainer_callback(callback_cls: type) -> None:
+    """Make every ``transformers.Trainer`` run ``callback_cls`` (once).
+
+    transformers 5.24, transformers/trainer.py: ``DEFAULT_CALLBACKS = [DefaultFlowCallback]`` is
+    read by every ``Trainer.__init__``.
+    """
     import transformers.trainer
 
-    from .callback import PeriodWatchdog
-
-    if PeriodWatchdog not in transformers.trainer.DEFAULT_CALLBACKS:
-        transformers.trainer.DEFAULT_CALLBACKS.append(PeriodWatchdog)
-
-
-def _with_trady_card_section(original):
-    @functools.wraps(original)
-    def create_or_update_model_card(self, output_dir: str):
-        from .hub import add_card_section
-
-        original(self, output_dir)
-        add_card_section(self, output_dir)
-
-    setattr(create_or_update_model_card, _MARK, True)
-    return create_or_update_model_card
+    if callback_cls not in transformers.trainer.DEFAULT_CALLBACKS:
+        transformers.trainer.DEFAULT_CALLBACKS.append(callback_cls)
 
 
 # ------------------------------------------------------------------------- periods and Trainer
@@ -224,7 +199,7 @@ def has_zero_master(tensor) -> bool:
     return is_zero3_param(tensor) or getattr(tensor, "_hp_mapping", None) is not None
 
 
-# ------------------------------------------------------------------ backprop stop (trady_peft.backprop)
+# ------------------------------------------------------------------ backprop stop (memory/backprop.py)
 def reentrant_checkpointing(module) -> bool:
     """Whether ``module`` (a transformers ``GradientCheckpointingLayer``) runs under torch's reentrant
     checkpoint when it trains.
@@ -263,34 +238,6 @@ def run_forward_hook_last(module, handle) -> None:
     hooks = module._forward_hooks
     if handle.id in hooks:
         hooks.move_to_end(handle.id)
-
-
-class _GlobalModuleTracker:
-    """Stands in for torch's ``ModuleTracker`` inside a ``FlopCounterMode``: every count goes to "Global"."""
-
-    parents = frozenset({"Global"})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-
-def flop_counter_without_module_tracking():
-    """A ``torch.utils.flop_counter.FlopCounterMode`` (no display) that counts totals only.
-
-    Its module tracker hooks every module call, including those TraDy's frozen path makes inside
-    ``backward()`` (a recomputation differentiated with ``torch.autograd.grad``), where its
-    multi-grad hooks raise on leaf inputs. Private: replaces the counter's ``mod_tracker``
-    attribute, whose ``parents`` set names where each count goes; ``get_total_flops()`` reads
-    "Global".
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalModuleTracker()
-    return counter
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

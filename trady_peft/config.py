@@ -11,22 +11,14 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from ._registration import ensure_peft_type
-from .budget import parse_budget
-from .selection import _PERIOD_STRIDE
-from .strategies import STRATEGIES as _STRATEGIES
+from .compat import ensure_peft_type
+from .memory.budget import parse_budget
+from .selection.draws import MAX_SEED, PERIOD_STRIDE
+from .selection.importance import ImportanceEntry
+from .selection.strategies import DYNAMIC_STRATEGIES, ORACLE_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
 
-#: Selection strategies, by the paper's names (TraDy §4, MeDyate §4); see trady_peft.strategies.
-#: "d-" redraws every period, "s-" draws once.
-STRATEGIES = tuple(_STRATEGIES)
-DYNAMIC_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.redraws)
-#: Strategies that draw inside a layer ranking (the importance table when none is given).
-TOP_K_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.layers != "all")
-#: Largest seed: the draw of period p seeds a torch generator with ``seed * 1_000_003 + p``, which
-#: must fit in 64 bits for every period p < 1_000_003.
-MAX_SEED = (2**64 - 1) // _PERIOD_STRIDE - 1
-#: Strategies that need the full gradient of every candidate channel (memory-infeasible oracles).
-ORACLE_STRATEGIES = tuple(n for n, s in _STRATEGIES.items() if s.needs_scores)
+#: The method's name in peft's registry (``PeftType.TRADY``).
+NAME = "trady"
 
 
 @dataclass
@@ -147,7 +139,7 @@ class TraDyConfig(PeftConfig):
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient: "
             "an oracle that needs memory the budget does not allow), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
-            f"{STRATEGIES}. All but the random ones need memory_budget."
+            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget."
         },
     )
     seed: int = field(
@@ -222,9 +214,9 @@ class TraDyConfig(PeftConfig):
             "an int >= 0 (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD)",
         )
         if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
-            close = difflib.get_close_matches(str(self.strategy).lower(), STRATEGIES, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(self.strategy).lower(), list(STRATEGIES), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {STRATEGIES}.")
+            raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {tuple(STRATEGIES)}.")
         if self.strategy in (*ORACLE_STRATEGIES, "medyate") and self.memory_budget is None:
             raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
         if self.strategy not in TOP_K_STRATEGIES and (self.layer_ranking is not None or self.top_k is not None):
@@ -250,7 +242,7 @@ class TraDyConfig(PeftConfig):
         if self.seed > MAX_SEED:
             raise ValueError(
                 f"seed={self.seed!r} is too large: the draw of period p seeds a torch generator with "
-                f"seed * {_PERIOD_STRIDE:_} + p, which must fit in 64 bits; pass a seed between 0 and {MAX_SEED:,}."
+                f"seed * {PERIOD_STRIDE:_} + p, which must fit in 64 bits; pass a seed between 0 and {MAX_SEED:,}."
             )
         for flag in ("memory_saving_frozen_path", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
@@ -320,8 +312,6 @@ class TraDyConfig(PeftConfig):
             )
 
     def _load_ranking_file(self, path: str) -> None:
-        from .importance import ImportanceEntry
-
         try:
             entry = ImportanceEntry.load(path)
         except (OSError, ValueError, TypeError) as err:

@@ -30,6 +30,7 @@ from peft import LoraConfig
 from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
 from torch import nn
 
+from .core.distributed import unwrapped_name
 from .model import find_tuner
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,7 +102,7 @@ def export_lora(
     kinds: set[str] = set()
     convs: list[str] = []
     for name, layer in tuner.trady_layers(adapter_name):
-        name = name.removeprefix("_fsdp_wrapped_module.")
+        name = unwrapped_name(name)
         if adapter_name in layer.merged_adapters:
             raise ValueError(
                 f"Adapter {adapter_name!r} is merged into {name!r}; call unmerge_adapter() before export_lora, "
@@ -144,7 +145,7 @@ def export_lora(
     modules_to_save: list[str] = []
     for name, module in tuner.model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            name = name.removeprefix("_fsdp_wrapped_module.")
+            name = unwrapped_name(name)
             modules_to_save.append(name)
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 saved[f"base_model.model.{name}.{key}"] = tensor.detach().cpu().contiguous()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .memory import TrainingStepMemory
+from .memory.measure import TrainingStepMemory
 from .model import find_tuner
 
 SECTION_HEADING = "## TraDy adapter"

@@ -1,16 +1,12 @@
-"""`TraDyModel`: wraps the target layers, owns the trainable bank, and moves from period to period.
+"""`TraDyModel`: wraps the target layers, owns each adapter's bank, and hands periods to `Periods`.
 
-Trainable state (DESIGN.md §2.3-2.4). Each adapter owns one flat fp32 parameter, its *bank*;
-each wrapped layer trains a view onto its own segment of it. The bank's size is fixed when the
-adapter is created, so the optimizer and DDP see the same parameter for the whole run; a new
-period only moves segment boundaries and index buffers, in place. No dense ``[out, in]`` tensor
-is ever allocated for training.
+Each adapter owns one flat fp32 parameter, its bank (`trady_peft.core.bank.DeltaBank`); each
+wrapped layer (`trady_peft.core.layer.TraDyLayer`) trains a view onto its own segment of it.
 
-Where the rest lives: what a period does (`trady_peft.periods`, mixed into `TraDyModel`), which
-channels a strategy picks (`trady_peft.strategies`, `trady_peft.selection`), what a period's
-state holds and what a checkpoint carries (`trady_peft.state`), how bytes are counted
-(`trady_peft.budget`), the gradient statistics (`trady_peft.scoring`), the optimizer reset
-(`trady_peft.optim`).
+Where the rest lives: what a period does (`trady_peft.periods.Periods`, a component of the
+tuner), which channels a strategy picks and what a checkpoint carries of it
+(`trady_peft.selection`), what a step keeps in memory and how bytes are counted
+(`trady_peft.memory`), what the adapter file holds (`trady_peft.files`).
 """
 
 from __future__ import annotations
@@ -23,116 +19,23 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ._registration import PREFIX
-from .adapter_file import check_model_state
-from .backprop import BackpropStop
-from .compat import has_zero_master, is_zero3_param, tensor_version
+from .compat import has_zero_master
 from .config import TraDyConfig
-from .distributed import (
-    average_gradient,
-    bank_for_saving,
-    bank_numel,
-    check_bank_placement,
-    register_zero3_bank,
-)
-from .frozen_path import apply_memory_saving, restore
-from .geometry import SUPPORTED_LAYER_TYPES
-from .layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
-from .periods import PeriodLifecycle
-from .quantized import requantize_refusal
-from .scoring import ChannelNormStatistics
-from .state import SelectionState
-from .strategies import get_strategy
-from .targets import default_targets
+from .core.bank import DeltaBank
+from .core.distributed import bank_for_saving, bank_numel, check_bank_placement, register_zero3_bank, unwrapped_name
+from .core.geometry import SUPPORTED_LAYER_TYPES
+from .core.layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
+from .core.quantized import requantize_refusal
+from .core.targets import default_targets
+from .files.format import INDICES, PREFIX, VALUES, check_model_state
+from .memory.backprop import BackpropStop
+from .memory.frozen_path import apply_memory_saving, restore
+from .periods import Periods
+from .selection.state import SelectionState
+from .selection.statistics import ChannelNormStatistics
+from .selection.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
-
-
-class DeltaBank(nn.Module):
-    """One adapter's trainable values: a flat fp32 ``weight`` shared out among the layers.
-
-    Its forward never runs (the layers read ``weight`` through views), so FSDP2 must not shard it:
-    it stays whole on every rank (`trady_peft.fsdp_ignored_params`, docs/distributed.md).
-    """
-
-    def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.adapter_name = adapter_name
-        # Assigned directly, not through register_parameter: peft builds tuners under
-        # init_empty_weights when loading with low_cpu_mem_usage=True, which would put the bank
-        # on the meta device, and the bank is runtime state that no checkpoint fills in.
-        self._parameters["weight"] = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
-
-        self.layout: tuple[tuple[int, int], ...] = ()  # (offset, numel) of each installed layer segment
-        self._slices = _SliceCache()
-
-    def set_layout(self, segments) -> None:
-        """Record the layers' segments ``(offset, numel)`` of this period (disjoint, set by `install`)."""
-        self.layout = tuple(sorted((int(o), int(n)) for o, n in segments if n))
-        self._slices.clear()
-
-    def segment(self, offset: int, numel: int) -> torch.Tensor:
-        """The flat segment ``weight[offset:offset + numel]`` as read by a layer's forward.
-
-        With gradients enabled, every segment of the layout comes from one ``split_with_sizes`` of
-        the bank, made once and reused until the bank changes in place (an optimizer step, a
-        period change), so the backward pass builds the bank's gradient once (O(bank)) instead of
-        once per layer through a ``narrow`` view each (O(layers x bank)). Otherwise, or for a
-        segment outside the layout, a plain ``narrow`` view.
-        """
-        weight = self.weight
-        if not torch.is_grad_enabled() or is_zero3_param(weight):
-            return weight.narrow(0, offset, numel)
-        slices = self._slices.get(weight, self.layout)
-        piece = slices.get((offset, numel)) if slices is not None else None
-        return piece if piece is not None else weight.narrow(0, offset, numel)
-
-    def extra_repr(self) -> str:
-        return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
-
-
-class _SliceCache:
-    """One split of a bank into its layout's segments, valid while the bank is unchanged.
-
-    The key is the bank tensor itself, its storage address, its in-place version counter
-    (`trady_peft.compat.tensor_version`), whether it requires grad, and the layout. Reusing the
-    split over several forwards is safe: ``split_with_sizes``'s backward keeps no saved tensor, so
-    each backward pass (and a checkpoint's recomputation) can run through it again. Copies and
-    pickles of a model start with an empty cache (the split outputs are not leaves).
-    """
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.key, self.slices = None, None
-
-    def get(self, weight: torch.Tensor, layout: tuple[tuple[int, int], ...]) -> dict | None:
-        if not layout:
-            return None
-        key = (weight.data_ptr(), tensor_version(weight), weight.requires_grad, weight.numel(), layout)
-        if self.slices is not None and self.key[0] is weight and self.key[1:] == key:
-            return self.slices
-        sizes, pieces, at = [], [], 0
-        for offset, numel in layout:
-            if offset < at or offset + numel > weight.numel():
-                return None  # overlapping or out of range: the caller narrows
-            if offset > at:
-                sizes.append(offset - at)
-                pieces.append(None)
-            sizes.append(numel)
-            pieces.append((offset, numel))
-            at = offset + numel
-        if at < weight.numel():
-            sizes.append(weight.numel() - at)
-            pieces.append(None)
-        outputs = torch.split_with_sizes(weight, sizes)
-        self.key = (weight, *key)
-        self.slices = {p: t for p, t in zip(pieces, outputs) if p is not None}
-        return self.slices
-
-    def __reduce__(self):
-        return (_SliceCache, ())
 
 
 def find_tuner(model: nn.Module) -> TraDyModel:
@@ -146,13 +49,13 @@ def find_tuner(model: nn.Module) -> TraDyModel:
     )
 
 
-class TraDyModel(PeriodLifecycle, BaseTuner):
+class TraDyModel(BaseTuner):
     """Applies TraDy to a model. Created by ``peft.get_peft_model`` with a `TraDyConfig`.
 
     Besides the usual peft tuner API (merge, unload, add/set/delete adapter), it offers
-    `advance`, the one way to move to a period: the deltas trained so far are folded into the
+    `next_period`, the one way to move to a period: the deltas trained so far are folded into the
     accumulated store, the period's channels are drawn and the optimizer state of re-targeted
-    entries is reset.
+    entries is reset. Its `periods` component (`trady_peft.periods.Periods`) does that work.
     """
 
     prefix: str = PREFIX
@@ -160,13 +63,8 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
     target_module_mapping: dict = {}
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        self.selection_states: dict[str, SelectionState] = {}
-        self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
-        self._input_dims: dict = {}  # largest size of each model input seen in training
-        self._probing, self._forward_depth, self._optimizer, self._warned_stale = False, 0, None, False
-        self._norm_hooks: dict = {}
-        # FSDP2: the banks stay whole on every rank and TraDy averages their gradients (distributed.py).
-        self._average_bank_grads, self._bank_grad_hooks, self._placement_checked = False, {}, False
+        self.periods = Periods(self)
+        self._forward_depth, self._placement_checked = 0, False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._call_hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -261,14 +159,16 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
 
     def _create_bank(self, name: str) -> None:
         config = self.peft_config[name]
-        self._use_importance_table(name)
+        self.periods.use_importance_table(name)
         layers = self.trady_layers(name)
         device = layers[0][1].base_layer.weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         if not hasattr(self, "channel_bank"):
             self.channel_bank = nn.ModuleDict()
             self.trady_state = ResizableBufferDict()  # the selection state, filled in when saving
-        bank = DeltaBank(name, 0 if config.inference_mode else self._capacity(name), device, layers[0][1].delta_dtype)
+        bank = DeltaBank(
+            name, 0 if config.inference_mode else self.periods.capacity(name), device, layers[0][1].delta_dtype
+        )
         if not config.init_weights:
             with torch.no_grad():
                 bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
@@ -283,45 +183,101 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
                 f"quantized weight cannot have ({quantized[0]}{' and others' if len(quantized) > 1 else ''}). Use a "
                 "strategy that needs no scores on a quantized base: 'trady', 'd-full-random' or 'medyate'."
             )
-        statistics = None
-        if strategy.channels == "weighted" and not config.inference_mode:
-            statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
-            trains = bank.weight.requires_grad
-            bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
-            self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
-            bank.weight.requires_grad_(trains)
-        # An adapter added after the probe starts from the prices measured so far.
-        costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
-        self.selection_states[name] = SelectionState(costs=costs, statistics=statistics)
-        if self._average_bank_grads:
-            self._hook_bank_gradient(name)
-        if not config.inference_mode:
-            self._draw_if_ready(name)
+        if any(other.averages_gradients for other in self.channel_bank.values() if other is not bank):
+            bank.average_gradients()  # FSDP2 was prepared for the adapters before this one
+        self.periods.add_adapter(name)
 
-    # ------------------------------------------------------------------------- distributed
-    def average_bank_gradients(self) -> None:
-        """Average every bank's gradient over the ranks after each backward pass (FSDP2 with the
-        bank left unsharded; see `trady_peft.fsdp_ignored_params`). Idempotent."""
-        self._average_bank_grads = True
-        for name in self.channel_bank:
-            self._hook_bank_gradient(name)
+    # ------------------------------------------------------------------------------ forward
+    @property
+    def in_forward(self) -> bool:
+        """Whether a forward pass of the wrapped model is running."""
+        return self._forward_depth > 0
 
-    def _hook_bank_gradient(self, name: str) -> None:
-        if name not in self._bank_grad_hooks:
-            weight = self.channel_bank[name].weight
-            self._bank_grad_hooks[name] = weight.register_post_accumulate_grad_hook(average_gradient)
+    def _before_forward(self, module, args, kwargs):
+        self._forward_depth += 1
+        if self._forward_depth == 1:
+            self._backprop_stop.before_forward()
+        if not torch.is_grad_enabled():
+            return  # evaluation under no_grad must not fix the byte accounting to its batch
+        if module.training and not self._placement_checked:
+            self.check_placement("at the first training forward")
+            self._placement_checked = True
+        self.periods.before_forward(module.training, args, kwargs)
 
-    def _check_placement(self, when: str) -> None:
-        """Refuse a sharded bank (distributed.py), and follow FSDP's move of the model to its device."""
-        check_bank_placement(self, when)
+    def _after_forward(self, module, args, output):
+        self._forward_depth -= 1
+
+    def check_placement(self, when: str) -> None:
+        """Refuse a sharded bank (`trady_peft.core.distributed`), and follow FSDP's move of the model
+        to its device."""
+        check_bank_placement(dict(self.channel_bank), self.model, when)
         for name, bank in self.channel_bank.items():
-            register_zero3_bank(self, name)
+            register_zero3_bank(bank.weight, [layer for _, layer in self.trady_layers(name)])
             device = self.trady_state[name].device  # a buffer: FSDP moves it with the managed states
-            if bank.weight.device != device and not has_zero_master(
-                bank.weight
-            ):  # an ignored parameter stays where it was
+            if bank.weight.device != device and not has_zero_master(bank.weight):  # an ignored parameter stays
                 with torch.no_grad():
                     bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
+
+    # ------------------------------------------------------------------------------ periods
+    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+        """Move to ``period`` (default: the next one): fold, draw, reset (`trady_peft.periods.Periods.next_period`)."""
+        return self.periods.next_period(period, optimizer, batches=batches, adapter_name=adapter_name)
+
+    def advance(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+        """Deprecated name of `next_period`."""
+        warnings.warn("TraDyModel.advance is deprecated; use next_period.", DeprecationWarning, stacklevel=2)
+        return self.next_period(period, optimizer, batches=batches, adapter_name=adapter_name)
+
+    def resample(self, optimizer=None, adapter_name: str | None = None, period: int | None = None) -> int:
+        """Deprecated name of `next_period`."""
+        warnings.warn("TraDyModel.resample is deprecated; use next_period.", DeprecationWarning, stacklevel=2)
+        return self.next_period(period, optimizer, adapter_name=adapter_name)
+
+    def probe(self, example_inputs) -> None:
+        """Price every budget on ``example_inputs`` (`trady_peft.periods.Periods.probe`)."""
+        self.periods.probe(example_inputs)
+
+    def attach_optimizer(self, optimizer, adapter_name: str = "default") -> None:
+        """Check that ``optimizer`` trains the adapter's bank and reset its state at every redraw."""
+        self.periods.attach_optimizer(optimizer, adapter_name)
+
+    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
+        """Det-RGN's channel scores on ``batches`` (`trady_peft.periods.Periods.score_channels`)."""
+        return self.periods.score_channels(batches, adapter_name, period)
+
+    @property
+    def selection_states(self) -> dict[str, SelectionState]:
+        """Each adapter's selection state (`trady_peft.selection.state.SelectionState`)."""
+        return self.periods.states
+
+    @property
+    def layer_costs(self) -> dict:
+        """Per-layer prices measured by the probe (`trady_peft.memory.budget.LayerCost`)."""
+        return self.periods.layer_costs
+
+    def period(self, adapter_name: str = "default") -> int:
+        """Index of the adapter's current training period (0 before the first redraw)."""
+        return self.periods.period(adapter_name)
+
+    def phase(self, adapter_name: str = "default"):
+        """Where the adapter stands (`trady_peft.selection.state.Phase`)."""
+        return self.periods.phase(adapter_name)
+
+    def candidate_layers(self, adapter_name: str = "default") -> list[tuple[str, TraDyLayer]]:
+        """The layers the adapter's strategy draws from, in module order."""
+        return self.periods.candidate_layers(adapter_name)
+
+    def priced_layers(self, adapter_name: str = "default") -> list:
+        """Candidate layers with what one channel spends of each part of the budget."""
+        return self.periods.priced_layers(adapter_name)
+
+    def selected_cost(self, adapter_name: str = "default") -> int:
+        """What the current selection spends of the budget, in its unit."""
+        return self.periods.selected_cost(adapter_name)
+
+    def selection_summary(self, adapter_name: str = "default") -> dict:
+        """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
+        return self.periods.selection_summary(adapter_name)
 
     # ------------------------------------------------------------------------------- layers
     def _module_trains(self, module: nn.Module) -> bool:
@@ -335,12 +291,12 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
                         return True
         return any(p.requires_grad for p in module.parameters())
 
-    def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]:
-        """The wrapped layers carrying ``adapter_name``, in module order."""
+    def trady_layers(self, adapter_name: str | None = None) -> list[tuple[str, TraDyLayer]]:
+        """The wrapped layers carrying ``adapter_name`` (default: every wrapped layer), in module order."""
         return [
             (n, m)
             for n, m in self.model.named_modules()
-            if isinstance(m, TraDyLayer) and adapter_name in m.trady_delta
+            if isinstance(m, TraDyLayer) and (adapter_name is None or adapter_name in m.trady_delta)
         ]
 
     # ------------------------------------------------------------------ adapter housekeeping
@@ -360,14 +316,12 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        if adapter_name in getattr(self, "channel_bank", {}):
+            self.channel_bank[adapter_name].remove_hooks()
         for store in (getattr(self, "channel_bank", {}), getattr(self, "trady_state", {})):
             if adapter_name in store:
                 del store[adapter_name]
-        self.selection_states.pop(adapter_name, None)
-        for hooks in (self._norm_hooks, self._bank_grad_hooks):
-            hook = hooks.pop(adapter_name, None)
-            if hook is not None:
-                hook.remove()
+        self.periods.remove_adapter(adapter_name)
         self._sync_bank_requires_grad(self.active_adapters)  # the remaining adapter trains, as with LoRA
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -381,9 +335,9 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         # bank. When such a store is loaded for an adapter, its live delta must restart from
         # zero or it would count twice. (Runs before the children load; torch hands each child
         # only its own keys, so the bank itself could not tell.)
-        check_model_state(self, state_dict, prefix)  # refuse a bad file before anything changes
+        check_model_state(self.trady_layers(), state_dict, f"{prefix}model.")  # refuse a bad file first
         for name, bank in getattr(self, "channel_bank", {}).items():
-            suffix = f".trady_values.{name}"
+            suffix = f".{VALUES}.{name}"
             if prefix + f"channel_bank.{name}.weight" not in state_dict and any(
                 k.endswith(suffix) for k in state_dict
             ):
@@ -393,27 +347,22 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
 
     @staticmethod
     def _restore_states(tuner: TraDyModel, incompatible_keys) -> None:
-        """After a load: take over the selection state a checkpoint carried (see `trady_peft.state`)."""
+        """After a load: take over the selection state a checkpoint carried (`trady_peft.selection.state`)."""
         for name, stored in list(getattr(tuner, "trady_state", {}).items()):
             if stored is None or not stored.numel():
                 continue
             tuner.trady_state[name] = stored.new_zeros(0)
-            old = tuner.selection_states[name].statistics
+            old = tuner.periods.states[name].statistics
             statistics = ChannelNormStatistics(old.sizes) if old is not None else None  # filled from the file
             state = SelectionState.from_dict(SelectionState.parse_tensor(stored), statistics)
-            tuner.selection_states[name] = state
+            tuner.periods.states[name] = state
             if tuner.peft_config[name].inference_mode:
                 continue
-            if state.selection is not None and tuner._install_fits(name, state.selection):
-                tuner._install(name, state.selection)
+            if state.selection is not None and tuner.periods.install_fits(name, state.selection):
+                tuner.periods.install(name, state.selection)
             else:
                 state.selection = None
-                tuner._draw_if_ready(name)
-
-    def _install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        sizes = {n: m.geometry.slice_numel for n, m in self.trady_layers(name)}
-        needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= bank_numel(self.channel_bank[name].weight)
+                tuner.periods.draw_if_ready(name)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -422,13 +371,13 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
         tuner = find_tuner(model)
-        tuner._check_placement("while saving")
+        tuner.check_placement("while saving")
         weight = tuner.channel_bank[adapter_name].weight
         consolidated = next(
             (v for k, v in state_dict.items() if k.endswith(f"channel_bank.{adapter_name}.weight")), None
         )
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
-            out[key] = tuner.selection_states[adapter_name].to_tensor()
+            out[key] = tuner.periods.states[adapter_name].to_tensor()
         with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
             cls._fold_into(model, adapter_name, out)
         return out
@@ -439,8 +388,8 @@ class TraDyModel(PeriodLifecycle, BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
                 continue
-            name = name.removeprefix("_fsdp_wrapped_module.")
-            key_idx, key_val = f"{name}.trady_indices.{adapter_name}", f"{name}.trady_values.{adapter_name}"
+            name = unwrapped_name(name)
+            key_idx, key_val = f"{name}.{INDICES}.{adapter_name}", f"{name}.{VALUES}.{adapter_name}"
             if key_idx not in out:
                 if module.current_delta(adapter_name) is not None:
                     raise RuntimeError(

@@ -1,10 +1,11 @@
 """What a period does: prices, draws, redraws, and the moves from one period to the next.
 
-`PeriodLifecycle` is the part of `TraDyModel` that owns each adapter's selection lifecycle
-(`trady_peft.state`): which layers are candidates, what one of their channels costs (the shape
-probe, re-run when a larger input arrives), drawing a period's channels with the adapter's
-strategy (`trady_peft.strategies`), installing them on the bank, and `advance`, the one way to
-move to another period (used by `TraDyCallback` and `next_period`).
+`Periods` is the component of `trady_peft.TraDyModel` that owns every adapter's selection
+lifecycle (`trady_peft.selection.state`): which layers are candidates, what one of their channels
+costs (the shape probe, re-run when a larger input arrives), drawing a period's channels with the
+adapter's strategy (`trady_peft.selection.strategies`), installing them on the bank, and
+`Periods.next_period`, the one way to move to another period (used by `trady_peft.TraDyCallback`
+and `trady_peft.next_period`). It talks to the tuner only through `PeriodHost`.
 """
 
 from __future__ import annotations
@@ -12,39 +13,101 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from typing import Protocol
 
 import torch
 from accelerate.utils import send_to_device
+from torch import nn
 
-from .budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits, layer_cost, probe_input_shapes
 from .compat import has_zero_master, in_backward, tensor_leaves
 from .config import TraDyConfig
-from .distributed import bank_numel, gathered, zero_bank
-from .importance import builtin_entry, family_of
-from .layer import TraDyLayer
-from .optim import reset_optimizer_state
-from .scoring import all_reduce_max_costs, any_rank, full_gradient_norms
-from .selection import Candidate, PricedLayer
-from .state import Phase
-from .strategies import alpha_top_k, get_strategy
-from .targets import depth_blocks, names_match
+from .core.collectives import any_rank
+from .core.distributed import bank_numel, gathered, zero_bank
+from .core.layer import TraDyLayer
+from .core.optim import reset_optimizer_state
+from .core.targets import depth_blocks, names_match
+from .memory.budget import (
+    Budget,
+    all_reduce_max_costs,
+    bank_capacity,
+    bytes_per_trained_value,
+    draw_limits,
+    layer_cost,
+    probe_input_shapes,
+)
+from .selection.draws import Candidate, PricedLayer
+from .selection.importance import builtin_entry, family_of
+from .selection.state import Phase, SelectionState
+from .selection.statistics import ChannelNormStatistics, full_gradient_norms
+from .selection.strategies import alpha_top_k, get_strategy
 
 logger = logging.getLogger(__name__)
 #: A period with fewer channels than this gets a warning with the numbers.
 FEW_CHANNELS = 4
 
 
-class PeriodLifecycle:
-    """Mixin of `TraDyModel`: every adapter's periods (see the module docstring)."""
+class PeriodHost(Protocol):
+    """What `Periods` needs of its tuner (`trady_peft.TraDyModel`)."""
 
-    def _use_importance_table(self, name: str) -> None:
+    model: nn.Module
+    peft_config: dict[str, TraDyConfig]
+    channel_bank: nn.ModuleDict  # adapter name -> `trady_peft.core.bank.DeltaBank`
+
+    @property
+    def active_adapters(self) -> list[str]: ...
+
+    @property
+    def in_forward(self) -> bool: ...
+
+    def trady_layers(self, adapter_name: str) -> list[tuple[str, TraDyLayer]]: ...
+
+    def check_placement(self, when: str) -> None: ...
+
+
+class Periods:
+    """Every adapter's periods (see the module docstring). Owned by the tuner, ``host``."""
+
+    def __init__(self, host: PeriodHost):
+        self.host = host
+        self.states: dict[str, SelectionState] = {}
+        self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
+        self._input_dims: dict = {}  # largest size of each model input seen in training
+        self._probing, self._optimizer, self._warned_stale = False, None, False
+        self._norm_hooks: dict = {}
+
+    # --------------------------------------------------------------------------- adapters
+    def add_adapter(self, name: str) -> None:
+        """Start ``name``'s lifecycle (its bank exists): statistics, prices measured so far, first draw."""
+        config, bank = self.host.peft_config[name], self.host.channel_bank[name]
+        layers = self.host.trady_layers(name)
+        statistics = None
+        if get_strategy(config.strategy).channels == "weighted" and not config.inference_mode:
+            statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
+            trains = bank.weight.requires_grad
+            bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
+            self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
+            bank.weight.requires_grad_(trains)
+        # An adapter added after the probe starts from the prices measured so far.
+        costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
+        self.states[name] = SelectionState(costs=costs, statistics=statistics)
+        if not config.inference_mode:
+            self.draw_if_ready(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget ``name``'s lifecycle (the adapter is being deleted)."""
+        self.states.pop(name, None)
+        hook = self._norm_hooks.pop(name, None)
+        if hook is not None:
+            hook.remove()
+
+    def use_importance_table(self, name: str) -> None:
         """Fill ``layer_ranking`` (and ``top_k``) from the built-in table of the model's family."""
-        config = self.peft_config[name]
+        config = self.host.peft_config[name]
         if config.layer_ranking is not None or get_strategy(config.strategy).layers == "all":
             return
-        found = family_of(self.model)
+        found = family_of(self.host.model)
         entry = builtin_entry(found[0]) if found else None
-        names = [n for n, _ in self.trady_layers(name)]
+        names = [n for n, _ in self.host.trady_layers(name)]
         present = [r for r in entry.ranking if any(names_match(n, r) for n in names)] if entry else []
         if entry is None or len(present) < len(entry.ranking) / 2:
             medyate = config.strategy == "medyate"
@@ -52,7 +115,7 @@ class PeriodLifecycle:
             logger.warning(
                 "TraDy has no importance table for %s: strategy=%r will %s. Rank this architecture "
                 "once with `trady-peft rank-layers` (or trady_peft.rank_layers) and pass layer_ranking=<file>%s.",
-                f"family {found[0]!r}" if found else type(self.model).__name__,
+                f"family {found[0]!r}" if found else type(self.host.model).__name__,
                 config.strategy,
                 fallback,
                 "" if medyate else ", or set strategy='d-full-random' to silence this",
@@ -66,8 +129,8 @@ class PeriodLifecycle:
     def candidate_layers(self, adapter_name: str = "default") -> list[tuple[str, TraDyLayer]]:
         """The layers the adapter's strategy draws from, in module order: the ranking's top-K (or,
         for MeDyate, the ranked layers its alpha rule keeps), else every wrapped layer."""
-        config = self.peft_config[adapter_name]
-        layers = self.trady_layers(adapter_name)
+        config = self.host.peft_config[adapter_name]
+        layers = self.host.trady_layers(adapter_name)
         kind = get_strategy(config.strategy).layers
         if kind == "all" or (not config.layer_ranking and kind == "top-k"):
             return self._within_depth(adapter_name, layers, layers)
@@ -84,7 +147,7 @@ class PeriodLifecycle:
                     )
                 ranked += [lm for lm in match if lm not in ranked]
         ranked = self._within_depth(adapter_name, layers, ranked)
-        state = self.selection_states.get(adapter_name)
+        state = self.states.get(adapter_name)
         costs = state.costs if state is not None else {}
         if kind == "alpha" and not config.top_k and all(n in costs for n, _ in ranked):
             unit, opt = config.budget.unit, config.optimizer_state_bytes
@@ -95,7 +158,7 @@ class PeriodLifecycle:
 
     def _within_depth(self, adapter_name: str, layers: list, candidates: list) -> list:
         """``candidates`` restricted to the ``max_depth`` blocks of ``layers`` nearest the output."""
-        depth = self.peft_config[adapter_name].max_depth
+        depth = self.host.peft_config[adapter_name].max_depth
         if depth is None:
             return candidates
         blocks = depth_blocks([n for n, _ in layers])
@@ -109,9 +172,9 @@ class PeriodLifecycle:
             )
         return kept
 
-    def _capacity(self, name: str) -> int:
+    def capacity(self, name: str) -> int:
         """Trainable values the bank holds: never more than any draw can use, nor than the budget allows."""
-        config = self.peft_config[name]
+        config = self.host.peft_config[name]
         layers = self.candidate_layers(name)  # before the probe: an upper bound
         if config.budget is None:
             return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
@@ -121,7 +184,7 @@ class PeriodLifecycle:
     # ------------------------------------------------------------------------ prices, probe
     def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
         """Candidate layers with what one channel spends of each part of the budget (needs the probe)."""
-        unit, costs = self.peft_config[adapter_name].budget.unit, self.selection_states[adapter_name].costs
+        unit, costs = self.host.peft_config[adapter_name].budget.unit, self.states[adapter_name].costs
         priced = []
         for n, m in self.candidate_layers(adapter_name):
             price = costs[n].draw_price(unit)
@@ -137,14 +200,14 @@ class PeriodLifecycle:
         budget stays a bound. Call it with your largest batch to price for it from the start.
         """
         self._probing = True
-        layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
-        modes = {m: m.training for m in self.model.modules()}
-        device = next(self.model.parameters()).device
+        layers = self.host.trady_layers()
+        modes = {m: m.training for m in self.host.model.modules()}
+        device = next(self.host.model.parameters()).device
         try:
             # Shapes only: no dropout draw, no batch-norm statistics, no trace in the random streams.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self.model.eval()
-                shapes = probe_input_shapes(self.model, example_inputs, layers)
+                self.host.model.eval()
+                shapes = probe_input_shapes(self.host.model, example_inputs, layers)
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -157,9 +220,9 @@ class PeriodLifecycle:
                 measured[name] = cost if old is None else old.larger(cost)
         # Every process prices alike (the largest input of any rank), so that all draw alike.
         self.layer_costs.update(all_reduce_max_costs(measured))
-        for adapter in sorted(self.selection_states):
-            state = self.selection_states[adapter]
-            if self.peft_config[adapter].inference_mode or self.peft_config[adapter].budget is None:
+        for adapter in sorted(self.states):
+            state = self.states[adapter]
+            if self.host.peft_config[adapter].inference_mode or self.host.peft_config[adapter].budget is None:
                 continue
             missing = [n for n, _ in self.candidate_layers(adapter) if n not in self.layer_costs]
             if missing:
@@ -171,34 +234,30 @@ class PeriodLifecycle:
                 old = state.costs.get(n)
                 state.costs[n] = self.layer_costs[n] if old is None else old.larger(self.layer_costs[n])
             if state.selection is None:
-                self._draw_if_ready(adapter)
+                self.draw_if_ready(adapter)
             elif not self._fits(adapter, state.selection):
                 logger.warning(
                     "TraDy: a larger training input than any before arrived; adapter %r redraws period %d under "
                     "the new prices so that its footprint stays within memory_budget=%r.",
                     adapter,
                     state.period,
-                    self.peft_config[adapter].memory_budget,
+                    self.host.peft_config[adapter].memory_budget,
                 )
                 self._start_period(adapter, state.period, redraw=True)
 
-    def _before_forward(self, module, args, kwargs):
-        self._forward_depth += 1
-        if self._forward_depth == 1:
-            self._backprop_stop.before_forward()
-        if self._probing or not torch.is_grad_enabled():
-            return  # evaluation under no_grad must not fix the byte accounting to its batch
-        if module.training and not self._placement_checked:
-            self._check_placement("at the first training forward")
-            self._placement_checked = True
-        budgeted = [n for n, c in self.peft_config.items() if c.budget is not None and not c.inference_mode]
+    def before_forward(self, training: bool, args, kwargs) -> None:
+        """Price the byte budgets at the first grad-enabled forward, and reprice when a training
+        input is larger than any before (called by the tuner before each outermost forward)."""
+        if self._probing:
+            return
+        budgeted = [n for n, c in self.host.peft_config.items() if c.budget is not None and not c.inference_mode]
         if not budgeted:
             return
-        waiting = any(not self.selection_states[n].costs for n in budgeted if n in self.selection_states)
+        waiting = any(not self.states[n].costs for n in budgeted if n in self.states)
         dims = _input_dims(args, kwargs)
         # A larger input than any before reprices, in training mode only (a grad-enabled
         # evaluation pass must not shrink the run's selection); the first forward always prices.
-        grew = module.training and any(
+        grew = training and any(
             key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items()
         )
         if any_rank(waiting or grew):
@@ -207,21 +266,18 @@ class PeriodLifecycle:
                 self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
             self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
 
-    def _after_forward(self, module, args, output):
-        self._forward_depth -= 1
-
     # ------------------------------------------------------------------------------ periods
     def period(self, adapter_name: str = "default") -> int:
         """Index of the current training period (0 before the first redraw)."""
-        return self.selection_states[adapter_name].period
+        return self.states[adapter_name].period
 
     def phase(self, adapter_name: str = "default") -> Phase:
         """Where the adapter stands: waiting for shapes, waiting for scores, ready, or drawn."""
-        state, config = self.selection_states[adapter_name], self.peft_config[adapter_name]
+        state, config = self.states[adapter_name], self.host.peft_config[adapter_name]
         needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budget is not None else []
         return state.phase(needs_costs, get_strategy(config.strategy).scores_due(state.period, state.scored_period))
 
-    def advance(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
         """Move to ``period`` (default: the next one); the one way TraDy's periods change.
 
         1. fold the deltas trained so far into each layer's accumulated store;
@@ -240,15 +296,15 @@ class PeriodLifecycle:
         Returns:
             The new period index.
         """
-        if self._forward_depth or in_backward():
+        if self.host.in_forward or in_backward():
             raise RuntimeError(
-                "next_period / advance was called inside a forward or backward pass; the channels of a period "
+                "next_period was called inside a forward or backward pass; the channels of a period "
                 "must not change while autograd holds their inputs. Call it between optimizer steps."
             )
-        self._check_placement("at a period change")
+        self.host.check_placement("at a period change")
         new_period = None
-        for name in [adapter_name] if adapter_name else list(self.active_adapters):
-            config, state = self.peft_config[name], self.selection_states[name]
+        for name in [adapter_name] if adapter_name else list(self.host.active_adapters):
+            config, state = self.host.peft_config[name], self.states[name]
             new_period = state.period + 1 if period is None else period
             if optimizer is not None:
                 self.attach_optimizer(optimizer, name)
@@ -265,29 +321,25 @@ class PeriodLifecycle:
             self._start_period(name, new_period, optimizer=optimizer)
         return new_period
 
-    def resample(self, optimizer=None, adapter_name: str | None = None, period: int | None = None) -> int:
-        """End the current period and start the next (``advance`` without batches)."""
-        return self.advance(period=period, optimizer=optimizer, adapter_name=adapter_name)
-
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
-        state = self.selection_states[name]
-        with gathered(self.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
-            for _, layer in self.trady_layers(name):
+        state = self.states[name]
+        with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
+            for _, layer in self.host.trady_layers(name):
                 layer.commit(name)
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
-        zero_bank(self.channel_bank[name].weight)  # and DeepSpeed's master copy
-        self._draw_if_ready(name, optimizer)
+        zero_bank(self.host.channel_bank[name].weight)  # and DeepSpeed's master copy
+        self.draw_if_ready(name, optimizer)
 
-    def _draw_if_ready(self, name: str, optimizer=None) -> None:
+    def draw_if_ready(self, name: str, optimizer=None) -> None:
         if self.phase(name) is not Phase.READY:
             return  # drawn once the probe (and, for the oracles, the scoring) has run
-        state, config = self.selection_states[name], self.peft_config[name]
+        state, config = self.states[name], self.host.peft_config[name]
         selection = self._draw(name, state.period)
-        changed = self._install(name, selection)
+        changed = self.install(name, selection)
         state.selection = selection
-        bank = self.channel_bank[name].weight
+        bank = self.host.channel_bank[name].weight
         optimizer = optimizer or (self._optimizer() if self._optimizer else None)
         if optimizer is not None:
             reset_optimizer_state(optimizer, bank, changed)
@@ -315,7 +367,7 @@ class PeriodLifecycle:
             )
 
     def _draw(self, name: str, period: int) -> dict[str, torch.Tensor]:
-        config, state = self.peft_config[name], self.selection_states[name]
+        config, state = self.host.peft_config[name], self.states[name]
         strategy, layers = get_strategy(config.strategy), self.candidate_layers(name)
         if config.budget is None:
             candidates = [
@@ -323,26 +375,36 @@ class PeriodLifecycle:
             ]
             return strategy.select(candidates, None, config.seed, period)
         priced = self.priced_layers(name)
-        limits = draw_limits(config.budget, bank_numel(self.channel_bank[name].weight), config.optimizer_state_bytes)
+        limits = draw_limits(
+            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
+        )
         _check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
         return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
 
     def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        config, costs = self.peft_config[name], self.selection_states[name].costs
-        limits = draw_limits(config.budget, bank_numel(self.channel_bank[name].weight), config.optimizer_state_bytes)
+        config, costs = self.host.peft_config[name], self.states[name].costs
+        limits = draw_limits(
+            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
+        )
         spent = [0] * len(limits)
         for n, channels in selection.items():
             for i, part in enumerate(costs[n].draw_price(config.budget.unit)):
                 spent[i] += part * channels.numel()
         return all(s <= limit for s, limit in zip(spent, limits))
 
-    def _install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    def install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
+        """Whether ``selection`` names only this adapter's layers and fits in its bank."""
+        sizes = {n: m.geometry.slice_numel for n, m in self.host.trady_layers(name)}
+        needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
+        return set(selection) <= set(sizes) and needed <= bank_numel(self.host.channel_bank[name].weight)
+
+    def install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
-        bank = self.channel_bank[name]
+        bank = self.host.channel_bank[name]
         offset, changed, segments = 0, [], []
-        for layer_name, layer in self.trady_layers(name):
+        for layer_name, layer in self.host.trady_layers(name):
             channels = selection.get(layer_name, torch.zeros(0, dtype=torch.long))
             view, old = layer.trady_delta[name], layer.trady_idx[name]
             n = channels.numel() * layer.geometry.slice_numel
@@ -362,7 +424,7 @@ class PeriodLifecycle:
 
     def attach_optimizer(self, optimizer, name: str = "default") -> None:
         """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
-        bank = self.channel_bank[name].weight
+        bank = self.host.channel_bank[name].weight
         groups = getattr(optimizer, "param_groups", None)
         deepspeed = has_zero_master(bank)  # DeepSpeed's groups hold flat partitions, not the bank
         if (
@@ -372,7 +434,7 @@ class PeriodLifecycle:
             and not any(p is bank for g in groups for p in g["params"])
         ):
             raise ValueError(
-                f"The optimizer given to next_period/advance ({type(optimizer).__name__}) does not hold adapter "
+                f"The optimizer given to next_period ({type(optimizer).__name__}) does not hold adapter "
                 f"{name!r}'s trainable bank, so the adapter would never train. Build the optimizer after "
                 "get_peft_model from model.parameters() (or pass the one that trains the model)."
             )
@@ -388,26 +450,26 @@ class PeriodLifecycle:
         needs the dense gradients the budget is meant to avoid: it is the paper's upper-bound
         baseline, not something to deploy. Returns the norms per layer.
         """
-        names = [adapter_name] if adapter_name else list(self.active_adapters)
-        device = self.channel_bank[names[0]].weight.device
+        names = [adapter_name] if adapter_name else list(self.host.active_adapters)
+        device = self.host.channel_bank[names[0]].weight.device
         layers = {n: m for name in names for n, m in self.candidate_layers(name)}
         # Scoring must not move the training's random streams (data order, dropout): a resumed
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
-            norms = full_gradient_norms(self.model, layers, batches, self.channel_bank.parameters())
+            norms = full_gradient_norms(self.host.model, layers, batches, self.host.channel_bank.parameters())
         for name in names:
-            state = self.selection_states[name]
+            state = self.states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
             drawn = state.selection is not None
             state.scored_period = period if period is not None else state.period + int(drawn)
             if not drawn:
-                self._draw_if_ready(name)
+                self.draw_if_ready(name)
         return norms
 
     def _record_norms(self, name: str, grad: torch.Tensor) -> None:
-        statistics = self.selection_states[name].statistics
-        for layer_name, layer in self.trady_layers(name):
+        statistics = self.states[name].statistics
+        for layer_name, layer in self.host.trady_layers(name):
             view = layer.trady_delta[name]
             if view.count:
                 seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
@@ -418,36 +480,29 @@ class PeriodLifecycle:
     def selected_cost(self, adapter_name: str = "default") -> int:
         """What the current selection spends of the budget, in its unit. In bytes: the whole bank
         (parameter, gradient and optimizer state, a fixed cost) plus the selected channels' saved inputs."""
-        config, state = self.peft_config[adapter_name], self.selection_states[adapter_name]
+        config, state = self.host.peft_config[adapter_name], self.states[adapter_name]
         selection = state.selection or {}
         if config.budget.unit == "values":
             return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
-        bank = bank_numel(self.channel_bank[adapter_name].weight) * bytes_per_trained_value(
+        bank = bank_numel(self.host.channel_bank[adapter_name].weight) * bytes_per_trained_value(
             config.optimizer_state_bytes
         )
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
 
-    def priced_inputs(self, adapter_name: str = "default") -> dict[str, int]:
-        """Bytes of saved inputs the budget charges for the current selection, per layer (for a
-        comparison with what autograd really keeps, e.g. `measure_training_step().saved_by_module`)."""
-        state = self.selection_states[adapter_name]
-        costs = {**self.layer_costs, **state.costs}  # without a budget: the probe's measurement
-        return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
-
     def selection_summary(self, adapter_name: str = "default") -> dict:
         """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
-        layers = self.trady_layers(adapter_name)
+        layers = self.host.trady_layers(adapter_name)
         summary = {
-            "period": self.selection_states[adapter_name].period,
+            "period": self.states[adapter_name].period,
             "layers": len(layers),
             "candidate_layers": len(self.candidate_layers(adapter_name)),
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
-            "trainable_values": bank_numel(self.channel_bank[adapter_name].weight),
+            "trainable_values": bank_numel(self.host.channel_bank[adapter_name].weight),
         }
-        budget: Budget | None = self.peft_config[adapter_name].budget
-        if budget is not None and self.selection_states[adapter_name].selection is not None:
+        budget: Budget | None = self.host.peft_config[adapter_name].budget
+        if budget is not None and self.states[adapter_name].selection is not None:
             summary.update(budget=budget.amount, unit=budget.unit, selected_cost=self.selected_cost(adapter_name))
             summary["budget_used"] = round(summary["selected_cost"] / budget.amount, 4)
         return summary

@@ -16,8 +16,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .config import TraDyConfig
-from .layer import TraDyLayer
-from .memory import TrainingStepMemory, call_model, measure_training_step
+from .core.layer import TraDyLayer
+from .memory.measure import TrainingStepMemory, measure_training_step
 
 # Module types grouped into the parts of a network a report talks about.
 PATH_GROUPS = {
@@ -306,36 +306,3 @@ def compare_memory(
         stock = MethodMemory("TraDy, stock frozen path", stock_mem, _weights_bytes(stock_model.get_base_model()))
         del stock_model
     return MemoryReport(rows, description, trady_model=trady, stock_frozen_path=stock)
-
-
-def analytic_floor(trady_model: nn.Module, inputs: Any) -> dict[str, int]:
-    """What a perfect implementation of the current selection must keep for backward, in bytes:
-    the selected channels' input values, plus one bit per element of every ReLU-family output
-    between the lowest selected layer and the loss."""
-    from .model import find_tuner
-
-    # The memory-saving twins subclass these, so they are covered too (ReLU6 is a Hardtanh).
-    relu_types = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)
-    tuner = find_tuner(trady_model)
-    name = tuner.active_adapters[0]
-    order: list[tuple[nn.Module, int]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, args, out: order.append((mod, out.numel() if torch.is_tensor(out) else 0)))
-        for m in trady_model.modules()
-        if isinstance(m, (TraDyLayer, *relu_types))
-    ]
-    try:
-        with torch.no_grad():
-            call_model(trady_model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    selected = 0
-    for layer_name, layer in tuner.trady_layers(name):
-        k = layer.trady_delta[name].count
-        if k:
-            cost = tuner.layer_costs[layer_name]
-            selected += k * cost.activations * cost.batch_size * cost.activation_bytes
-    first = next(i for i, (m, _) in enumerate(order) if isinstance(m, TraDyLayer) and m.trady_delta[name].count)
-    masks = sum((n + 7) // 8 for m, n in order[first + 1 :] if isinstance(m, relu_types))
-    return {"selected_activations": selected, "relu_masks": masks, "total": selected + masks}

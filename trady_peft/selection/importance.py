@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import layer_cost, probe_input_shapes, supported_layers
-from .geometry import ChannelGeometry
-from .memory import call_model, required_loss
-from .targets import names_match, output_heads
+from ..core.geometry import ChannelGeometry
+from ..core.targets import names_match, output_heads
+from ..memory.budget import layer_cost, probe_input_shapes, supported_layers
+from ..memory.measure import call_model, required_loss
 
 logger = logging.getLogger(__name__)
 TABLES = Path(__file__).resolve().parent / "tables"

@@ -24,7 +24,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .adapter_file import check_layer_state
+from ..files.format import check_layer_state
 from .autograd import SparseChannelDelta, frozen_conv
 from .geometry import ChannelGeometry
 from .quantized import (

@@ -10,49 +10,21 @@ Per TraDy layer and adapter, a file (``adapter_model.safetensors``) holds two te
 peft inserts the adapter name before loading (``trady_indices.<adapter>``). A file that breaks
 any of these rules would load silently and fail, or compute wrong outputs, at the first forward;
 `check_layer_state` refuses it at load time instead, with an error that names the file (see
-`loading_from`), the layer and the likely remedy.
+`trady_peft.files.source.loading_from`), the layer and the likely remedy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
-INDICES = "trady_indices"
-VALUES = "trady_values"
+from .source import current_source
 
-# The file being read by the current ``load_adapter`` call, when there is one. A one-element
-# list set by ``loading_from`` and filled in by the reader (see ``compat``), so that the checks
-# below, which only see a state dict, can name the file.
-_SOURCE: contextvars.ContextVar[list | None] = contextvars.ContextVar("trady_adapter_source", default=None)
-
-
-@contextlib.contextmanager
-def loading_from(path: str | os.PathLike | None = None) -> Iterator[list]:
-    """Scope in which adapter tensors come from ``path`` (which the reader may fill in later)."""
-    holder = [os.fspath(path) if path is not None else None]
-    token = _SOURCE.set(holder)
-    try:
-        yield holder
-    finally:
-        _SOURCE.reset(token)
-
-
-def record_source(path: str | os.PathLike) -> None:
-    """Tell the enclosing `loading_from` scope which file is being read (no-op outside one)."""
-    holder = _SOURCE.get()
-    if holder is not None:
-        holder[0] = os.fspath(path)
-
-
-def current_source() -> str | None:
-    """The adapter file being loaded, or None when the state dict did not come from a file."""
-    holder = _SOURCE.get()
-    return holder[0] if holder is not None else None
+#: The prefix of every TraDy tensor name (peft's tuner prefix): peft finds an adapter's tensors by it.
+PREFIX = "trady_"
+INDICES = PREFIX + "indices"
+VALUES = PREFIX + "values"
 
 
 class AdapterFileError(ValueError):
@@ -78,7 +50,7 @@ def check_layer_state(state_dict: Mapping[str, torch.Tensor], prefix: str, adapt
     """Check one TraDy layer's ``(indices, values)`` in ``state_dict`` for each adapter in ``adapters``.
 
     ``prefix`` is the layer's key prefix (``"...layer."``) and ``geometry`` its
-    `trady_peft.geometry.ChannelGeometry`. Raises `AdapterFileError` (a
+    `trady_peft.core.geometry.ChannelGeometry`. Raises `AdapterFileError` (a
     ``ValueError``) naming the file, the layer and the remedy; returns None when all is well.
     """
     layer = prefix.rstrip(".")
@@ -93,17 +65,14 @@ def check_layer_state(state_dict: Mapping[str, torch.Tensor], prefix: str, adapt
         _check_pair(layer, adapter, idx, val, geometry)
 
 
-def check_model_state(root, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
-    """`check_layer_state` for every TraDy layer under ``root``, before anything is loaded.
+def check_model_state(layers: Iterable, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """`check_layer_state` for every ``(name, layer)`` of ``layers`` (TraDy layers), before anything is loaded.
 
     Called by the tuner, whose ``_load_from_state_dict`` runs before any child loads (and before it
     restarts a live delta), so a refused file leaves the model exactly as it was.
     """
-    from .layer import TraDyLayer
-
-    for name, module in root.named_modules():
-        if isinstance(module, TraDyLayer):
-            check_layer_state(state_dict, f"{prefix}{name}.", module.trady_delta.keys(), module.geometry)
+    for name, layer in layers:
+        check_layer_state(state_dict, f"{prefix}{name}.", layer.trady_delta.keys(), layer.geometry)
 
 
 def _check_pair(layer: str, adapter: str, idx: torch.Tensor, val: torch.Tensor, geometry) -> None:

@@ -11,80 +11,15 @@ alike, and both serialise to plain data for checkpoints.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .memory import call_model, required_loss
-
-
-def pack_tensor(t: torch.Tensor) -> str:
-    """A 1-D float64/bool/int64 tensor as exact plain text (base64 of its little-endian bytes), for JSON."""
-    t = t.detach().cpu().contiguous()
-    return (
-        f"{str(t.dtype).removeprefix('torch.')}:"
-        + base64.b64encode(t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()).decode()
-    )
-
-
-def unpack_tensor(text: str) -> torch.Tensor:
-    """Inverse of `pack_tensor`."""
-    dtype, data = text.split(":", 1)
-    array = np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype).newbyteorder("<"))
-    return torch.from_numpy(array.astype(np.dtype(dtype)).copy())
-
-
-def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> None:
-    """Average tensors in place over the processes of a distributed run (no-op in one process)."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return
-    for key in sorted(tensors):
-        t = tensors[key]
-        work = t.to(torch.float64)
-        dist.all_reduce(work)
-        t.copy_(work / dist.get_world_size())
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any process of a distributed run (``flag`` itself in one process)."""
-    if not _distributed():
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor([int(bool(flag))])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def all_reduce_max_costs(costs: dict) -> dict:
-    """Per-layer prices, each part the largest over the processes (`LayerCost`s; same keys on every rank)."""
-    if not _distributed() or not costs:
-        return costs
-    import dataclasses
-
-    import torch.distributed as dist
-
-    names = sorted(costs)
-    parts = torch.tensor(
-        [[costs[n].activations, costs[n].batch_size, costs[n].activation_bytes] for n in names], dtype=torch.int64
-    )
-    dist.all_reduce(parts, op=dist.ReduceOp.MAX)
-    return {
-        n: dataclasses.replace(costs[n], activations=int(a), batch_size=int(b), activation_bytes=int(e))
-        for n, (a, b, e) in zip(names, parts.tolist())
-    }
+from ..core.collectives import all_reduce_mean
+from ..files.codec import pack_tensor, unpack_tensor
+from ..memory.measure import call_model, required_loss
 
 
 def full_gradient_norms(

@@ -34,11 +34,6 @@ CHUNK_ELEMENTS = 2**22
 _TAG = "_trady_lm_head_input"
 
 
-def _autocast_of(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
-    device = x.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
 class _FrozenLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` for a frozen weight: keeps the weight only (no input)."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quantized import plain_tensors
+from ..core.quantized import plain_tensors
 
 
 @dataclass

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
-from .memory import call_model
-from .targets import names_match
+from ..core.collectives import all_reduce_max
+from ..core.geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
+from ..core.layer import TraDyLayer
+from ..core.targets import names_match
+from .measure import call_model
 
 #: Byte units, case-sensitive: a capital ``B`` is a byte, a lowercase ``b`` a bit (refused).
 #: Decimal prefixes are powers of 1000 (``kB`` and ``KB`` both mean 1000 bytes), binary ones
@@ -307,10 +309,23 @@ def layer_cost(name: str, geometry: ChannelGeometry, shape: torch.Size, dtype: t
     return LayerCost(name, geometry.in_channels, geometry.slice_numel, per_sample, batch, element)
 
 
+def all_reduce_max_costs(costs: dict[str, LayerCost]) -> dict[str, LayerCost]:
+    """Per-layer prices, each part the largest over the processes (same keys on every rank)."""
+    if not costs:
+        return costs
+    names = sorted(costs)
+    parts = torch.tensor(
+        [[costs[n].activations, costs[n].batch_size, costs[n].activation_bytes] for n in names], dtype=torch.int64
+    )
+    all_reduce_max(parts)
+    return {
+        n: dataclasses.replace(costs[n], activations=int(a), batch_size=int(b), activation_bytes=int(e))
+        for n, (a, b, e) in zip(names, parts.tolist())
+    }
+
+
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every layer TraDy can train: TraDy layers if ``model`` has them, else every Linear/Conv/Conv1D."""
-    from .layer import TraDyLayer
-
     tradys = [(n, m) for n, m in model.named_modules() if isinstance(m, TraDyLayer)]
     if tradys:
         return tradys

@@ -31,27 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import FrozenConv
-from .geometry import ChannelGeometry
-
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8, 8 elements per byte."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    bits = (packed[:, None] & _BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(-1)[:n].view(shape)
+from ...core.autograd import FrozenConv
+from ...core.geometry import ChannelGeometry
+from .common import needs_grad, pack_bits, unpack_bits
 
 
 class _PiecewiseLinear(torch.autograd.Function):
@@ -73,27 +55,23 @@ class _PiecewiseLinear(torch.autograd.Function):
         return grad * mask, None, None, None
 
 
-def _needs_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
 class FrozenPathReLU(nn.ReLU):
     def forward(self, x):
-        if not _needs_grad(x):
+        if not needs_grad(x):
             return super().forward(x)
         return _PiecewiseLinear.apply(x, F.relu, lambda t: t > 0, 0.0)
 
 
 class FrozenPathReLU6(nn.ReLU6):
     def forward(self, x):
-        if not _needs_grad(x):
+        if not needs_grad(x):
             return super().forward(x)
         return _PiecewiseLinear.apply(x, F.relu6, lambda t: (t > 0) & (t < 6), 0.0)
 
 
 class FrozenPathHardtanh(nn.Hardtanh):
     def forward(self, x):
-        if not _needs_grad(x):
+        if not needs_grad(x):
             return super().forward(x)
         lo, hi = self.min_val, self.max_val
         return _PiecewiseLinear.apply(x, lambda t: F.hardtanh(t, lo, hi), lambda t: (t > lo) & (t < hi), 0.0)
@@ -101,7 +79,7 @@ class FrozenPathHardtanh(nn.Hardtanh):
 
 class FrozenPathLeakyReLU(nn.LeakyReLU):
     def forward(self, x):
-        if not _needs_grad(x) or self.negative_slope == 0:
+        if not needs_grad(x) or self.negative_slope == 0:
             return super().forward(x)
         slope = self.negative_slope
         return _PiecewiseLinear.apply(x, lambda t: F.leaky_relu(t, slope), lambda t: t > 0, slope)
@@ -147,7 +125,7 @@ class _FrozenPathBatchNorm:
         )
         if trains or not self.track_running_stats or self.running_mean is None:
             return super().forward(x)
-        if not _needs_grad(x):
+        if not needs_grad(x):
             scale, shift = _bn_scale_shift(
                 self.running_mean, self.running_var, self.weight, self.bias, self.eps, x.dtype
             )
@@ -168,7 +146,7 @@ class _FrozenPathConv:
     _computes_stock_conv = True  # same arithmetic as nn.Conv (ChannelGeometry may wrap it)
 
     def forward(self, x):
-        if self.weight.requires_grad or not _needs_grad(x):
+        if self.weight.requires_grad or not needs_grad(x):
             return super().forward(x)
         geometry = self.__dict__.get("_trady_geometry")
         if geometry is None:
@@ -196,43 +174,3 @@ REPLACEMENTS: dict[type, type] = {
     nn.Conv2d: FrozenPathConv2d,
 }
 ORIGINALS = {v: k for k, v in REPLACEMENTS.items()}
-
-
-def apply_memory_saving(model: nn.Module) -> list[str]:
-    """Swap every frozen ReLU-family, batch-norm and convolution module of ``model``, and the
-    transformers frozen-path modules of `trady_peft.frozen_path_transformers` (gated MLPs,
-    formula activations, dropouts), for its memory-saving twin, in place; a causal LM's frozen
-    output embedding and its cross-entropy get `trady_peft.frozen_path_loss`'s fused loss. Returns
-    the names of the swapped modules."""
-    from .frozen_path_loss import apply_fused_loss
-    from .frozen_path_transformers import twin_class
-    from .layer import TraDyLayer
-
-    inside_tuner = {id(m) for layer in model.modules() if isinstance(layer, TraDyLayer) for m in layer.modules()}
-    swapped = []
-    for name, module in model.named_modules():
-        new_cls = REPLACEMENTS.get(type(module))
-        if new_cls is None and id(module) not in inside_tuner:
-            new_cls = twin_class(module)  # None for a module whose own parameters train
-        if new_cls is None or id(module) in inside_tuner:
-            continue
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue  # a module that trains keeps PyTorch's own backward
-        module.__class__ = new_cls
-        swapped.append(name)
-    return swapped + apply_fused_loss(model, inside_tuner)
-
-
-def restore(model: nn.Module) -> int:
-    """Undo `apply_memory_saving`. Returns the number of modules restored."""
-    from .frozen_path_loss import restore_loss
-    from .frozen_path_transformers import original_class
-
-    count = restore_loss(model)
-    for module in model.modules():
-        original = ORIGINALS.get(type(module)) or original_class(module)
-        if original is not None:
-            module.__class__ = original
-            module.__dict__.pop("_trady_geometry", None)
-            count += 1
-    return count

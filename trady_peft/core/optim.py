@@ -38,7 +38,7 @@ import warnings
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .compat import has_zero_master
+from ..compat import has_zero_master
 from .distributed import reset_deepspeed_state
 
 _KEY = "trady_reset"  # optimizer-state key of the records

@@ -45,7 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import is_zero3_param, tensor_leaves
+from ...compat import is_zero3_param, tensor_leaves
+from ...core.layer import ChannelDeltaView
+from .common import make_twin, normalized_source, trains
 
 _TENSOR = object()  # where a tensor sits in a flattened structure
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -146,8 +148,6 @@ def _banks(module: nn.Module) -> list[nn.Parameter]:
 
 def _delta_views(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """``(view, bank)`` of the module's TraDy layers that read a trainable bank this period."""
-    from .layer import ChannelDeltaView
-
     found = []
     for m in module.modules():
         if isinstance(m, ChannelDeltaView) and m.count:
@@ -328,12 +328,10 @@ def _is_kernel_source(body: str | None) -> bool:
 
 @functools.cache
 def _is_attention_kernel(cls: type) -> bool:
-    from .frozen_path_transformers import _normalized_source
-
     return (
         cls.__module__.startswith("transformers.models.")
         and cls.__name__.endswith("Attention")
-        and _is_kernel_source(_normalized_source(cls.forward))
+        and _is_kernel_source(normalized_source(cls.forward))
     )
 
 
@@ -351,13 +349,11 @@ _ATTENTION_TWINS: dict[type, type] = {}
 
 def attention_twin_class(module: nn.Module) -> type | None:
     """The recomputing twin of a frozen transformers attention module, else None."""
-    from .frozen_path_transformers import _make_twin, _trains
-
     cls = type(module)
-    if "_trady_original" in cls.__dict__ or _trains(module):
+    if "_trady_original" in cls.__dict__ or trains(module):
         return None
     if not (_is_attention_kernel(cls) or _is_attention_wrapper(module)):
         return None
     if cls not in _ATTENTION_TWINS:
-        _ATTENTION_TWINS[cls] = _make_twin(cls, _RecomputedAttention)
+        _ATTENTION_TWINS[cls] = make_twin(cls, _RecomputedAttention)
     return _ATTENTION_TWINS[cls]

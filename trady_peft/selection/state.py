@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from .budget import LayerCost
-from .scoring import ChannelNormStatistics, pack_tensor, unpack_tensor
+from ..files.codec import pack_tensor, unpack_tensor
+from ..memory.budget import LayerCost
+from .statistics import ChannelNormStatistics
 
 #: Version of the serialised state; bumped when its fields change meaning.
 STATE_FORMAT = 2

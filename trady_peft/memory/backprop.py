@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compat import has_require_grad_hook, reentrant_checkpointing, run_forward_hook_last
+from ..compat import has_require_grad_hook, reentrant_checkpointing, run_forward_hook_last
 
 
 def _checkpoint_layer_class():

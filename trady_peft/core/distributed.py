@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .compat import has_zero_master, is_zero3_param
+from ..compat import has_zero_master, is_zero3_param
+from .bank import DeltaBank
+from .collectives import several_ranks
 
 
 def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
@@ -55,19 +56,20 @@ def fsdp_ignored_modules(model: nn.Module) -> list[nn.Module]:
     (accelerate turns the modules into ``ignored_params``). Like `fsdp_ignored_params`, it makes
     TraDy average the banks' gradients over the ranks.
     """
-    from .model import find_tuner
+    banks = [m for m in model.modules() if isinstance(m, DeltaBank)]
+    if not banks:
+        raise ValueError(
+            f"No TraDy adapter found in this {type(model).__name__}: create it with "
+            "peft.get_peft_model(model, trady_peft.TraDyConfig(...)) before sharding it."
+        )
+    for bank in banks:
+        bank.average_gradients()
+    return banks
 
-    tuner = find_tuner(model)
-    tuner.average_bank_gradients()
-    return list(tuner.channel_bank.values())
 
-
-def average_gradient(param: torch.Tensor) -> None:
-    """Post-accumulate-grad hook: replace ``param.grad`` by its mean over the ranks (no-op alone)."""
-    if param.grad is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    dist.all_reduce(param.grad)  # SUM: gloo has no AVG
-    param.grad.div_(dist.get_world_size())
+def unwrapped_name(name: str) -> str:
+    """A module or state-dict name without the prefix an FSDP wrapper adds (``_fsdp_wrapped_module.``)."""
+    return name.removeprefix("_fsdp_wrapped_module.")
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -92,17 +94,19 @@ _FIX = (
 )
 
 
-def check_bank_placement(tuner: nn.Module, when: str) -> None:
-    """Refuse a bank FSDP sharded, or an FSDP run whose banks nobody averages (see the module docstring)."""
-    banks = getattr(tuner, "channel_bank", {})
+def check_bank_placement(banks: dict, model: nn.Module, when: str) -> None:
+    """Refuse a bank FSDP sharded, or an FSDP run whose banks nobody averages (see the module docstring).
+
+    ``banks`` maps adapter names to their `trady_peft.core.bank.DeltaBank`; ``model`` is the wrapped model.
+    """
     for name, bank in banks.items():
         if is_sharded(bank.weight):
             raise RuntimeError(
                 f"FSDP sharded adapter {name!r}'s TraDy bank (channel_bank.{name}.weight, {when}); TraDy keeps the "
                 f"bank whole on every rank. {_FIX}"
             )
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if banks and several and not tuner._average_bank_grads and fsdp_managed(tuner.model):
+    averaged = all(bank.averages_gradients for bank in banks.values())
+    if banks and several_ranks() and not averaged and fsdp_managed(model):
         raise RuntimeError(
             f"This model is sharded with FSDP, but its TraDy bank was not prepared for it ({when}): sharded, FSDP "
             "would split the bank; left out of FSDP by hand, nobody would average its gradient and every rank "
@@ -170,15 +174,14 @@ def reset_deepspeed_state(weight: torch.Tensor, segments: list[tuple[int, int]])
     return touched
 
 
-def register_zero3_bank(tuner: nn.Module, name: str) -> None:
-    """Tell ZeRO-3 that every TraDy layer reads the bank in its forward (the bank's own forward never
-    runs, so DeepSpeed would not gather it). Idempotent."""
-    weight = tuner.channel_bank[name].weight
+def register_zero3_bank(weight: torch.Tensor, layers) -> None:
+    """Tell ZeRO-3 that every TraDy layer in ``layers`` reads the bank ``weight`` in its forward (the
+    bank's own forward never runs, so DeepSpeed would not gather it). Idempotent."""
     if not is_zero3_param(weight) or getattr(weight, "_trady_external", False):
         return
     import deepspeed
 
-    for _, layer in tuner.trady_layers(name):
+    for layer in layers:
         deepspeed.zero.register_external_parameter(layer, weight)
     weight._trady_external = True
 

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 # Large odd multiplier so that (seed, period) pairs map to distinct generator seeds.
-_PERIOD_STRIDE = 1_000_003
+PERIOD_STRIDE = 1_000_003
+#: Largest seed: the draw of period p seeds a torch generator with ``seed * PERIOD_STRIDE + p``,
+#: which must fit in 64 bits for every period p < PERIOD_STRIDE.
+MAX_SEED = (2**64 - 1) // PERIOD_STRIDE - 1
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Candidate:
 
 def period_generator(seed: int, period: int) -> torch.Generator:
     """The CPU generator of one period's draw."""
-    return torch.Generator().manual_seed(seed * _PERIOD_STRIDE + period)
+    return torch.Generator().manual_seed(seed * PERIOD_STRIDE + period)
 
 
 def draw_per_layer(candidates: Sequence[Candidate], seed: int, period: int) -> dict[str, torch.Tensor]:

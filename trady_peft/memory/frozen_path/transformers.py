@@ -28,37 +28,22 @@ Activations whose autograd already keeps only their input (``nn.SiLU``, ``SiLUAc
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen_path import pack_bits, unpack_bits
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _needs_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def _autocast_of(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
-    device = x.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
-def _stock(module: nn.Module):
-    """The stock forward of ``module`` (its original class's, if it is a twin)."""
-    original = type(module).__dict__.get("_trady_original")
-    return functools.partial(original.forward, module) if original is not None else module
-
-
-def _trains(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- autograd functions
+from .attention import attention_twin_class
+from .common import (
+    autocast_of,
+    make_twin,
+    needs_grad,
+    normalized_source,
+    pack_bits,
+    stock_forward,
+    trains,
+    unpack_bits,
+)
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -67,7 +52,7 @@ class _GatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, act):
         y = act(gate) * up
-        ctx.act, ctx.autocast = act, _autocast_of(gate)
+        ctx.act, ctx.autocast = act, autocast_of(gate)
         need_gate, need_up = ctx.needs_input_grad[:2]
         ctx.save_for_backward(gate, up if need_gate else None)
         return y
@@ -90,7 +75,7 @@ class _RecomputedActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn):
-        ctx.fn, ctx.autocast = fn, _autocast_of(x)
+        ctx.fn, ctx.autocast = fn, autocast_of(x)
         ctx.save_for_backward(x)
         return fn(x)
 
@@ -134,7 +119,7 @@ class FrozenPathDropout(nn.Dropout):
     _trady_original = nn.Dropout
 
     def forward(self, x):
-        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or not _needs_grad(x) or x.numel() == 0:
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or not needs_grad(x) or x.numel() == 0:
             return super().forward(x)
         return _PackedDropout.apply(x, self.p)
 
@@ -142,7 +127,7 @@ class FrozenPathDropout(nn.Dropout):
 class _RecomputingActivation:
     def forward(self, x):
         # Parameters made trainable after the swap need the stock backward (their own gradient).
-        if not _needs_grad(x) or any(p.requires_grad for p in self.parameters(recurse=False)):
+        if not needs_grad(x) or any(p.requires_grad for p in self.parameters(recurse=False)):
             return super().forward(x)
         return _RecomputedActivation.apply(x, functools.partial(self._trady_original.forward, self))
 
@@ -158,19 +143,10 @@ class _GatedMLP:
             or gate.dtype != up.dtype
         ):
             return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(_GatedProduct.apply(gate, up, _stock(self.act_fn)))
+        return self.down_proj(_GatedProduct.apply(gate, up, stock_forward(self.act_fn)))
 
 
 _TWINS: dict[type, type] = {nn.Dropout: FrozenPathDropout}
-
-
-def _make_twin(cls: type, mixin: type) -> type:
-    name = f"FrozenPath{cls.__name__}"
-    while name in globals() and globals()[name]._trady_original is not cls:
-        name += "_"
-    twin = type(name, (mixin, cls), {"_trady_original": cls, "__module__": __name__, "__qualname__": name})
-    globals()[name] = twin  # importable by name, so pickle and deepcopy find it
-    return twin
 
 
 def _recomputing_activation_classes() -> list[type]:
@@ -184,7 +160,7 @@ def _recomputing_activation_classes() -> list[type]:
 
 
 for _cls in _recomputing_activation_classes():
-    _TWINS[_cls] = _make_twin(_cls, _RecomputingActivation)
+    _TWINS[_cls] = make_twin(_cls, _RecomputingActivation)
 
 _GATED_EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 # The whole body must be the gated product: a forward that adds anything (a residual dropout,
@@ -194,7 +170,7 @@ _GATED_BODIES = {f"return{_GATED_EXPRESSION}", f"down_proj={_GATED_EXPRESSION}re
 
 @functools.cache
 def _is_gated_mlp(cls: type) -> bool:
-    return _normalized_source(cls.forward) in _GATED_BODIES
+    return normalized_source(cls.forward) in _GATED_BODIES
 
 
 def _python_formula(module: nn.Module) -> bool:
@@ -213,23 +189,21 @@ def twin_class(module: nn.Module) -> type | None:
     if "_trady_original" in cls.__dict__:
         return None  # already a twin
     if cls in _TWINS:
-        return None if _trains(module) else _TWINS[cls]
-    if cls.__name__ in ("GELUActivation", "GELUTanh") and _python_formula(module) and not _trains(module):
+        return None if trains(module) else _TWINS[cls]
+    if cls.__name__ in ("GELUActivation", "GELUTanh") and _python_formula(module) and not trains(module):
         if cls not in _PYTHON_FORMULA_TWINS:
-            _PYTHON_FORMULA_TWINS[cls] = _make_twin(cls, _RecomputingActivation)
+            _PYTHON_FORMULA_TWINS[cls] = make_twin(cls, _RecomputingActivation)
         return _PYTHON_FORMULA_TWINS[cls]
     norm = _norm_twin_class(module)  # RMS norms, defined below
     if norm is not None:
         return norm
     parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
     if all(isinstance(getattr(module, a, None), nn.Module) for a in parts) and _is_gated_mlp(cls):
-        if _trains(module.act_fn):
+        if trains(module.act_fn):
             return None  # an activation with trained parameters keeps PyTorch's backward
         if cls not in _MLP_TWINS:
-            _MLP_TWINS[cls] = _make_twin(cls, _GatedMLP)
+            _MLP_TWINS[cls] = make_twin(cls, _GatedMLP)
         return _MLP_TWINS[cls]
-    from .frozen_path_attention import attention_twin_class
-
     return attention_twin_class(module)
 
 
@@ -257,28 +231,6 @@ class _RecomputingNorm(_RecomputingActivation):
         if x.element_size() > 4:
             return self._trady_original.forward(self, x)
         return super().forward(x)
-
-
-def _normalized_source(fn) -> str | None:
-    """``fn``'s source without comments, whitespace and its ``def`` line (annotations vary)."""
-    import io
-    import textwrap
-    import tokenize
-
-    try:
-        source = textwrap.dedent(inspect.getsource(fn))
-        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-        skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
-        text = "".join(t.string for t in tokens if t.type not in skip)
-    except (OSError, TypeError, tokenize.TokenError, IndentationError):
-        return None
-    depth = 0
-    for i, ch in enumerate(text):  # the ``:`` closing the signature is the first one outside brackets
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == ":" and depth == 0 and ")" in text[:i]:
-            return text[i + 1 :]
-    return None
 
 
 # Stock RMSNorm formulas of transformers (5.x), as bodies of ``forward`` (and of ``_norm``, when
@@ -310,10 +262,10 @@ _RMS_NORM_BODY = "returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)"
 
 @functools.cache
 def _is_stock_rms_norm(cls: type) -> bool:
-    body = _normalized_source(cls.forward)
+    body = normalized_source(cls.forward)
     if body not in _RMS_FORWARDS:
         return False
-    return "self._norm(" not in body or _normalized_source(getattr(cls, "_norm", None)) == _RMS_NORM_BODY
+    return "self._norm(" not in body or normalized_source(getattr(cls, "_norm", None)) == _RMS_NORM_BODY
 
 
 def _looks_like_rms_norm(module: nn.Module) -> bool:
@@ -331,9 +283,9 @@ _NORM_TWINS: dict[type, type] = {}
 
 def _norm_twin_class(module: nn.Module) -> type | None:
     """The twin of a frozen stock RMSNorm, else None (called by `twin_class`)."""
-    if "_trady_original" in type(module).__dict__ or _trains(module) or not _looks_like_rms_norm(module):
+    if "_trady_original" in type(module).__dict__ or trains(module) or not _looks_like_rms_norm(module):
         return None
     cls = type(module)
     if cls not in _NORM_TWINS:
-        _NORM_TWINS[cls] = _make_twin(cls, _RecomputingNorm)
+        _NORM_TWINS[cls] = make_twin(cls, _RecomputingNorm)
     return _NORM_TWINS[cls]

@@ -14,8 +14,9 @@ import re
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .compat import SEQ_CLS_HEAD_NAMES
+from ..compat import SEQ_CLS_HEAD_NAMES
 from .geometry import SUPPORTED_LAYER_TYPES
+from .layer import TraDyLayer
 
 
 def output_heads(model: nn.Module) -> set[int]:
@@ -64,8 +65,6 @@ def _under(name: str, prefixes: set[str]) -> bool:
 
 def default_targets(model: nn.Module, config) -> list[str]:
     """Qualified names of the layers TraDy wraps by default (see the module docstring)."""
-    from .layer import TraDyLayer
-
     heads = output_heads(model)
     saved = set(config.modules_to_save or [])
     names = []

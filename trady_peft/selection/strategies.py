@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import (
+from .draws import (
     Candidate,
     PricedLayer,
     draw_per_layer,
@@ -113,6 +113,14 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("medyate", "alpha", "weighted", redraws=True),
     )
 }
+
+
+#: The strategies that redraw every period ("d-" and TraDy, MeDyate); the "s-" ones draw once.
+DYNAMIC_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.redraws)
+#: Strategies that draw inside a layer ranking (the importance table when none is given).
+TOP_K_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.layers != "all")
+#: Strategies that score channels with the full gradient of every candidate base weight (Det-RGN).
+ORACLE_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
 
 
 def get_strategy(name: str) -> Strategy:
