@@ -91,7 +91,7 @@ def test_bad_budgets_name_the_value_and_the_fix(raw):
 
 def reference_draw(layers, budget, seed, period):
     """The WACV rule written out loop by loop: shuffle all pairs, stop at the first overflow."""
-    pairs = [(layer.name, c, layer.channel_cost) for layer in layers for c in range(layer.in_channels)]
+    pairs = [(layer.name, c, layer.price) for layer in layers for c in range(layer.in_channels)]
     order = torch.randperm(len(pairs), generator=period_generator(seed, period)).tolist()
     spent, chosen = 0, {}
     for i in order:
@@ -112,7 +112,7 @@ def test_draw_follows_the_documented_stop_rule_and_never_exceeds_the_budget(budg
     got = draw_under_budget(LAYERS, budget, seed=3, period=period)
     expected, spent = reference_draw(LAYERS, budget, seed=3, period=period)
     assert {k: v.tolist() for k, v in got.items()} == expected
-    cost = {layer.name: layer.channel_cost for layer in LAYERS}
+    cost = {layer.name: layer.price for layer in LAYERS}
     assert sum(cost[k] * len(v) for k, v in got.items()) == spent <= budget
 
 

@@ -51,14 +51,14 @@ def test_det_rgn_takes_the_channels_with_the_highest_reweighted_gradient_norm():
     norms = dense_channel_norms(tiny_cnn(), names)
     priced = {p.name: p for p in tuner.priced_layers()}
     ranked = sorted(
-        ((float(norms[n][c]) / priced[n].channel_cost, n, c) for n in names for c in range(priced[n].in_channels)),
+        ((float(norms[n][c]) / priced[n].price, n, c) for n in names for c in range(priced[n].in_channels)),
         key=lambda t: -t[0],
     )
     expected, spent = set(), 0
     for _, n, c in ranked:
-        if spent + priced[n].channel_cost > budget:
+        if spent + priced[n].price > budget:
             break
-        spent += priced[n].channel_cost
+        spent += priced[n].price
         expected.add((n, c))
     got = {(n, c) for n, m in tuner.trady_layers("default") for c in m.trady_idx["default"].tolist()}
     assert got == expected and tuner.selected_cost() == spent

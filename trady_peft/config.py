@@ -351,7 +351,7 @@ class TraDyConfig(PeftConfig):
 
     @property
     def budget(self):
-        """The parsed `trady_peft.budget.Budget`, or None when channels_per_layer is used."""
+        """The parsed `trady_peft.memory.budget.Budget`, or None when channels_per_layer is used."""
         return None if self.memory_budget is None else parse_budget(self.memory_budget)
 
 

@@ -164,7 +164,7 @@ def export_lora(
         target_modules=sorted(ranks),
         modules_to_save=sorted(set(modules_to_save) | set(config.modules_to_save or [])) or None,
         # peft sets it per layer anyway; True for transformers Conv1D, for the merged delta's orientation.
-        fan_in_fan_out=kinds == {"conv1d_hf"},
+        fan_in_fan_out=kinds == {"transposed_linear"},
         lora_dropout=0.0,
         bias="none",
         use_rslora=False,

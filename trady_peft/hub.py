@@ -154,7 +154,7 @@ def _trady_adapter(model: nn.Module) -> str | None:
 def add_card_section(peft_model, output_dir: str) -> None:
     """Add the TraDy section (and the `trady` tag) to the card ``save_pretrained`` wrote in ``output_dir``.
 
-    Called after peft writes its card (see `trady_peft.compat.install`); does nothing for a model
+    Called after peft writes its card (see `trady_peft._patches.install`); does nothing for a model
     without a TraDy adapter.
     """
     from huggingface_hub import ModelCard

@@ -282,7 +282,7 @@ class TraDyModel(BaseTuner):
     # ------------------------------------------------------------------------------- layers
     def _module_trains(self, module: nn.Module) -> bool:
         """Whether anything inside ``module`` trains now: selected channels of an active adapter whose
-        bank trains, or a parameter that requires grad (`trady_peft.backprop`)."""
+        bank trains, or a parameter that requires grad (`trady_peft.memory.backprop`)."""
         banks = getattr(self, "channel_bank", {})
         for m in module.modules():
             if isinstance(m, TraDyLayer) and not m.disable_adapters and not m.merged:

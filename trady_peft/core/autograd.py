@@ -67,7 +67,7 @@ class SparseChannelDelta(torch.autograd.Function):
         idx: the k channels trained this period (int tensor).
         acc_idx: channels updated in earlier periods (may be empty).
         acc: ``[m, *slice_shape]`` their accumulated deltas (a frozen buffer).
-        geometry: the layer's `trady_peft.geometry.ChannelGeometry`.
+        geometry: the layer's `trady_peft.core.geometry.ChannelGeometry`.
     """
 
     @staticmethod

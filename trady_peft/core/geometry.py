@@ -10,7 +10,7 @@ A `ChannelGeometry` knows, for one layer:
 * the shape of one channel's slice (``slice_shape``) and how many values it holds;
 * how to apply the slices of some channels to the matching input channels (``apply``) and the
   two backward products (``input_grad``, ``slice_grad``), which is all the custom autograd
-  functions in `trady_peft.autograd` need;
+  functions in `trady_peft.core.autograd` need;
 * how to add slices into the dense weight (``scatter_into``), used by merge and by
   ``get_delta_weight``.
 
@@ -37,7 +37,7 @@ class ChannelGeometry:
     """Shape facts of one target layer, seen as a set of input channels.
 
     Attributes:
-        kind: ``"linear"`` (``nn.Linear``), ``"conv1d_hf"`` (transformers ``Conv1D``) or ``"conv"``.
+        kind: ``"linear"`` (``nn.Linear``), ``"transposed_linear"`` (transformers ``Conv1D``) or ``"conv"``.
         in_channels: number of input channels (``in_features`` for a Linear).
         out_channels: number of output channels.
         groups: convolution groups (1 for linear layers).
@@ -70,7 +70,7 @@ class ChannelGeometry:
         if isinstance(layer, nn.Linear):
             return cls("linear", layer.in_features, layer.out_features)
         if isinstance(layer, Conv1D):
-            return cls("conv1d_hf", layer.weight.shape[0], layer.weight.shape[1])
+            return cls("transposed_linear", layer.weight.shape[0], layer.weight.shape[1])
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             stock = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Conv1d
             same_math = type(layer).forward is stock.forward or getattr(type(layer), "_computes_stock_conv", False)
@@ -245,7 +245,7 @@ class ChannelGeometry:
         channels = channels.long()
         if self.kind == "linear":  # weight [out, in]: channel = column
             return (slice(None), channels), lambda t: t.t(), lambda s: s.t()
-        if self.kind == "conv1d_hf":  # weight [in, out]: channel = row
+        if self.kind == "transposed_linear":  # weight [in, out]: channel = row
             return (channels,), lambda t: t, lambda s: s
         if self.groups == 1:  # weight [out, in, *kernel]
             return (slice(None), channels), lambda t: t.transpose(0, 1), lambda s: s.transpose(0, 1)

@@ -125,7 +125,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------------------ adapters
     @property
     def quantization(self) -> str | None:
-        """The base weight's quantization backend (see `trady_peft.quantized`), or None."""
+        """The base weight's quantization backend (see `trady_peft.core.quantized`), or None."""
         return quantization_of(self.base_layer)
 
     @property

@@ -1,7 +1,7 @@
-"""Backprop stops at the lowest trained layer (issue 12, point 2).
+"""Backprop stops at the lowest trained layer.
 
 Nothing below the lowest layer that trains needs a gradient, so nothing there should be kept for
-backward. With the frozen-path twins (`trady_peft.frozen_path`) that already holds as long as no
+backward. With the frozen-path twins (`trady_peft.memory.frozen_path`) that already holds as long as no
 tensor below requires grad: a frozen module whose input does not require grad records nothing.
 
 One common setting breaks it: transformers' ``enable_input_require_grads`` (called by peft's

@@ -3,7 +3,7 @@
 The channel set of period ``e`` is a pure function of ``(seed, e, the layer list, their prices,
 the strategy's statistics)``: every process of a distributed run, and a run resumed from a
 checkpoint, draws exactly what the uninterrupted single-process run draws, without communication.
-The strategies themselves (which layers, which draw, how often) are in `trady_peft.strategies`.
+The strategies themselves (which layers, which draw, how often) are in `trady_peft.selection.strategies`.
 """
 
 from __future__ import annotations
@@ -53,18 +53,18 @@ def draw_per_layer(candidates: Sequence[Candidate], seed: int, period: int) -> d
 class PricedLayer:
     """A candidate layer with the price of one of its channels.
 
-    ``channel_cost`` is one number in the budget's unit, or a tuple of numbers when a budget
-    has several parts that must each hold (a byte budget: trainable values of the bank, and
-    bytes of saved inputs). `costs` always gives the tuple.
+    ``price`` is what one channel spends: one number in the budget's unit, or a tuple of numbers
+    when a budget has several parts that must each hold (a byte budget: trainable values of the
+    bank, and bytes of saved inputs). `costs` always gives the tuple.
     """
 
     name: str
     in_channels: int
-    channel_cost: int | tuple[int, ...]
+    price: int | tuple[int, ...]
 
     @property
     def costs(self) -> tuple[int, ...]:
-        cost = self.channel_cost
+        cost = self.price
         return tuple(cost) if isinstance(cost, (tuple, list)) else (cost,)
 
 

@@ -4,7 +4,7 @@ Each strategy is a small `Strategy` value with one method, `Strategy.select`. It
 no model: the tuner hands it the candidate layers (already narrowed to the ranking's top-K where
 the strategy says so) with their per-channel prices, the budget, the seed and the period, and
 the statistics it uses (Det-RGN scores, MeDyate norms). The draws themselves are in
-`trady_peft.selection`.
+`trady_peft.selection.draws`.
 
 | name | layers | channels | when |
 |---|---|---|---|

@@ -22,9 +22,9 @@ from .transformers import original_class, twin_class
 
 def apply_memory_saving(model: nn.Module) -> list[str]:
     """Swap every frozen ReLU-family, batch-norm and convolution module of ``model``, and the
-    transformers frozen-path modules of `trady_peft.frozen_path_transformers` (gated MLPs,
+    transformers frozen-path modules of `trady_peft.memory.frozen_path.transformers` (gated MLPs,
     formula activations, dropouts), for its memory-saving twin, in place; a causal LM's frozen
-    output embedding and its cross-entropy get `trady_peft.frozen_path_loss`'s fused loss. Returns
+    output embedding and its cross-entropy get `trady_peft.memory.frozen_path.loss`'s fused loss. Returns
     the names of the swapped modules."""
     inside_tuner = {id(m) for layer in model.modules() if isinstance(layer, TraDyLayer) for m in layer.modules()}
     swapped = []

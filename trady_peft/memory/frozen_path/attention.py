@@ -1,4 +1,4 @@
-"""A memory-saving twin for the attention modules of transformers (issue 12, attention part).
+"""A memory-saving twin for the attention modules of transformers.
 
 A frozen attention block keeps, for its backward pass, q, k and v (after the rotary embedding),
 the rotary ``cos``/``sin``, the attention output and its logsumexp (eager attention: the
@@ -16,7 +16,7 @@ one more forward of the attention block per layer and step.
 
 Everything it keeps goes through ``ctx.save_for_backward``, so `trady_peft.measure_training_step`
 (saved-tensor hooks) sees it. Gradients of TraDy's bank reach the bank once: the twin takes the
-segments its TraDy layers read (views from the bank's one split, `trady_peft.model.DeltaBank.segment`)
+segments its TraDy layers read (views from the bank's one split, `trady_peft.core.bank.DeltaBank.segment`)
 as inputs, the recomputed graph differentiates detached aliases of those segments, and the twin
 returns their gradients as its inputs', so the bank's split assembles the bank's gradient once per
 backward pass (and autograd runs the bank's hooks) like any other use of the bank.

@@ -18,8 +18,8 @@ swap is a change of ``__class__``, undone by ``restore``) whose autograd keeps o
 * ``FrozenPathReLU``, ``ReLU6``, ``LeakyReLU``, ``Hardtanh``: a bit-packed mask, 1 bit per element.
 
 Transformers' frozen path (gated MLPs, formula GELUs, dropout) has its twins in
-`trady_peft.frozen_path_transformers`, and a causal LM's frozen head with its cross-entropy in
-`trady_peft.frozen_path_loss`; `apply_memory_saving` and `restore` handle all of them.
+`trady_peft.memory.frozen_path.transformers`, and a causal LM's frozen head with its cross-entropy in
+`trady_peft.memory.frozen_path.loss`; `apply_memory_saving` and `restore` handle all of them.
 
 The tuner applies them (``TraDyConfig(memory_saving_frozen_path=True)``, the default) to frozen
 modules only; a module whose own parameters train keeps PyTorch's behaviour.

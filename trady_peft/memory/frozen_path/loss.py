@@ -1,4 +1,4 @@
-"""A frozen LM head whose cross-entropy never keeps the logits for backward (issue 12, first part).
+"""A frozen LM head whose cross-entropy never keeps the logits for backward.
 
 A causal LM's stock loss path, ``logits = lm_head(hidden)`` then ``loss_function(logits, labels)``
 (transformers' ``ForCausalLMLoss``: ``logits.float()``, labels shifted by one, ``ignore_index=-100``,
@@ -7,7 +7,7 @@ logits for backward: on a small-vocabulary Llama already a sixth of a TraDy step
 With a frozen head, the gradient w.r.t. the hidden states is all backward needs, and it is
 ``(softmax - onehot) @ W / n``, a ``[tokens, hidden]`` tensor, computable in the forward.
 
-Two pieces, applied by `trady_peft.frozen_path.apply_memory_saving` to every transformers model
+Two pieces, applied by `trady_peft.memory.frozen_path.apply_memory_saving` to every transformers model
 whose output embedding is a frozen ``nn.Linear`` and whose ``loss_function`` is ``ForCausalLMLoss``
 (by class and loss path, not by model name), undone by `restore`:
 

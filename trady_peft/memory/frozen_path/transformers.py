@@ -1,4 +1,4 @@
-"""Memory-saving twins for the frozen path of transformers models (issue 12, first part).
+"""Memory-saving twins for the frozen path of transformers models.
 
 Measured on a Llama-style model, most of what autograd keeps for backward belongs to frozen
 modules whose backward needs much less:
@@ -16,7 +16,7 @@ modules whose backward needs much less:
 
 The twins below compute the same outputs with the same operations (and the same random draw for
 dropout), give the same input gradients, and keep only that. Like the CNN twins of
-`trady_peft.frozen_path` they are subclasses swapped in by changing ``__class__``
+`trady_peft.memory.frozen_path` they are subclasses swapped in by changing ``__class__``
 (`apply_memory_saving`) and swapped back by `restore`. Modules are recognised by class, not by
 model name: a gated MLP is any module whose ``forward`` is the Llama-style expression above over
 ``gate_proj``/``up_proj``/``down_proj``/``act_fn`` attributes (Llama, Mistral, Qwen2, Gemma, ...).
@@ -212,7 +212,7 @@ def original_class(module: nn.Module) -> type | None:
     return type(module).__dict__.get("_trady_original")
 
 
-# ----------------------------------------------------------------------------- RMS norms (issue 12)
+# ------------------------------------------------------------------------------------ RMS norms
 #
 # A frozen RMSNorm's stock autograd keeps the float32 upcast of its input and the per-row rsqrt:
 # for a bf16/fp16 input that is twice the input's bytes, for a float32 input the input itself
