@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -19,6 +20,7 @@ from trady_bench import resources  # noqa: E402
 from trady_bench.accuracy import run_grid  # noqa: E402
 from trady_bench.aggregate import diverged, picks, verdict  # noqa: E402
 from trady_bench.environment import environment, quiet  # noqa: E402
+from trady_bench.flops import flop_counter_without_module_tracking  # noqa: E402
 from trady_bench.methods import BASELINES, Method, grid, task_budgets  # noqa: E402
 from trady_bench.outputs import OUT, default_output, update_docs_page, write_outputs  # noqa: E402
 from trady_bench.report import markdown_tables, recommendations, statements  # noqa: E402
@@ -123,6 +125,17 @@ def test_speed_flops_and_artifact_are_measured(tiny_run):
     for name in ("pareto.png", "artifact.png", "table.md", "memory.json", "speed.json", "artifact.json"):
         assert (out / name).stat().st_size > 0
     assert "TraDy at" in (out / "table.md").read_text()
+
+
+def test_flop_counter_without_module_tracking_counts_the_same_totals():
+    """FlopCounterMode keeps a ``mod_tracker`` whose ``parents`` name where counts go; totals are "Global"."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with FlopCounterMode(display=False) as reference:
+        layer(x).sum().backward()
+    with flop_counter_without_module_tracking() as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == reference.get_total_flops() == 2 * (2 * 3 * 8 * 4)  # forward + weight gradient
 
 
 def test_a_difference_within_one_std_is_a_tie():

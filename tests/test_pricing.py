@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from pricing_check import priced_inputs  # benchmarks/, on pytest's pythonpath
 from torch import nn
 
 import trady_peft
@@ -76,7 +77,7 @@ def saved_bytes_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def priced_bytes_by_layer(model) -> dict[str, int]:
     """Activation bytes the budget charges for the channels drawn in each layer."""
-    return model.base_model.priced_inputs()
+    return priced_inputs(model.base_model)
 
 
 @pytest.mark.parametrize("size_index", [0, 1])
