@@ -9,7 +9,7 @@ the generated blocks of README.md and docs/memory.md (between ``<!-- memory_repo
   CLI, with the analytic floor of the TraDy selection (its channels' inputs + 1 bit per ReLU6 element);
 * ``bert``: a BERT-style encoder (4 layers, hidden 256), sequence 128, batch 8;
 * ``llama``: a Llama-style decoder (4 layers, hidden 256), sequence 128, batch 8;
-* ``transformers``: the transformers' measured targets, `transformer_frozen_path.run` (Llama-, GPT-2- and
+* ``transformers``: TraDy against its targets on transformers, `transformer_frozen_path.run` (Llama-, GPT-2- and
   BERT-style models, hidden 512, 6 layers, vocabulary 8,000, batch 8 x sequence 512; TraDy vs LoRA r=8,
   fp32, bf16 autocast, reentrant gradient checkpointing, ``max_depth``; the split by module type
   before/after the frozen-path twins; the step-time ratio), written to ``docs/memory/transformers.json``
@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -69,11 +70,11 @@ TBEGIN, TEND = "<!-- transformer_frozen_path.py -->", "<!-- /transformer_frozen_
 CASES = ("mbv2", "bert", "llama", "transformers")
 
 
-def analytic_floor(trady_model: nn.Module, inputs: torch.Tensor | dict) -> dict[str, int]:
+def analytic_floor(trady_model: nn.Module, inputs: torch.Tensor | Mapping) -> dict[str, int]:
     """What a perfect implementation of the current selection must keep for backward, in bytes:
     the selected channels' input values (their `trady_peft.LayerCost` from the shape probe), plus
     one bit per element of every ReLU-family output between the lowest selected layer and the loss.
-    ``inputs``: one batch, a tensor or a dict of keyword arguments."""
+    ``inputs``: one batch, a tensor or a mapping of keyword arguments."""
     # The memory-saving twins subclass these, so they are covered too (ReLU6 is a Hardtanh).
     relu_types = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)
     tuner = trady_peft.find_tuner(trady_model)
@@ -86,7 +87,7 @@ def analytic_floor(trady_model: nn.Module, inputs: torch.Tensor | dict) -> dict[
     ]
     try:
         with torch.no_grad():
-            trady_model(**inputs) if isinstance(inputs, dict) else trady_model(inputs)
+            trady_model(**inputs) if isinstance(inputs, Mapping) else trady_model(inputs)
     finally:
         for h in handles:
             h.remove()
