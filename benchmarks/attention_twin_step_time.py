@@ -1,4 +1,4 @@
-"""Step time of the attention twin (issue 12): TraDy with and without it, and LoRA, interleaved.
+"""Step time of the attention twin: TraDy with and without it, and LoRA, interleaved.
 
 The attention twin recomputes each attention block in backward, so a TraDy step runs one more
 attention forward per layer. This times forward + backward of one batch for three methods on a

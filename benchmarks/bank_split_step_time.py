@@ -8,7 +8,7 @@ Two measurements, on CPU, single thread (``torch.set_num_threads(1)``), median o
 2. model: a config-built Llama (``--layers`` blocks, 7 TraDy layers each) trained one step
    (forward, backward, AdamW step) on one ``--seq``-token block, with LoRA r=8 and with TraDy at
    ``--budget`` values (``memory_budget`` in values), TraDy's layers reading the bank through
-   `trady_peft.core.bank.DeltaBank.segment` (split) or through the previous per-layer ``narrow``.
+   `DeltaBank.segment` (split) or through the previous per-layer ``narrow``.
 
     PYTHONPATH=. python benchmarks/bank_split_step_time.py
 """

@@ -1,6 +1,6 @@
 """Build the shipped importance tables (trady_peft/tables/<family>.json) on real pretrained weights.
 
-For each family, :func:`trady_peft.selection.importance.rank_layers` fine-tunes the real pretrained model
+For each family, :func:`trady_peft.rank_layers` fine-tunes the real pretrained model
 on two disjoint halves of an offline dataset with different seeds; the Spearman correlation of
 the two rankings is TraDy's Prop. 3.1 check (>= 0.8), recorded in the entry's provenance. The
 shipped entry is the first half's ranking.
@@ -26,9 +26,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from trady_peft.selection.importance import TABLES, rank_layers, spearman, top_k_for
+from trady_peft import rank_layers
+from trady_peft.selection.importance import TABLES, top_k_for
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def spearman(a: dict[str, float], b: dict[str, float]) -> float:
+    """Spearman rank correlation of two score maps over their common layers (no ties assumed)."""
+    names = sorted(set(a) & set(b))
+    ra = torch.tensor([a[n] for n in names], dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor([b[n] for n in names], dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def example_module(name: str):

@@ -9,7 +9,7 @@ the generated blocks of README.md and docs/memory.md (between ``<!-- memory_repo
   CLI, with the analytic floor of the TraDy selection (its channels' inputs + 1 bit per ReLU6 element);
 * ``bert``: a BERT-style encoder (4 layers, hidden 256), sequence 128, batch 8;
 * ``llama``: a Llama-style decoder (4 layers, hidden 256), sequence 128, batch 8;
-* ``transformers``: issue 12's measured targets, `transformer_frozen_path.run` (Llama-, GPT-2- and
+* ``transformers``: TraDy against its targets on transformers, `transformer_frozen_path.run` (Llama-, GPT-2- and
   BERT-style models, hidden 512, 6 layers, vocabulary 8,000, batch 8 x sequence 512; TraDy vs LoRA r=8,
   fp32, bf16 autocast, reentrant gradient checkpointing, ``max_depth``; the split by module type
   before/after the frozen-path twins; the step-time ratio), written to ``docs/memory/transformers.json``
@@ -30,16 +30,19 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transformer_frozen_path as tfp  # noqa: E402
 from paper_models import bert_like, llama_like  # noqa: E402
 
 import trady_peft  # noqa: E402
 from trady_peft import cli  # noqa: E402
-from trady_peft.report import analytic_floor, compare_memory  # noqa: E402
+from trady_peft.report import compare_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "memory"
@@ -65,6 +68,40 @@ MBV2_COMMAND = [
 BEGIN, END = "<!-- memory_report.py -->", "<!-- /memory_report.py -->"
 TBEGIN, TEND = "<!-- transformer_frozen_path.py -->", "<!-- /transformer_frozen_path.py -->"
 CASES = ("mbv2", "bert", "llama", "transformers")
+
+
+def analytic_floor(trady_model: nn.Module, inputs: torch.Tensor | Mapping) -> dict[str, int]:
+    """What a perfect implementation of the current selection must keep for backward, in bytes:
+    the selected channels' input values (their `trady_peft.memory.budget.LayerCost` from the shape probe), plus
+    one bit per element of every ReLU-family output between the lowest selected layer and the loss.
+    ``inputs``: one batch, a tensor or a mapping of keyword arguments."""
+    # The memory-saving twins subclass these, so they are covered too (ReLU6 is a Hardtanh).
+    relu_types = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)
+    tuner = trady_peft.find_tuner(trady_model)
+    name = tuner.active_adapters[0]
+    order: list[tuple[nn.Module, int]] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: order.append((mod, out.numel() if torch.is_tensor(out) else 0)))
+        for m in trady_model.modules()
+        if isinstance(m, (trady_peft.TraDyLayer, *relu_types))
+    ]
+    try:
+        with torch.no_grad():
+            trady_model(**inputs) if isinstance(inputs, Mapping) else trady_model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    selected = 0
+    for layer_name, layer in tuner.trady_layers(name):
+        k = layer.trady_delta[name].count
+        if k:
+            cost = tuner.layer_costs[layer_name]
+            selected += k * cost.activations * cost.batch_size * cost.activation_bytes
+    first = next(
+        i for i, (m, _) in enumerate(order) if isinstance(m, trady_peft.TraDyLayer) and m.trady_delta[name].count
+    )
+    masks = sum((n + 7) // 8 for m, n in order[first + 1 :] if isinstance(m, relu_types))
+    return {"selected_activations": selected, "relu_masks": masks, "total": selected + masks}
 
 
 def text_batch(batch: int, seq: int, causal: bool) -> dict:
@@ -186,9 +223,7 @@ def _command_lines() -> list[str]:
 
 
 def run_transformers(out: Path, seq: int, time_seq: int) -> dict:
-    """Issue 12's table (`transformer_frozen_path.run`): results JSON and the markdown block."""
-    import transformer_frozen_path as tfp
-
+    """The transformers' table (`transformer_frozen_path.run`): results JSON and the markdown block."""
     shape = tfp.Shape(seq=seq)
     results = tfp.run(shape, time_shape=tfp.Shape(seq=time_seq))
     (out / "transformers.json").write_text(json.dumps(results, indent=2))

@@ -24,6 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from offline_assets import Classifier  # noqa: E402
 
 
+def priced_inputs(tuner: trady_peft.TraDyModel, adapter_name: str = "default") -> dict[str, int]:
+    """Bytes of saved inputs the budget charges for the adapter's current selection, per layer: each
+    layer's `trady_peft.memory.budget.LayerCost.saved_bytes` (one channel's input, at the largest batch probed) times
+    its selected channels. Without a budget, the probe's measurement prices the layer."""
+    state = tuner.selection_states[adapter_name]
+    costs = {**tuner.layer_costs, **state.costs}
+    return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
+
+
 def saved_bytes_by_layer(model, batch) -> dict[str, int]:
     """Bytes autograd packs while each TraDy layer runs, one training step (`measure_training_step`)."""
     mem = trady_peft.measure_training_step(model, batch)
@@ -40,7 +49,7 @@ def check(budget: str, size: int, batch_size: int, seed: int) -> None:
     tuner = model.base_model
     tuner.probe(batch)  # what the first training forward does: probe the shapes, draw the channels
     saved = saved_bytes_by_layer(model, batch)
-    priced = tuner.priced_inputs()
+    priced = priced_inputs(tuner)
     total_priced, total_saved = sum(priced.values()), sum(saved.get(n, 0) for n in priced)
     layers = {n for n, m in tuner.model.named_modules() if isinstance(m, trady_peft.TraDyLayer)}
     unpriced = sorted((set(saved) & layers) - set(priced))  # TraDy layers that kept inputs nobody paid for

@@ -9,7 +9,7 @@ head) are quantized with each backend -- bitsandbytes NF4, FP4 and 8-bit, torcha
 * LoRA r=8, alpha 16, no dropout, on the same layers (peft dispatches its bitsandbytes and torchao
   LoRA layers, as QLoRA does).
 
-Every figure is measured: the base bytes by `trady_peft.core.quantized.storage_bytes` (parameters,
+Every figure is measured: the base bytes by trady-peft's `storage_bytes` (parameters,
 buffers and quantization statistics of the quantized model before the adapter is added), the
 adapter footprint by `trady_peft.measure_training_step` (trainable parameters, gradients, AdamW
 state, and the storages autograd saved for backward).

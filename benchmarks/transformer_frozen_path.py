@@ -1,4 +1,4 @@
-"""Issue 12's measured targets: TraDy's saved activations and step time against peft LoRA on transformers.
+"""TraDy's saved activations and step time against peft LoRA on transformers, and their targets.
 
 Every figure is measured by `trady_peft.measure_training_step` (saved-tensor hooks: the distinct
 storages autograd keeps for backward, parameters and buffers excluded) on a fresh model built from
@@ -51,7 +51,7 @@ from trady_peft.report import stock_type_name
 
 FAMILIES = ("llama", "gpt2", "bert")
 TITLES = {"llama": "Llama-style", "gpt2": "GPT-2-style", "bert": "BERT-style"}
-#: Issue 12's targets: TraDy's saved activations over LoRA's must not exceed these.
+#: The targets: TraDy's saved activations over LoRA's must not exceed these.
 TARGETS = {
     ("llama", "fp32", False): 0.5,
     ("llama", "bf16 autocast", False): 0.5,
@@ -256,7 +256,7 @@ def run(
     steps: int = 15,
     warmup: int = 3,
 ) -> dict:
-    """Measure every case of issue 12's table; returns a JSON-able dict (see `markdown`)."""
+    """Measure every case of the table; returns a JSON-able dict (see `markdown`)."""
     shape = shape or Shape()
     results: dict = {"shape": shape.describe(), "max_depth": max_depth, "families": {}}
     default = Method("TraDy", "trady")

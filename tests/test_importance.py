@@ -1,4 +1,4 @@
-"""Issue 5: the ranking tool, the shipped table, and its automatic use."""
+"""The ranking tool, the shipped table, and its automatic use."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from build_importance_tables import spearman  # benchmarks/, on pytest's pythonpath
 from peft import get_peft_model
 
 import trady_peft
 from tests.tiny_models import colour_images_loader, tiny_cnn
 from trady_peft.cli import main
-from trady_peft.selection.importance import ImportanceEntry, builtin_entry, spearman, top_k_for
+from trady_peft.selection.importance import ImportanceEntry, builtin_entry, top_k_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

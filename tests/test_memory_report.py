@@ -1,15 +1,16 @@
-"""Issue 4, acceptance 2-4: whole-network saving on MobileNetV2-w0.35 and the memory command."""
+"""Whole-network saving on MobileNetV2-w0.35 against its analytic floor, and the memory command."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from paper_models import mobilenet_v2_w035  # benchmarks/, on pytest's pythonpath
+from memory_report import analytic_floor  # benchmarks/, on pytest's pythonpath
+from paper_models import mobilenet_v2_w035
 
 import trady_peft
 from trady_peft.cli import main
-from trady_peft.report import analytic_floor, compare_memory
+from trady_peft.report import compare_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_memory_command_documents_itself(capsys):
 
 
 def test_memory_command_splits_tradys_saved_activations_by_module_type_before_and_after_the_twins(capsys):
-    """Issue 12, point 4: where the remaining bytes live, stock frozen path vs twins, by module type."""
+    """Where the remaining bytes live, stock frozen path vs twins, by module type."""
     spec = f"{ROOT / 'tests' / 'tiny_models.py'}:tiny_llama"
     argv = ["memory", "--model", spec, "--input-shape", "16", "--batch-size", "2", "--strategy", "d-full-random"]
     assert main([*argv, "--max-depth", "1"]) == 0
@@ -80,7 +81,7 @@ def test_memory_command_splits_tradys_saved_activations_by_module_type_before_an
 
 
 def test_the_transformers_memory_block_is_the_output_of_its_benchmark():
-    """docs/memory.md's issue-12 table is `transformer_frozen_path.markdown` of the saved measurement."""
+    """docs/memory.md's transformers table is `transformer_frozen_path.markdown` of the saved measurement."""
     import json
 
     import memory_report  # benchmarks/, on pytest's pythonpath
@@ -91,4 +92,4 @@ def test_the_transformers_memory_block_is_the_output_of_its_benchmark():
     assert transformer_frozen_path.markdown(results) in block
     for family in ("llama", "gpt2", "bert"):
         trady = results["families"][family]["cases"]["fp32"]["methods"]["TraDy"]
-        assert trady["bank_values"] <= 0.01 * results["families"][family]["parameters"]  # the issue's budget
+        assert trady["bank_values"] <= 0.01 * results["families"][family]["parameters"]  # the bank: 1% of them

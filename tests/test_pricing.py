@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from pricing_check import priced_inputs  # benchmarks/, on pytest's pythonpath
 from torch import nn
 
 import trady_peft
@@ -76,10 +77,7 @@ def saved_bytes_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def priced_bytes_by_layer(model) -> dict[str, int]:
     """Activation bytes the budget charges for the channels drawn in each layer."""
-    tuner = model.base_model
-    state = tuner.selection_states["default"]
-    costs = {**tuner.layer_costs, **state.costs}  # without a budget: the probe's measurement
-    return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
+    return priced_inputs(model.base_model)
 
 
 @pytest.mark.parametrize("size_index", [0, 1])

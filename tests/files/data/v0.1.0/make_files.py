@@ -1,8 +1,12 @@
 """Writes adapter files with trady-peft 0.1.0 (this checkout) for the load-compatibility test."""
-import json, sys
+
+import json
+import sys
 from pathlib import Path
+
 import torch
 from peft import get_peft_model
+
 import trady_peft
 from tests.tiny_models import tiny_cnn, tiny_llama
 
@@ -11,13 +15,17 @@ torch.manual_seed(0)
 images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
 
+
 def train(model, batches, periods):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for period in range(periods):
         for b in batches:
             loss = model(**b)["loss"]
-            loss.backward(); opt.step(); opt.zero_grad()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
         trady_peft.next_period(model, opt)
+
 
 cases = {}
 cnn = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget="4KiB", seed=3))

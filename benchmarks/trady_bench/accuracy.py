@@ -1,0 +1,86 @@
+"""The accuracy grid: each ``(method, seed)`` trained for the task's epochs, in this process or in
+worker processes, with its final metric and what the run cost."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+import trady_peft
+
+from .environment import quiet
+from .methods import Method, build_method
+from .resources import PeakRSS
+from .tasks import TASKS, Task
+from .training import epoch_order, evaluate_model, make_optimizer, start_period, train_mode, train_step
+
+
+def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> dict:
+    """Train ``method`` with ``seed`` for ``task.epochs`` epochs; its final metric and run figures."""
+    with PeakRSS() as rss:
+        start_cpu, start = time.process_time(), time.perf_counter()
+        model = train_mode(build_method(task, method, seed, lora_targets))
+        total = task.epochs * task.steps_per_epoch
+        optimizer, scheduler = make_optimizer(task, model, total)
+        losses = []
+        for epoch in range(task.epochs):
+            if method.is_trady:
+                start_period(model, task, optimizer, seed, epoch)
+            for rows in epoch_order(task, seed, epoch):
+                losses.append(train_step(model, task.batch(rows), optimizer, scheduler, task.max_grad_norm))
+        value = evaluate_model(task, model)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    record = {
+        "task": task.name,
+        "method": method.name,
+        "budget_bytes": method.budget,
+        "seed": seed,
+        task.metric: value,
+        "final_train_loss": losses[-1],
+        "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),  # refined by run_task
+        "epochs": task.epochs,
+        "steps": total,
+        "peak_rss_growth_bytes": rss.growth,
+        "wall_seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+    }
+    if method.is_trady:
+        summary = trady_peft.find_tuner(model).selection_summary()
+        record["touched_channels"] = summary["touched_channels"]
+        record["selected_channels"] = summary["selected_channels"]
+        record["total_channels"] = summary["total_channels"]
+    del model, optimizer
+    return record
+
+
+# Worker processes of the accuracy grid: each builds the task once (data, pretrained model).
+_WORKER_TASK: Task | None = None
+
+
+def _start_worker(name: str, sizes: dict) -> None:
+    global _WORKER_TASK
+    torch.set_num_threads(1)  # one thread per process: small batches scale poorly across threads
+    quiet()
+    _WORKER_TASK = TASKS[name](sizes)
+
+
+def _run_in_worker(method: Method, seed: int, lora_targets: list[str]) -> dict:
+    return run_one(_WORKER_TASK, method, seed, lora_targets)
+
+
+def run_grid(
+    task: Task, runs: list[tuple[Method, int]], lora_targets: list[str], jobs: int, spec: tuple[str, dict] | None
+) -> list[dict]:
+    """`run_one` for every ``(method, seed)`` of ``runs``, in order: in this process, or spread
+    over ``jobs`` spawned processes that rebuild the task from ``spec`` (the same data and weights:
+    the subsets and the pretrained model are fixed)."""
+    if jobs <= 1 or spec is None:
+        return [run_one(task, m, seed, lora_targets) for m, seed in runs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=spec) as pool:
+        futures = [pool.submit(_run_in_worker, m, seed, lora_targets) for m, seed in runs]
+        return [f.result() for f in futures]

@@ -1,0 +1,94 @@
+"""The benchmark command (``python benchmarks/bench.py``): arguments, the tasks to run, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .environment import environment, quiet
+from .outputs import default_output, write_outputs
+from .resources import cpu_seconds
+from .run import recount_flops, run_task
+from .tasks import PRESETS, TASKS
+
+DESCRIPTION = "What TraDy buys, measured: accuracy, memory, speed and artifact size against its baselines."
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark on the tasks of ``--tasks`` (or only rebuild the report); returns the
+    results of every task the report covers (task name -> `run_task`'s result)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--tasks", default="image,text,lm", help="comma-separated subset of image,text,lm")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the measuring process (timings need an idle machine)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes (one thread each) for the accuracy runs; 1 runs them in this process",
+    )
+    parser.add_argument("--output-dir", help="default: docs/benchmarks (quick) or docs/benchmarks/full (full)")
+    parser.add_argument(
+        "--recount-flops",
+        action="store_true",
+        help="run only the FLOP count of each task in --tasks, into its finished results in <output-dir>/raw, "
+        "then rebuild the report",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild the JSON, plots and tables from the per-task results in <output-dir>/raw",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    quiet()
+    preset = PRESETS[args.preset]
+    command = ("python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: needs at least 1 (1 runs everything in this process).")
+    out = Path(args.output_dir) if args.output_dir else default_output(args.preset)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for name in [] if args.report_only else args.tasks.split(","):
+        if name not in TASKS:
+            raise SystemExit(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}.")
+        if args.recount_flops and not (raw / f"{name}.json").exists():
+            raise SystemExit(f"--recount-flops: no results of task {name!r} in {raw}; run the benchmark first.")
+        t0 = time.perf_counter()
+        task = TASKS[name](preset[name])
+        print(f"[{name}] data and model loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.recount_flops:
+            recount_flops(raw / f"{name}.json", task, command)
+            print(f"[{name}] FLOPs recounted ({time.perf_counter() - t0:.0f} s)", flush=True)
+            continue
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, preset[name]))
+        result["run"] = {
+            **environment(command, args.threads),
+            "preset": args.preset,
+            "sizes": preset[name],
+            "jobs": args.jobs,
+        }
+        (raw / f"{name}.json").write_text(json.dumps(result, default=float) + "\n")
+    # The report covers every task with results in raw/ (this run's, and earlier runs' of other tasks).
+    results = {n: json.loads((raw / f"{n}.json").read_text()) for n in TASKS if (raw / f"{n}.json").exists()}
+    env = environment(command, args.threads)
+    env["preset"] = {"name": args.preset, **preset}
+    env["total"] = {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(cpu_seconds() - cpu, 1),
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    write_outputs(results, env, out)
+    print(f"done: {env['total']}", flush=True)
+    return results

@@ -1,0 +1,88 @@
+"""What a benchmark writes: the JSON files, the plots, ``table.md``, and the docs page's generated block."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .environment import ROOT
+from .plots import artifact_plot, pareto_plot
+from .report import report_markdown
+
+#: Where the quick preset's results go (the other presets: a folder inside it).
+OUT = ROOT / "docs" / "benchmarks"
+#: The docs page whose markers receive the generated tables.
+DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
+
+
+def default_output(preset: str) -> Path:
+    """Where a preset's results go: docs/benchmarks (quick), docs/benchmarks/<preset> (the others)."""
+    return OUT if preset == "quick" else OUT / preset
+
+
+def write_json(path: Path, env: dict, key: str, rows: Any) -> None:
+    """``env`` and ``rows`` (under ``key``) as one indented JSON file."""
+    path.write_text(json.dumps({**env, key: rows}, indent=1, default=float) + "\n")
+
+
+def write_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
+    """Every output of ``results`` (task name -> `run_task`'s result) under ``out``; the docs page's
+    block too when ``out`` is the preset's default folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = [r for t in results.values() for r in t["records"]]
+    memory = [r for t in results.values() for r in t["memory"]]
+    speed = [r for t in results.values() for r in t["speed"]]
+    artifacts = [t["artifact"] for t in results.values()]
+    titles = {k: t["title"] for k, t in results.items()}
+    tasks_meta = {
+        k: {
+            key: t.get(key)
+            for key in (
+                "title",
+                "notes",
+                "lora_targets",
+                "target_layers",
+                "budgets",
+                "untrained",
+                "lr",
+                "max_grad_norm",
+                "elapsed",
+                "run",
+            )
+        }
+        for k, t in results.items()
+    }
+    write_json(out / "accuracy.json", {**env, "tasks": tasks_meta}, "records", records)
+    write_json(out / "memory.json", env, "rows", memory)
+    write_json(out / "speed.json", env, "rows", speed)
+    write_json(out / "artifact.json", env, "runs", artifacts)
+    pareto_plot(records, memory, out / "pareto.png", titles)
+    artifact_plot(artifacts, out / "artifact.png", titles)
+    table = report_markdown(results, env, records, memory, speed, artifacts, titles)
+    (out / "table.md").write_text(table)
+    preset = env.get("preset", {}).get("name", "quick")
+    if out.resolve() == default_output(preset).resolve():
+        update_docs_page(DOCS_PAGE, table, preset, out)
+
+
+def markers(preset: str) -> tuple[str, str]:
+    """The docs page's markers around a preset's generated tables."""
+    name = "bench.py" if preset == "quick" else f"bench.py {preset}"
+    return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+
+def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = OUT) -> None:
+    """Put the generated tables (``<out>/table.md``) between the page's markers for ``preset``."""
+    begin, end = markers(preset)
+    text = page.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} lacks the {begin} ... {end} markers that bench.py fills.")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    folder = Path(os.path.relpath(out, page.parent)).as_posix()  # table.md sits next to its plots
+    table = table.replace("](pareto.png)", f"]({folder}/pareto.png)").replace(
+        "](artifact.png)", f"]({folder}/artifact.png)"
+    )
+    page.write_text(f"{head}{begin}\n{table}{end}{tail}")

@@ -1,0 +1,82 @@
+"""The report's PNG plots: accuracy (or perplexity) against measured memory, and the artifact's growth.
+
+matplotlib (the ``plot`` extra) is imported when a plot is drawn, with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .aggregate import summarize
+from .methods import order_of
+from .report import label, statements
+
+
+def pareto_plot(records: list[dict], memory: list[dict], path: Path, titles: dict[str, str]) -> None:
+    """Accuracy (or perplexity) against measured memory of a step, one point per method x budget,
+    error bars = one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(records)
+    mem = {(r["task"], r["method"], r["budget_bytes"]): r for r in memory}
+    tasks = list(statements(records))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.8), squeeze=False)
+    markers = "os^vD<>PX*h"
+    names = sorted({k[1] for k in summary}, key=order_of)
+    for ax, task in zip(axes[0], tasks):
+        for i, name in enumerate(names):
+            keys = sorted((k for k in summary if k[0] == task and k[1] == name), key=lambda k: k[2] or 0)
+            xs = [mem[k]["step_total_bytes"] / 2**20 for k in keys if k in mem]
+            ys = [summary[k]["mean_std"][0] for k in keys if k in mem]
+            es = [summary[k]["mean_std"][1] for k in keys if k in mem]
+            if xs:
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    marker=markers[i % len(markers)],
+                    capsize=3,
+                    label=label(name),
+                    linestyle="-" if len(xs) > 1 else "none",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("measured memory of a step, MiB (saved activations + trainable + grads + optimizer)")
+        metric = summary[next(k for k in summary if k[0] == task)]["metric"]
+        ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
+        ax.set_title(titles.get(task, task), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def artifact_plot(artifacts: list[dict], path: Path, titles: dict[str, str]) -> None:
+    """The touched fraction of candidate channels against epochs, measured and expected, per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for a in artifacts:
+        e = [r["epoch"] for r in a["epochs"]]
+        line = ax.plot(e, [r["touched_fraction"] for r in a["epochs"]], marker="o", label=f"{a['task']}: measured")
+        ax.plot(
+            e,
+            [r["expected_fraction_per_layer"] for r in a["epochs"]],
+            linestyle="--",
+            color=line[0].get_color(),
+            label=f"{a['task']}: 1-(1-ρ)^E per layer",
+        )
+    ax.set_xlabel("epochs E")
+    ax.set_ylabel("touched fraction of candidate channels")
+    ax.set_title("Adapter artifact: union of channels touched (TraDy, smaller budget)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

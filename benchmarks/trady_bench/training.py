@@ -1,0 +1,99 @@
+"""How every method trains: batch-norm statistics frozen, the paper's SGD and schedule, one period
+per epoch (`trady_peft.next_period`), a training step, and the test metric."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+import trady_peft
+
+from .environment import examples_importable
+from .tasks import Task
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()`` with every batch norm's statistics frozen (eval mode; its affine weights still
+    train where they are trainable). TraDy's memory-saving frozen path freezes them too, so every
+    method trains under the same normalisation (short runs would otherwise drag the running
+    statistics to a few small batches; see the offline-assets notes)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
+def make_optimizer(task: Task, model: nn.Module, total_steps: int):
+    """The paper's optimizer over the trainable parameters: plain SGD (no momentum, no weight decay),
+    cosine decay with a linear warm-up over ``task.warmup`` of ``total_steps``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=task.lr, momentum=0.0, weight_decay=0.0)
+    warmup = max(1, round(task.warmup * total_steps))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def epoch_order(task: Task, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The training rows of ``epoch``, shuffled by ``(seed, epoch)`` and split into batches."""
+    n = len(task.train["labels"])
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return list(torch.randperm(n, generator=g).split(task.batch_size))
+
+
+def start_period(model: nn.Module, task: Task, optimizer, seed: int, epoch: int) -> None:
+    """Start TraDy period ``epoch`` (`trady_peft.next_period`); the strategies that score channels
+    (the Det-RGN oracles) score it on the first batches of that epoch."""
+    batches = (task.batch(rows) for rows in epoch_order(task, seed, epoch))  # read only by a scoring strategy
+    trady_peft.next_period(model, optimizer, batches=batches, period=epoch)
+
+
+def loss_of(output) -> torch.Tensor:
+    """The loss of a model's output (a dict or a ``ModelOutput``)."""
+    return output["loss"] if isinstance(output, dict) else output.loss
+
+
+def train_step(model, batch, optimizer, scheduler=None, max_grad_norm: float | None = None) -> float:
+    """One optimizer step on ``batch`` (clipped to ``max_grad_norm``); returns the loss."""
+    loss = loss_of(model(**batch))
+    loss.backward()
+    if max_grad_norm is not None:  # the Trainer's default clipping (max_grad_norm=1.0), over all trained values
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate_model(task: Task, model: nn.Module) -> float:
+    """Test accuracy (the offline ``evaluate`` accuracy module) or held-out perplexity."""
+    model.eval()
+    n = len(task.test["labels"])
+    chunks = torch.arange(n).split(task.eval_batch_size)
+    try:
+        if task.metric == "perplexity":
+            total, tokens = 0.0, 0
+            for rows in chunks:
+                batch = {k: v[rows] for k, v in task.test.items()}
+                count = int((batch["labels"][:, 1:] != -100).sum())
+                total += float(loss_of(model(**batch))) * count
+                tokens += count
+            return math.exp(total / tokens)
+        import evaluate
+
+        examples_importable()
+        from offline_assets import ACCURACY
+
+        metric = evaluate.load(str(ACCURACY))
+        for rows in chunks:
+            batch = {k: v[rows] for k, v in task.test.items() if k != "labels"}
+            logits = model(**batch)["logits"]
+            metric.add_batch(predictions=logits.argmax(-1), references=task.test["labels"][rows])
+        return float(metric.compute()["accuracy"])
+    finally:
+        train_mode(model)
