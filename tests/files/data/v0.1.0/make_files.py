@@ -18,7 +18,7 @@ ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
 
 def train(model, batches, periods):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for period in range(periods):
+    for _ in range(periods):
         for b in batches:
             loss = model(**b)["loss"]
             loss.backward()
