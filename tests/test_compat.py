@@ -294,3 +294,14 @@ def test_tensor_version_counts_in_place_changes():
         weight.add_(1.0)
     assert compat.tensor_version(weight) > before
     assert compat.tensor_version(view) == compat.tensor_version(weight)  # views share the counter
+
+
+def test_loss_function_of_returns_what_the_property_returns():
+    # transformers 5.24: PreTrainedModel.loss_function reads _loss_function, then loss_type, then the default.
+    from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+
+    for model in (tiny_llama(), tiny_gpt2(), tiny_bert()):
+        assert compat.loss_function_of(model) is model.loss_function
+    model = tiny_llama()
+    model.loss_function = custom = lambda *a, **k: None  # noqa: E731
+    assert compat.loss_function_of(model) is custom

@@ -201,3 +201,25 @@ def test_other_families_fuse_or_fall_back_by_their_loss_path(name, fused):
     assert ("Fused" in type(out.loss.grad_fn).__name__) is fused
     torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_a_model_without_a_loss_of_its_own_is_not_asked_for_one():
+    """Wrapping a BERT classifier must not make transformers log that ``loss_type=None`` is unrecognized
+    (its ``loss_function`` property logs that for any model whose class maps to no loss)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from tests.tiny_models import tiny_bert
+
+    logging.Logger.warning_once.cache_clear()  # transformers logs each message once per process
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        get_peft_model(tiny_bert(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "loss_type" in r.getMessage()]

@@ -248,3 +248,29 @@ def tensor_version(tensor: torch.Tensor) -> int:
     place. TraDy uses it to know when one forward's split of a bank may no longer be reused.
     """
     return tensor._version
+
+
+# -------------------------------------------------------------------------- the causal-LM loss
+def causal_lm_loss():
+    """transformers' stock causal-LM loss (``LOSS_MAPPING["ForCausalLM"]``, transformers 5.24
+    ``transformers.loss.loss_utils``), or None where it cannot be found."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # pragma: no cover
+        return None
+    return LOSS_MAPPING.get("ForCausalLM")
+
+
+def loss_function_of(module):
+    """What ``module.loss_function`` returns, without reading the property.
+
+    transformers 5.24, ``PreTrainedModel.loss_function``: the loss set on the model (kept as
+    ``_loss_function``), else the one its ``loss_type`` (from the class name) maps to in
+    ``LOSS_MAPPING``, else the causal-LM loss. The last case logs that ``loss_type=None`` is
+    unrecognized, which must not appear for a model nothing asked for its loss.
+    """
+    if "_loss_function" in module.__dict__:
+        return module.__dict__["_loss_function"]
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    return LOSS_MAPPING.get(getattr(module, "loss_type", None)) or causal_lm_loss()

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...compat import causal_lm_loss, loss_function_of
+
 #: logits elements handled at once by the fused loss (a chunk of tokens x vocab, fp32: 16 MiB).
 CHUNK_ELEMENTS = 2**22
 
@@ -161,19 +163,11 @@ class FusedCausalLMLoss:
         return _FusedCrossEntropy.apply(hidden, logits.detach(), weight, targets, ignore_index, scale)
 
 
-def _causal_lm_loss():
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING
-    except ImportError:  # pragma: no cover
-        return None
-    return LOSS_MAPPING.get("ForCausalLM")
-
-
 def apply_fused_loss(model: nn.Module, skip: set[int]) -> list[str]:
     """Give every causal LM in ``model`` with a frozen ``nn.Linear`` output embedding (not in ``skip``,
     ids of modules a tuner owns) the `FrozenPathLMHead` and `FusedCausalLMLoss`. Returns the heads'
     names."""
-    stock_loss = _causal_lm_loss()
+    stock_loss = causal_lm_loss()
     names = {m: n for n, m in model.named_modules()}
     swapped = []
     for module in model.modules():
@@ -181,7 +175,7 @@ def apply_fused_loss(model: nn.Module, skip: set[int]) -> list[str]:
         if stock_loss is None or get_head is None or not hasattr(type(module), "loss_function"):
             continue
         try:
-            head, loss_function = get_head(), module.loss_function
+            head, loss_function = get_head(), loss_function_of(module)
         except Exception:  # noqa: BLE001 - a model without a head or a loss mapping keeps its own
             continue
         if type(head) is not nn.Linear or id(head) in skip or any(p.requires_grad for p in head.parameters()):
