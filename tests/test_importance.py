@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from build_importance_tables import spearman  # benchmarks/, on pytest's pythonp
 from peft import get_peft_model
 
 import trady_peft
-from tests.tiny_models import colour_images_loader, tiny_cnn
+from tests.tiny_models import colour_images_loader, tiny_cnn, tiny_llama
 from trady_peft.cli import main
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, top_k_for
 
@@ -51,6 +52,29 @@ def test_layer_ranking_file_and_unknown_family_message(tmp_path, caplog):
     assert "no importance table" in caplog.text and "rank-layers" in caplog.text
     with pytest.raises(ValueError, match="not a readable ranking file"):
         trady_peft.TraDyConfig(layer_ranking=str(tmp_path / "missing.json"))
+
+
+def test_a_model_too_small_for_its_table_is_told_so_once(caplog):
+    """A 2-layer Llama has the family's table, but most of its ranked layers are missing: the warning
+    says that, with the numbers, once, and not on an inference load."""
+    from peft import PeftModel
+
+    from trady_peft import periods
+
+    periods._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="24KiB"))
+        get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="24KiB"))
+    messages = [r.getMessage() for r in caplog.records if "importance table" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "no importance table" not in messages[0]
+    assert "cannot use the 'llama' importance table" in messages[0] and "of them are target layers" in messages[0]
+    caplog.clear()
+    periods._warn_once.cache_clear()
+    with tempfile.TemporaryDirectory() as directory, caplog.at_level(logging.WARNING):
+        model.save_pretrained(directory)
+        PeftModel.from_pretrained(tiny_llama(), directory)  # inference: nothing is drawn
+    assert "importance table" not in caplog.text
 
 
 def test_rank_layers_command_writes_an_entry(tmp_path, capsys):

@@ -10,6 +10,7 @@ and `trady_peft.next_period`). It talks to the tuner only through `PeriodHost`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import weakref
@@ -110,12 +111,23 @@ class Periods:
         names = [n for n, _ in self.host.trady_layers(name)]
         present = [r for r in entry.ranking if any(names_match(n, r) for n in names)] if entry else []
         if entry is None or len(present) < len(entry.ranking) / 2:
+            if config.inference_mode:
+                return  # nothing is drawn for inference
             medyate = config.strategy == "medyate"
             fallback = "rank layers by module order" if medyate else "draw from every target layer (D-Full Random)"
-            logger.warning(
-                "TraDy has no importance table for %s: strategy=%r will %s. Rank this architecture "
-                "once with `trady-peft rank-layers` (or trady_peft.rank_layers) and pass layer_ranking=<file>%s.",
-                f"family {found[0]!r}" if found else type(self.host.model).__name__,
+            if entry is None:
+                what = f"family {found[0]!r}" if found else type(self.host.model).__name__
+                cause = f"has no importance table for {what}"
+            else:
+                cause = (
+                    f"cannot use the {entry.family!r} importance table: it ranks {len(entry.ranking)} layers and only "
+                    f"{len(present)} of them are target layers of this model (fewer than half; a smaller or "
+                    "differently named model?)"
+                )
+            _warn_once(
+                "TraDy %s: strategy=%r will %s. Rank this model once with `trady-peft rank-layers` (or "
+                "trady_peft.rank_layers) and pass layer_ranking=<file>%s.",
+                cause,
                 config.strategy,
                 fallback,
                 "" if medyate else ", or set strategy='d-full-random' to silence this",
@@ -506,6 +518,12 @@ class Periods:
             summary.update(budget=budget.amount, unit=budget.unit, selected_cost=self.selected_cost(adapter_name))
             summary["budget_used"] = round(summary["selected_cost"] / budget.amount, 4)
         return summary
+
+
+@functools.cache
+def _warn_once(message: str, *args) -> None:
+    """``logger.warning``, once per process for each distinct message."""
+    logger.warning(message, *args)
 
 
 def _check_budget(config: TraDyConfig, priced: list[PricedLayer], limits: tuple[int, ...]) -> None:
