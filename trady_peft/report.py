@@ -16,7 +16,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .config import TraDyConfig
-from .core.layer import TraDyLayer
 from .memory.measure import TrainingStepMemory, measure_training_step
 
 # Module types grouped into the parts of a network a report talks about.
@@ -212,7 +211,7 @@ def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, bu
     """The adapter's measured footprint in one step: the bank's parameter, gradient and per-value
     optimizer state, plus what autograd kept inside the TraDy layers (saved-tensor hooks)."""
     tuner = trady.base_model
-    layers = {f"base_model.model.{n}" for n, m in tuner.model.named_modules() if isinstance(m, TraDyLayer)}
+    layers = {f"base_model.model.{n}" for n, _ in tuner.trady_layers()}
     saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
     bank = 0
     for p in tuner.channel_bank.parameters():
@@ -225,10 +224,9 @@ def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, bu
 def lora_targets(peft_model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
     """TraDy's layers that peft LoRA can also wrap (its grouped convs need rank % groups == 0)."""
     ok, skipped = [], []
-    for name, m in peft_model.base_model.model.named_modules():
-        if isinstance(m, TraDyLayer):
-            groups = m.geometry.groups
-            (ok if groups == 1 or rank % groups == 0 else skipped).append(name)
+    for name, m in peft_model.base_model.trady_layers():
+        groups = m.geometry.groups
+        (ok if groups == 1 or rank % groups == 0 else skipped).append(name)
     return ok, skipped
 
 
