@@ -47,7 +47,7 @@ from torch import nn
 
 from ...compat import is_zero3_param, tensor_leaves, tree_flatten, tree_unflatten
 from ...core.layer import ChannelDeltaView
-from .common import make_twin, normalized_source, trains
+from .common import autocast_state, make_twin, normalized_source, reenter_autocast, trains
 
 _TENSOR = object()  # where a tensor sits in a flattened structure
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -180,8 +180,8 @@ def _aliased_segments(views: list[tuple[nn.Module, nn.Module]], aliases: list[to
 
 
 def _autocast_state(device: str) -> list[tuple[str, bool, torch.dtype]]:
-    devices = [device] if device == "cpu" else [device, "cpu"]
-    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+    """The autocast states of the ``device`` type and, for another device, of the CPU."""
+    return [autocast_state(d) for d in ([device] if device == "cpu" else [device, "cpu"])]
 
 
 @dataclass
@@ -250,8 +250,8 @@ class _Recompute(torch.autograd.Function):
                 torch.cuda.set_rng_state(saved[n + 1], job.device)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
-                for device, enabled, dtype in job.autocast:
-                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+                for state in job.autocast:
+                    stack.enter_context(reenter_autocast(state))
                 stack.enter_context(_recompute_scope())
                 stack.enter_context(_aliased_segments(views, aliases))
                 args, kwargs = _unflatten(job.spec, iter(inputs))
@@ -276,7 +276,7 @@ class _RecomputedAttention:
             or not torch.is_grad_enabled()
             or _recomputing()
             or kwargs.get("output_attentions")
-            or any(p.requires_grad for p in self.parameters())
+            or trains(self)
             or type(self) in _UNSUPPORTED_OUTPUTS
         ):
             return stock(*args, **kwargs)
