@@ -96,7 +96,7 @@ def model_steps(layers: int, seq: int, budget: int, steps: int) -> dict[str, flo
     lora = get_peft_model(_llama(layers), LoraConfig(r=8, target_modules="all-linear"))
     trady = get_peft_model(_llama(layers), trady_peft.TraDyConfig(memory_budget=budget, strategy="d-full-random"))
     tuner = trady.base_model
-    n_layers = sum(1 for m in trady.modules() if isinstance(m, trady_peft.TraDyLayer))
+    n_layers = len(tuner.trady_layers())
     bank = tuner.channel_bank["default"].weight.numel()
     out = {"trady_layers": n_layers, "bank_values": bank, "lora": _median_time(stepper(lora), steps)}
     out["trady_split"] = _median_time(stepper(trady), steps)

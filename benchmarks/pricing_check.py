@@ -51,7 +51,7 @@ def check(budget: str, size: int, batch_size: int, seed: int) -> None:
     saved = saved_bytes_by_layer(model, batch)
     priced = priced_inputs(tuner)
     total_priced, total_saved = sum(priced.values()), sum(saved.get(n, 0) for n in priced)
-    layers = {n for n, m in tuner.model.named_modules() if isinstance(m, trady_peft.TraDyLayer)}
+    layers = {n for n, _ in tuner.trady_layers()}
     unpriced = sorted((set(saved) & layers) - set(priced))  # TraDy layers that kept inputs nobody paid for
     worst = max(priced, key=lambda n: saved.get(n, 0) / priced[n])
     print(

@@ -157,6 +157,20 @@ def test_tensor_leaves_finds_nested_tensors():
     assert [t.shape for t in tensor_leaves(((a, [b]), {"x": {"y": c}, "n": 3}))] == [a.shape, b.shape, c.shape]
 
 
+def test_tree_flatten_asks_is_leaf_first_and_tree_unflatten_rebuilds_plain_containers():
+    from collections import OrderedDict, namedtuple
+
+    from trady_peft.compat import tree_flatten, tree_unflatten
+
+    pair = namedtuple("pair", "a b")(1, 2)
+    tree = ([pair, OrderedDict(k=3)], {"z": (4,), "a": None})
+    leaves, spec = tree_flatten(tree, is_leaf=lambda x: type(x) not in (tuple, list, dict))
+    assert leaves == [pair, OrderedDict(k=3), 4, None]  # namedtuple and OrderedDict kept whole
+    rebuilt = tree_unflatten(["p", "o", 5, 6], spec)
+    assert rebuilt == (["p", "o"], {"z": (5,), "a": 6}) and list(rebuilt[1]) == ["z", "a"]
+    assert type(rebuilt) is tuple and type(rebuilt[0]) is list and type(rebuilt[1]) is dict
+
+
 # ------------------------------------------- private APIs used outside compat.py, one test each
 def test_peft_type_enum_accepts_the_trady_member():
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING

@@ -15,6 +15,7 @@ from peft import get_peft_model
 
 import trady_peft
 from tests.tiny_models import colour_images_loader, tiny_cnn, tiny_llama
+from trady_peft import periods
 from trady_peft.cli import main
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, top_k_for
 
@@ -47,6 +48,7 @@ def test_layer_ranking_file_and_unknown_family_message(tmp_path, caplog):
     assert config.layer_ranking == entry.ranking and config.top_k == entry.top_k
     model = get_peft_model(tiny_cnn(), config)
     assert {n for n, _ in model.base_model.candidate_layers()} == set(entry.ranking[: entry.top_k])
+    periods._warn_once.cache_clear()  # the warning is given once per process
     with caplog.at_level(logging.WARNING):
         get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1))
     assert "no importance table" in caplog.text and "rank-layers" in caplog.text
@@ -58,8 +60,6 @@ def test_a_model_too_small_for_its_table_is_told_so_once(caplog):
     """A 2-layer Llama has the family's table, but most of its ranked layers are missing: the warning
     says that, with the numbers, once, and not on an inference load."""
     from peft import PeftModel
-
-    from trady_peft import periods
 
     periods._warn_once.cache_clear()
     with caplog.at_level(logging.WARNING):

@@ -64,6 +64,18 @@ def test_det_rgn_takes_the_channels_with_the_highest_reweighted_gradient_norm():
     assert got == expected and tuner.selected_cost() == spent
 
 
+def test_channel_norms_are_the_norms_of_each_channels_slice():
+    from trady_peft.selection.statistics import channel_norms
+
+    slices = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    norms = channel_norms(slices)
+    assert norms.dtype == torch.float64 and norms.shape == (5,)
+    assert torch.allclose(
+        norms, torch.tensor([float(s.double().pow(2).sum().sqrt()) for s in slices], dtype=torch.float64)
+    )
+    assert channel_norms(slices.bfloat16(), dtype=None).dtype == torch.bfloat16  # in the slices' own dtype
+
+
 def test_weighted_draw_follows_the_weights():
     layers = [PricedLayer("a", 4, 10), PricedLayer("b", 4, 10)]
     weights = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 4.0, 8.0, 8.0])]

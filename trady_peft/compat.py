@@ -26,6 +26,7 @@ Private APIs that are one line of a data path stay there, each with its own test
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -177,6 +178,26 @@ def tensor_leaves(tree) -> list:
     from torch.utils._pytree import tree_leaves
 
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def tree_flatten(tree, is_leaf) -> tuple[list, Any]:
+    """``(leaves, spec)`` of ``tree``, with every node for which ``is_leaf`` is true kept whole.
+
+    torch 2.13: ``torch.utils._pytree.tree_flatten`` asks ``is_leaf`` before it opens any node
+    (even a type pytree knows, such as a namedtuple), keeps a dict's keys in insertion order,
+    and its spec rebuilds plain tuples, lists and dicts with `tree_unflatten`.
+    """
+    from torch.utils._pytree import tree_flatten as flatten
+
+    return flatten(tree, is_leaf=is_leaf)
+
+
+def tree_unflatten(leaves: list, spec) -> Any:
+    """The structure `tree_flatten` gave ``spec`` for, with ``leaves`` in its leaves' places
+    (torch 2.13: ``torch.utils._pytree.tree_unflatten``)."""
+    from torch.utils._pytree import tree_unflatten as unflatten
+
+    return unflatten(leaves, spec)
 
 
 # -------------------------------------------------------------------------------- DeepSpeed ZeRO

@@ -24,7 +24,7 @@ from .config import TraDyConfig
 from .core.bank import DeltaBank
 from .core.distributed import bank_for_saving, bank_numel, check_bank_placement, register_zero3_bank, unwrapped_name
 from .core.geometry import SUPPORTED_LAYER_TYPES
-from .core.layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer
+from .core.layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer, trady_layers
 from .core.quantized import requantize_refusal
 from .core.targets import default_targets
 from .files.format import INDICES, PREFIX, VALUES, check_model_state
@@ -91,7 +91,7 @@ class TraDyModel(BaseTuner):
     def _one_quantized_merge_warning(self, refuse: bool = True):
         """One `QuantizedMergeWarning` for the whole model instead of one per quantized layer, naming
         the layers with the largest rounding errors (each layer keeps its own in ``merge_rounding_errors``)."""
-        layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TraDyLayer)]
+        layers = self.trady_layers()
         for n, m in layers if refuse else []:  # refuse before any layer is merged
             refusal = requantize_refusal(m.base_layer) if m.quantization is not None else None
             if refusal is not None:
@@ -284,8 +284,8 @@ class TraDyModel(BaseTuner):
         """Whether anything inside ``module`` trains now: selected channels of an active adapter whose
         bank trains, or a parameter that requires grad (`trady_peft.memory.backprop`)."""
         banks = getattr(self, "channel_bank", {})
-        for m in module.modules():
-            if isinstance(m, TraDyLayer) and not m.disable_adapters and not m.merged:
+        for _, m in trady_layers(module):
+            if not m.disable_adapters and not m.merged:
                 for name in m.active_adapters:
                     if name in banks and banks[name].weight.requires_grad and m.current_delta_installed(name):
                         return True
@@ -293,11 +293,7 @@ class TraDyModel(BaseTuner):
 
     def trady_layers(self, adapter_name: str | None = None) -> list[tuple[str, TraDyLayer]]:
         """The wrapped layers carrying ``adapter_name`` (default: every wrapped layer), in module order."""
-        return [
-            (n, m)
-            for n, m in self.model.named_modules()
-            if isinstance(m, TraDyLayer) and (adapter_name is None or adapter_name in m.trady_delta)
-        ]
+        return trady_layers(self.model, adapter_name)
 
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
@@ -385,9 +381,7 @@ class TraDyModel(BaseTuner):
     @staticmethod
     def _fold_into(model, adapter_name: str, out: dict) -> None:
         """Write each layer's store with the current period folded in into ``out``."""
-        for name, module in model.named_modules():
-            if not isinstance(module, TraDyLayer) or adapter_name not in module.trady_delta:
-                continue
+        for name, module in trady_layers(model, adapter_name):
             name = unwrapped_name(name)
             key_idx, key_val = f"{name}.{INDICES}.{adapter_name}", f"{name}.{VALUES}.{adapter_name}"
             if key_idx not in out:

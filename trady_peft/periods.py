@@ -39,7 +39,7 @@ from .memory.budget import (
 from .selection.draws import Candidate, PricedLayer
 from .selection.importance import builtin_entry, family_of
 from .selection.state import Phase, SelectionState
-from .selection.statistics import ChannelNormStatistics, full_gradient_norms
+from .selection.statistics import ChannelNormStatistics, channel_norms, full_gradient_norms
 from .selection.strategies import alpha_top_k, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ class Periods:
             view = layer.trady_delta[name]
             if view.count:
                 seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
-                statistics.add(layer_name, layer.trady_idx[name], seg.double().norm(dim=1))
+                statistics.add(layer_name, layer.trady_idx[name], channel_norms(seg))
         statistics.step()
 
     # ------------------------------------------------------------------------------ summary

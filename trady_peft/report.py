@@ -16,7 +16,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from .config import TraDyConfig
-from .core.layer import TraDyLayer
 from .memory.measure import TrainingStepMemory, measure_training_step
 
 # Module types grouped into the parts of a network a report talks about.
@@ -200,11 +199,8 @@ class MemoryReport:
         return path
 
 
-def _weights_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _bytes_of(model: nn.Module, marker: str) -> int:
+def _bytes_of(model: nn.Module, marker: str = "") -> int:
+    """Bytes of ``model``'s parameters whose names contain ``marker`` (default: every parameter)."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if marker in n)
 
 
@@ -212,7 +208,7 @@ def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, bu
     """The adapter's measured footprint in one step: the bank's parameter, gradient and per-value
     optimizer state, plus what autograd kept inside the TraDy layers (saved-tensor hooks)."""
     tuner = trady.base_model
-    layers = {f"base_model.model.{n}" for n, m in tuner.model.named_modules() if isinstance(m, TraDyLayer)}
+    layers = {f"base_model.model.{n}" for n, _ in tuner.trady_layers()}
     saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
     bank = 0
     for p in tuner.channel_bank.parameters():
@@ -225,10 +221,9 @@ def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, bu
 def lora_targets(peft_model: nn.Module, rank: int) -> tuple[list[str], list[str]]:
     """TraDy's layers that peft LoRA can also wrap (its grouped convs need rank % groups == 0)."""
     ok, skipped = [], []
-    for name, m in peft_model.base_model.model.named_modules():
-        if isinstance(m, TraDyLayer):
-            groups = m.geometry.groups
-            (ok if groups == 1 or rank % groups == 0 else skipped).append(name)
+    for name, m in peft_model.base_model.trady_layers():
+        groups = m.geometry.groups
+        (ok if groups == 1 or rank % groups == 0 else skipped).append(name)
     return ok, skipped
 
 
@@ -274,7 +269,7 @@ def compare_memory(
     # The bank is the tuner's, not the base model's: it counts in `trainable`, not in `weights`.
     copies = "peft's trainable copy of modules_to_save, kept next to the frozen original"
     extra = {copies: _bytes_of(trady, "modules_to_save")}
-    rows.append(MethodMemory("TraDy", trady_mem, _weights_bytes(trady.get_base_model()), note, extra))
+    rows.append(MethodMemory("TraDy", trady_mem, _bytes_of(trady.get_base_model()), note, extra))
 
     targets, skipped = lora_targets(trady, lora_r)
     lora_config = LoraConfig(r=lora_r, target_modules=targets, modules_to_save=config.modules_to_save)
@@ -287,15 +282,13 @@ def compare_memory(
         copies: _bytes_of(lora, "modules_to_save"),
     }
     lora_mem = measure_training_step(lora, inputs, make_optimizer(lora))
-    rows.append(MethodMemory("LoRA", lora_mem, _weights_bytes(lora), note, extra))
+    rows.append(MethodMemory("LoRA", lora_mem, _bytes_of(lora), note, extra))
 
     full = build_model().train()
     for p in full.parameters():
         p.requires_grad_(True)
     rows.append(
-        MethodMemory(
-            "full fine-tuning", measure_training_step(full, inputs, make_optimizer(full)), _weights_bytes(full)
-        )
+        MethodMemory("full fine-tuning", measure_training_step(full, inputs, make_optimizer(full)), _bytes_of(full))
     )
     stock = None
     if frozen_path_split and config.memory_saving_frozen_path:
@@ -303,6 +296,6 @@ def compare_memory(
         stock_config.memory_saving_frozen_path = False
         stock_model = get_peft_model(build_model(), stock_config).train()
         stock_mem = measure_training_step(stock_model, inputs, make_optimizer(stock_model))
-        stock = MethodMemory("TraDy, stock frozen path", stock_mem, _weights_bytes(stock_model.get_base_model()))
+        stock = MethodMemory("TraDy, stock frozen path", stock_mem, _bytes_of(stock_model.get_base_model()))
         del stock_model
     return MemoryReport(rows, description, trady_model=trady, stock_frozen_path=stock)

@@ -314,3 +314,13 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "trady." + super().__repr__()
+
+
+def trady_layers(module: nn.Module, adapter_name: str | None = None) -> list[tuple[str, TraDyLayer]]:
+    """The TraDy layers inside ``module`` carrying ``adapter_name`` (default: every TraDy layer), with
+    their names relative to ``module``, in module order."""
+    return [
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, TraDyLayer) and (adapter_name is None or adapter_name in m.trady_delta)
+    ]

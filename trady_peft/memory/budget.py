@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.collectives import all_reduce_max
 from ..core.geometry import SUPPORTED_LAYER_TYPES, ChannelGeometry
-from ..core.layer import TraDyLayer
+from ..core.layer import trady_layers
 from ..core.targets import names_match
 from .measure import call_model
 
@@ -326,7 +326,7 @@ def all_reduce_max_costs(costs: dict[str, LayerCost]) -> dict[str, LayerCost]:
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every layer TraDy can train: TraDy layers if ``model`` has them, else every Linear/Conv/Conv1D."""
-    tradys = [(n, m) for n, m in model.named_modules() if isinstance(m, TraDyLayer)]
+    tradys = trady_layers(model)
     if tradys:
         return tradys
     layers = []

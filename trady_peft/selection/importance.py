@@ -35,6 +35,7 @@ from ..core.geometry import ChannelGeometry
 from ..core.targets import names_match, output_heads
 from ..memory.budget import layer_cost, probe_input_shapes, supported_layers
 from ..memory.measure import call_model, required_loss
+from .statistics import channel_norms
 
 logger = logging.getLogger(__name__)
 TABLES = Path(__file__).resolve().parent / "tables"
@@ -215,10 +216,10 @@ def rank_layers(
                         continue
                     geometry = ChannelGeometry.of(m)
                     channels = torch.arange(geometry.in_channels, device=m.weight.device)
-                    slices = geometry.read_slices(m.weight.grad, channels).reshape(geometry.in_channels, -1)
+                    slices = geometry.read_slices(m.weight.grad, channels)
                     per_channel = costs[n].weights + costs[n].activations
                     if metric == "rgn":
-                        scores[n] += float(slices.norm(dim=1).sum()) / per_channel
+                        scores[n] += float(channel_norms(slices, dtype=None).sum()) / per_channel
                     else:
                         scores[n] += float(slices.norm()) / (per_channel * geometry.in_channels)
             optimizer.step()

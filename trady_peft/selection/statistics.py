@@ -1,5 +1,6 @@
 """Gradient statistics the gradient-informed strategies draw from.
 
+* `channel_norms` -- the L2 norm of each channel's slice of a gradient, in float64.
 * `full_gradient_norms` -- Det-RGN's oracle: the norm of the full weight gradient of every
   input channel of the candidate layers (needs the dense gradients the budget avoids).
 * `ChannelNormStatistics` -- MeDyate's running statistics N: the last-seen gradient norm
@@ -20,6 +21,17 @@ from torch import nn
 from ..core.collectives import all_reduce_mean
 from ..files.codec import pack_tensor, unpack_tensor
 from ..memory.measure import call_model, required_loss
+
+
+def channel_norms(slices: torch.Tensor, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The L2 norm of each channel's slice: ``slices`` is ``[k, ...]`` (one slice per channel), the
+    result ``[k]``, computed in ``dtype`` (``None``: in the dtype of ``slices``).
+
+    >>> channel_norms(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    tensor([5., 1.], dtype=torch.float64)
+    """
+    flat = slices.reshape(slices.shape[0], -1)
+    return (flat if dtype is None else flat.to(dtype)).norm(dim=1)
 
 
 def full_gradient_norms(
@@ -59,7 +71,7 @@ def full_gradient_norms(
                 raise RuntimeError(f"Layer {n!r} received no gradient from the scoring batches.")
             channels = torch.arange(m.geometry.in_channels, device=grad.device)
             slices = m.geometry.read_slices(grad, channels)
-            norms[n] = slices.reshape(slices.shape[0], -1).double().norm(dim=1).cpu()
+            norms[n] = channel_norms(slices).cpu()
     finally:
         for n, m in layers.items():
             m.base_layer.weight.grad = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.layer import TraDyLayer
+from ...core.layer import trady_layers
 from .cnn import ORIGINALS, REPLACEMENTS
 from .loss import apply_fused_loss, restore_loss
 from .transformers import original_class, twin_class
@@ -26,7 +26,7 @@ def apply_memory_saving(model: nn.Module) -> list[str]:
     formula activations, dropouts), for its memory-saving twin, in place; a causal LM's frozen
     output embedding and its cross-entropy get `trady_peft.memory.frozen_path.loss`'s fused loss. Returns
     the names of the swapped modules."""
-    inside_tuner = {id(m) for layer in model.modules() if isinstance(layer, TraDyLayer) for m in layer.modules()}
+    inside_tuner = {id(m) for _, layer in trady_layers(model) for m in layer.modules()}
     swapped = []
     for name, module in model.named_modules():
         new_cls = REPLACEMENTS.get(type(module))

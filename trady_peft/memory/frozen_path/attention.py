@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...compat import is_zero3_param, tensor_leaves
+from ...compat import is_zero3_param, tensor_leaves, tree_flatten, tree_unflatten
 from ...core.layer import ChannelDeltaView
-from .common import make_twin, normalized_source, trains
+from .common import autocast_state, make_twin, normalized_source, reenter_autocast, trains
 
 _TENSOR = object()  # where a tensor sits in a flattened structure
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -67,37 +67,32 @@ def _recompute_scope():
         _local.depth -= 1
 
 
-def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+def _is_leaf(obj: Any) -> bool:
+    """Only plain tuples, lists and dicts are opened; a namedtuple, an ``OrderedDict``, a model output
+    or a cache stays one leaf, kept as it is."""
+    return type(obj) not in (tuple, list, dict)
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """A flattened structure: its leaves, each tensor replaced by `_TENSOR`, and where they sit."""
+
+    leaves: list
+    spec: Any
+
+    def __repr__(self) -> str:
+        return repr(tree_unflatten(self.leaves, self.spec))
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor]) -> _Flat:
     """``obj`` with each tensor (in tuples, lists and dicts) replaced by a marker, appended to ``tensors``."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return _TENSOR
-    if type(obj) in (tuple, list):
-        return type(obj)(_flatten(o, tensors) for o in obj)
-    if type(obj) is dict:
-        return {k: _flatten(v, tensors) for k, v in obj.items()}
-    return obj
+    leaves, spec = tree_flatten(obj, is_leaf=_is_leaf)
+    tensors += [x for x in leaves if isinstance(x, torch.Tensor)]
+    return _Flat([_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
 
-def _unflatten(spec: Any, tensors) -> Any:
-    if spec is _TENSOR:
-        return next(tensors)
-    if type(spec) in (tuple, list):
-        return type(spec)(_unflatten(s, tensors) for s in spec)
-    if type(spec) is dict:
-        return {k: _unflatten(v, tensors) for k, v in spec.items()}
-    return spec
-
-
-def _leaves(spec: Any):
-    if type(spec) in (tuple, list):
-        for s in spec:
-            yield from _leaves(s)
-    elif type(spec) is dict:
-        for s in spec.values():
-            yield from _leaves(s)
-    else:
-        yield spec
+def _unflatten(flat: _Flat, tensors) -> Any:
+    return tree_unflatten([next(tensors) if x is _TENSOR else x for x in flat.leaves], flat.spec)
 
 
 def _holds_grad_tensor(leaf: Any) -> bool:
@@ -110,12 +105,8 @@ def _is_cache(obj: Any) -> bool:
     return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
 
 
-def _without_caches(spec: Any) -> Any:
-    if type(spec) in (tuple, list):
-        return type(spec)(_without_caches(s) for s in spec)
-    if type(spec) is dict:
-        return {k: _without_caches(v) for k, v in spec.items()}
-    return None if _is_cache(spec) else spec
+def _without_caches(flat: _Flat) -> _Flat:
+    return _Flat([None if _is_cache(x) else x for x in flat.leaves], flat.spec)
 
 
 def _layer_idx(module: nn.Module) -> int | None:
@@ -126,10 +117,10 @@ def _layer_idx(module: nn.Module) -> int | None:
     return None
 
 
-def _cache_allows_recompute(module: nn.Module, spec: Any) -> bool:
+def _cache_allows_recompute(module: nn.Module, flat: _Flat) -> bool:
     """Caches may only be plain ``DynamicCache``s still empty for this layer: then the stock call
     fills them with exactly the keys/values a call without cache uses, and backward can do without."""
-    for leaf in _leaves(spec):
+    for leaf in flat.leaves:
         if not _is_cache(leaf):
             continue
         idx = _layer_idx(module)
@@ -189,8 +180,8 @@ def _aliased_segments(views: list[tuple[nn.Module, nn.Module]], aliases: list[to
 
 
 def _autocast_state(device: str) -> list[tuple[str, bool, torch.dtype]]:
-    devices = [device] if device == "cpu" else [device, "cpu"]
-    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+    """The autocast states of the ``device`` type and, for another device, of the CPU."""
+    return [autocast_state(d) for d in ([device] if device == "cpu" else [device, "cpu"])]
 
 
 @dataclass
@@ -223,7 +214,7 @@ class _Recompute(torch.autograd.Function):
         out = job.run(*args, **kwargs)
         outs: list[torch.Tensor] = []
         job.out_spec = _flatten(out, outs)
-        job.supported = all(isinstance(leaf, _SCALARS) or leaf is _TENSOR for leaf in _leaves(job.out_spec))
+        job.supported = all(isinstance(leaf, _SCALARS) or leaf is _TENSOR for leaf in job.out_spec.leaves)
         job.spec = spec  # drop the forward's references (caches) before backward
         ctx.job = job
         # The bank segments are views of resident parameters; the RNG state is a few KiB.
@@ -259,8 +250,8 @@ class _Recompute(torch.autograd.Function):
                 torch.cuda.set_rng_state(saved[n + 1], job.device)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
-                for device, enabled, dtype in job.autocast:
-                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+                for state in job.autocast:
+                    stack.enter_context(reenter_autocast(state))
                 stack.enter_context(_recompute_scope())
                 stack.enter_context(_aliased_segments(views, aliases))
                 args, kwargs = _unflatten(job.spec, iter(inputs))
@@ -285,7 +276,7 @@ class _RecomputedAttention:
             or not torch.is_grad_enabled()
             or _recomputing()
             or kwargs.get("output_attentions")
-            or any(p.requires_grad for p in self.parameters())
+            or trains(self)
             or type(self) in _UNSUPPORTED_OUTPUTS
         ):
             return stock(*args, **kwargs)
@@ -298,7 +289,7 @@ class _RecomputedAttention:
         if (
             device.type not in ("cpu", "cuda")  # the RNG state it restores: CPU and CUDA only
             or any(is_zero3_param(b) for b in banks)  # a ZeRO-3 bank is gathered only inside its layers
-            or any(_holds_grad_tensor(leaf) for leaf in _leaves(spec))  # e.g. a namedtuple: not flattened
+            or any(_holds_grad_tensor(leaf) for leaf in spec.leaves)  # e.g. a namedtuple: not flattened
         ):
             return stock(*args, **kwargs)
         job = _Job(stock, self, (_without_caches(spec), spec), len(tensors), device)
@@ -307,7 +298,7 @@ class _RecomputedAttention:
         outs = _Recompute.apply(job, *tensors, *[_segment_of(v, b) for v, b in job.views])
         if not job.supported:  # an output holding tensors in an object: autograd must see the stock graph
             _UNSUPPORTED_OUTPUTS.add(type(self))
-            if any(_is_cache(leaf) for leaf in _leaves(spec)):
+            if any(_is_cache(leaf) for leaf in spec.leaves):
                 raise RuntimeError(
                     f"{type(self).__name__} returned {job.out_spec!r}, which its memory-saving twin cannot "
                     "rebuild, after filling its cache. Set memory_saving_frozen_path=False or use_cache=False."

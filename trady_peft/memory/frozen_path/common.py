@@ -35,10 +35,20 @@ def needs_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def autocast_of(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
-    """The autocast state of ``x``'s device: (device type, enabled, dtype), to re-enter in backward."""
-    device = x.device.type
+def autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
+    """The autocast state of the ``device`` type: (device type, enabled, dtype), to re-enter in backward."""
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def autocast_of(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    """The autocast state of ``x``'s device (`autocast_state`)."""
+    return autocast_state(x.device.type)
+
+
+def reenter_autocast(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    """``torch.autocast`` as it was when `autocast_state` recorded ``state``."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
 
 
 def stock_forward(module: nn.Module):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...compat import causal_lm_loss, loss_function_of
+from .common import trains
 
 #: logits elements handled at once by the fused loss (a chunk of tokens x vocab, fp32: 16 MiB).
 CHUNK_ELEMENTS = 2**22
@@ -178,7 +179,7 @@ def apply_fused_loss(model: nn.Module, skip: set[int]) -> list[str]:
             head, loss_function = get_head(), loss_function_of(module)
         except Exception:  # noqa: BLE001 - a model without a head or a loss mapping keeps its own
             continue
-        if type(head) is not nn.Linear or id(head) in skip or any(p.requires_grad for p in head.parameters()):
+        if type(head) is not nn.Linear or id(head) in skip or trains(head):
             continue
         if loss_function is not stock_loss:
             continue  # another loss (or already fused): the stock path

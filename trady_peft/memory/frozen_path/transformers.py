@@ -40,6 +40,7 @@ from .common import (
     needs_grad,
     normalized_source,
     pack_bits,
+    reenter_autocast,
     stock_forward,
     trains,
     unpack_bits,
@@ -61,8 +62,7 @@ class _GatedProduct(torch.autograd.Function):
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), reenter_autocast(ctx.autocast):
             g = gate.detach().requires_grad_(need_gate)
             a = ctx.act(g)
         grad_up = grad * a.detach() if need_up else None
@@ -82,8 +82,7 @@ class _RecomputedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), reenter_autocast(ctx.autocast):
             x_ = x.detach().requires_grad_(True)
             y = ctx.fn(x_)
         return torch.autograd.grad(y, x_, grad)[0], None
@@ -138,7 +137,7 @@ class _GatedMLP:
         if (
             not torch.is_grad_enabled()
             or not (gate.requires_grad or up.requires_grad)
-            or any(p.requires_grad for p in self.act_fn.parameters())
+            or trains(self.act_fn)
             or gate.shape != up.shape
             or gate.dtype != up.dtype
         ):
