@@ -36,9 +36,7 @@ def measure_memory(task: Task, method: Method, lora_targets: list[str]) -> dict:
     }
     if method.is_trady:
         tuner = trady_peft.find_tuner(model)
-        layers = {
-            f"base_model.model.{n}" for n, m in tuner.model.named_modules() if isinstance(m, trady_peft.TraDyLayer)
-        }
+        layers = {f"base_model.model.{n}" for n, _ in tuner.trady_layers()}
         saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
         bank = 0
         for p in tuner.channel_bank.parameters():

@@ -53,7 +53,7 @@ def target_layers(task: Task) -> list[str]:
         channels_per_layer=1, modules_to_save=[task.head] if task.head else None, exclude_modules=task.exclude
     )
     model = get_peft_model(task.build(), config)
-    return [n for n, m in model.base_model.model.named_modules() if isinstance(m, trady_peft.TraDyLayer)]
+    return [n for n, _ in model.base_model.trady_layers()]
 
 
 def task_budgets(task: Task) -> list[int]:
