@@ -16,9 +16,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import trady_peft
-from tests.test_gradients import INPUTS, LAYERS, StaticSamePaddingConv, channel_slices, dense_reference
-from tests.test_gradients import reference_output as _reference_output
-from tests.test_trainer import CountingText
+from tests.core.test_layer import INPUTS, LAYERS, StaticSamePaddingConv, channel_slices, dense_reference
+from tests.core.test_layer import reference_output as _reference_output
+from tests.test_callback import CountingText
 from tests.tiny_models import Holder, tiny_cnn, tiny_gpt2, tiny_llama
 from trady_peft.memory import frozen_path
 

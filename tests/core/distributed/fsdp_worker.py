@@ -1,6 +1,6 @@
-"""One rank of the FSDP2 runs of tests/test_distributed.py (gloo, CPU), or the single-process reference.
+"""One rank of the FSDP2 runs of tests/core/distributed/test_two_ranks.py (gloo, CPU), or the single-process reference.
 
-``python -m tests.fsdp_worker RANK WORLD MODE PHASE OUT_DIR PORT``
+``python -m tests.core.distributed.fsdp_worker RANK WORLD MODE PHASE OUT_DIR PORT``
 
 * MODE ``fsdp2``: ``fully_shard`` on each decoder layer and on the root, with
   ``ignored_params=trady_peft.fsdp_ignored_params(model)``; ``accelerate``: accelerate's

@@ -1,6 +1,6 @@
 """FSDP2 placement of the bank in one process (a world of 1): fast checks of the helper and the refusals.
 
-The two-process runs (equality with one process, resume, accelerate) are in tests/test_distributed.py.
+The two-process runs (equality with one process, resume, accelerate) are in tests/core/distributed/test_two_ranks.py.
 """
 
 from __future__ import annotations

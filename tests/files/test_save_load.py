@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import trady_peft
 from tests.tiny_models import tiny_cnn, tiny_gpt2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str) -> str:

@@ -47,7 +47,7 @@ def test_mcunet_in1_and_proxyless_w03_accounting_matches_the_paper(factory, conv
 def test_budget_command_prints_the_table(capsys):
     from trady_peft.cli import main
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = f"{root / 'benchmarks' / 'paper_models.py'}:mobilenet_v2_w035"
     assert main(["budget", "--model", spec, "--input-shape", "3,128,128", "--convs-only"]) == 0
     out = capsys.readouterr().out

@@ -15,10 +15,10 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_trainer import ColourImages
+from tests.test_callback import ColourImages
 from tests.tiny_models import tiny_cnn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ["trady", "s-top-k-random", "d-full-random", "s-full-random", "d-det-rgn", "s-det-rgn", "medyate"]
 
 
@@ -108,10 +108,12 @@ def test_a_killed_process_resumes_exactly(strategy, kill_at, tmp_path):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
 
     out = tmp_path / "run"
-    killed = python(f"from tests.test_resume import run; run({strategy!r}, {str(out)!r}, {kill_at}, hard=True)")
+    killed = python(
+        f"from tests.periods.test_resume import run; run({strategy!r}, {str(out)!r}, {kill_at}, hard=True)"
+    )
     assert killed.returncode == 17, killed.stderr[-2000:]
     code = (
-        "import json; from tests.test_resume import run; "
+        "import json; from tests.periods.test_resume import run; "
         f"print(json.dumps(run({strategy!r}, {str(out)!r}, resume=True)))"
     )
     resumed = python(code)

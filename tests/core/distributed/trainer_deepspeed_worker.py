@@ -1,6 +1,6 @@
-"""One process of the Hugging Face ``Trainer`` + DeepSpeed runs of tests/test_deepspeed_trainer.py.
+"""One process of the Hugging Face ``Trainer`` + DeepSpeed runs of tests/core/distributed/test_deepspeed_trainer.py.
 
-``python -m tests.trainer_deepspeed_worker RANK WORLD MODE DEVICE OUT_DIR PORT``
+``python -m tests.core.distributed.trainer_deepspeed_worker RANK WORLD MODE DEVICE OUT_DIR PORT``
 
 * MODE ``zero2`` / ``zero3``: ``TrainingArguments(deepspeed=<dict>)`` at that ZeRO stage (ZeRO-3
   partitions even this tiny bank: ``stage3_param_persistence_threshold=0``); ``plain``: the same
@@ -30,7 +30,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_trainer import CountingText
+from tests.test_callback import CountingText
 from tests.tiny_models import tiny_llama
 from trady_peft.compat import is_zero3_param
 from trady_peft.core.distributed import bank_numel, gathered

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trady_peft
 
-API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+API = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
 
 
 def test_every_public_symbol_has_a_docstring_in_the_api_reference():

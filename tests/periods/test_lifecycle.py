@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_trainer import CountingText
+from tests.test_callback import CountingText
 from tests.tiny_models import tiny_cnn, tiny_gpt2, tiny_llama
 
 MODELS = {

@@ -1,4 +1,4 @@
-"""One rank of the two-process CPU (gloo) training run of tests/test_distributed.py."""
+"""One rank of the two-process CPU (gloo) training run of tests/core/distributed/test_two_ranks.py."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from tests.test_gradients import dense_from_slices
+from tests.core.test_layer import dense_from_slices
 from trady_peft.core.autograd import FrozenConv, SparseChannelDelta
 from trady_peft.core.geometry import ChannelGeometry
 from trady_peft.memory import frozen_path

@@ -11,7 +11,7 @@ import trady_peft
 from trady_peft.cli import main
 from trady_peft.report import analytic_floor, compare_memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mobilenet_v2_saves_over_90_percent_and_sits_near_the_analytic_floor():

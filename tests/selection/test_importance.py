@@ -16,7 +16,7 @@ from tests.tiny_models import colour_images_loader, tiny_cnn
 from trady_peft.cli import main
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, spearman, top_k_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("metric", ["rgn", "lara"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 
 
@@ -29,7 +29,7 @@ def test_gpu_script_parses_and_its_dry_run_names_real_tests(tmp_path):
     for name in ("versions", "deepspeed_tests", "cuda_memory"):
         assert f"would run [{name}]" in summary
     # Every test the script names exists (a renamed test would silently run nothing on the GPU).
-    targets = re.findall(r"(tests/\w+\.py)(?:::(\w+))?", summary)
+    targets = re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", summary)
     assert targets
     for path, function in targets:
         assert (ROOT / path).is_file(), path

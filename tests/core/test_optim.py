@@ -242,7 +242,7 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
 def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from tests.test_trainer import ColourImages, _folded
+    from tests.test_callback import ColourImages, _folded
 
     def make(output_dir):
         model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))

@@ -1,12 +1,13 @@
 """DeepSpeed ZeRO-2/ZeRO-3 through the Hugging Face Trainer (``TrainingArguments(deepspeed=...)``
-with ``TraDyCallback``), against the same Trainer without DeepSpeed (tests/trainer_deepspeed_worker.py).
+with ``TraDyCallback``), against the same Trainer without DeepSpeed
+(tests/core/distributed/trainer_deepspeed_worker.py).
 
 * CPU (``use_cpu=True``, gloo, DeepSpeed's CPU accelerator): one process and two.
 * CUDA (nccl): one rank and two ranks (one GPU each); skipped without the GPUs.
 
 DeepSpeed is not a dependency: every test here is skipped when it is not importable (install it
 beside the project, e.g. ``pip install --no-deps --target DIR deepspeed hjson ninja py-cpuinfo
-msgpack einops``, then ``PYTHONPATH=DIR pytest -m slow tests/test_deepspeed_trainer.py``).
+msgpack einops``, then ``PYTHONPATH=DIR pytest -m slow tests/core/distributed/test_deepspeed_trainer.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.test_distributed import run_processes
+from tests.core.distributed.test_two_ranks import run_processes
 from tests.tiny_models import tiny_llama
 
-WORKER = "tests.trainer_deepspeed_worker"
+WORKER = "tests.core.distributed.trainer_deepspeed_worker"
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (not a dependency)"
 )
@@ -106,7 +107,7 @@ def check(out: Path, reference: Path, stage: int, world: int, rtol: float, atol:
 
 
 def _probe() -> torch.Tensor:
-    from tests.trainer_deepspeed_worker import PROBE
+    from tests.core.distributed.trainer_deepspeed_worker import PROBE
 
     return PROBE
 
