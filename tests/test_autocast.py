@@ -16,34 +16,11 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import trady_peft
-from tests.core.test_layer import INPUTS, LAYERS, StaticSamePaddingConv, channel_slices, dense_reference
-from tests.core.test_layer import reference_output as _reference_output
-from tests.test_callback import CountingText
-from tests.tiny_models import Holder, tiny_cnn, tiny_gpt2, tiny_llama
+from tests.core.test_layer import INPUTS, LAYERS
+from tests.references import AUTOCAST_DTYPES, AUTOCAST_TOL, assert_close_rel, channel_slices, dense_reference
+from tests.references import reference_output as _reference_output
+from tests.tiny_models import CountingText, Holder, StaticSamePaddingConv, tiny_cnn, tiny_gpt2, tiny_llama
 from trady_peft.memory import frozen_path
-
-
-def _cpu_autocast_works(dtype: torch.dtype) -> bool:
-    try:
-        with torch.autocast("cpu", dtype=dtype):
-            a = torch.randn(2, 2)
-            return (a @ a).dtype == dtype
-    except (RuntimeError, ValueError):
-        return False
-
-
-DTYPES = [
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(
-        torch.float16,
-        id="fp16",
-        marks=pytest.mark.skipif(
-            not _cpu_autocast_works(torch.float16), reason="this torch has no float16 autocast on CPU"
-        ),
-    ),
-]
-#: relative tolerance (of the reference's largest magnitude) for one narrow-dtype layer
-TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 KINDS = {**LAYERS, "static_padding_conv": lambda: StaticSamePaddingConv(4, 6, 3, stride=2, groups=2)}
 SHAPES = {**INPUTS, "static_padding_conv": (2, 4, 8, 8)}
@@ -55,15 +32,8 @@ def reference_output(base, x, weight):
     return _reference_output(base, x, weight)
 
 
-def assert_close_rel(got: torch.Tensor, expected: torch.Tensor, tol: float, what: str):
-    got, expected = got.float(), expected.float()
-    scale = expected.abs().max().item()
-    err = (got - expected).abs().max().item()
-    assert math.isfinite(err) and err <= tol * max(scale, 1e-6), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
-
-
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["backward_outside", "backward_inside"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype, backward_inside):
     torch.manual_seed(0)
@@ -97,7 +67,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     view = layer.trady_delta["default"]
     x_ref, w_eff, out_ref = dense_reference(layer, base, reference_base, x, probe, reference_output)  # fp32
 
-    tol = TOL[dtype]
+    tol = AUTOCAST_TOL[dtype]
     assert_close_rel(out, out_ref, tol, "output")
     assert x.grad.dtype == torch.float32
     assert_close_rel(x.grad, x_ref.grad, tol, "input gradient")
@@ -133,7 +103,7 @@ def _randomise_bn(module):
 
 
 @pytest.mark.parametrize("narrow_input", [False, True], ids=["fp32_input", "narrow_input"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 @pytest.mark.parametrize("kind", list(TWINS))
 def test_frozen_path_twin_backward_under_autocast(kind, dtype, narrow_input):
     """Each twin alone, fed an fp32 input or the narrow output of an autocast layer before it."""
@@ -157,7 +127,7 @@ def test_frozen_path_twin_backward_under_autocast(kind, dtype, narrow_input):
     x_ref = x.detach().clone().requires_grad_(True)
     out_ref = reference(x_ref.to(dtype).float() if narrow_input else x_ref)
     (out_ref * probe).sum().backward()
-    tol = TOL[dtype]
+    tol = AUTOCAST_TOL[dtype]
     assert_close_rel(out, out_ref, tol, "output")
     assert x.grad.dtype == torch.float32
     assert_close_rel(x.grad, x_ref.grad, tol, "input gradient")

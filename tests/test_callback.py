@@ -5,42 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import trady_peft
-from tests.tiny_models import tiny_cnn, tiny_gpt2, tiny_llama
-
-
-class CountingText(Dataset):
-    """Token sequences that count upward mod the vocabulary: easy to learn, so loss must drop."""
-
-    def __init__(self, n=128, length=16, vocab=64):
-        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class ColourImages(Dataset):
-    """Images whose class is the colour channel that is brightest."""
-
-    def __init__(self, n=128):
-        g = torch.Generator().manual_seed(0)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.images = torch.randn(n, 3, 16, 16, generator=g) * 0.5
-        self.images[torch.arange(n), self.labels] += 1.0
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
-
+from tests.references import folded_adapter
+from tests.tiny_models import ColourImages, CountingText, tiny_cnn, tiny_gpt2, tiny_llama
 
 CASES = {
     "gpt2": (tiny_gpt2, CountingText, {}),
@@ -86,10 +55,6 @@ def test_one_epoch_with_trainer_lowers_the_loss(name, tmp_path):
     assert touched > model.base_model.selection_summary()["selected_channels"]
 
 
-def _folded(model):
-    return {name: layer.fold("default") for name, layer in model.base_model.trady_layers("default")}
-
-
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
     def make(output_dir, epochs):
         model = get_peft_model(
@@ -121,7 +86,7 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
 
     assert resumed_model.base_model.period() == full_model.base_model.period() == 2
     for (name, (idx_a, val_a)), (_, (idx_b, val_b)) in zip(
-        _folded(full_model).items(), _folded(resumed_model).items()
+        folded_adapter(full_model).items(), folded_adapter(resumed_model).items()
     ):
         assert torch.equal(idx_a, idx_b), name
         torch.testing.assert_close(val_a, val_b, rtol=1e-4, atol=1e-6)

@@ -17,43 +17,15 @@ from __future__ import annotations
 import copy
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from tests.core.test_layer import dense_from_slices
+from tests.references import PROPERTY_MODES, PROPERTY_SETTINGS, assert_bounded, dense_from_slices, seeded_randn
 from trady_peft.core.autograd import FrozenConv, SparseChannelDelta
 from trady_peft.core.geometry import ChannelGeometry
 from trady_peft.memory import frozen_path
-
-SETTINGS = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-
-#: dtype mode -> (input dtype, autocast dtype or None, relative tolerance against the abs bound)
-MODES = {
-    "float64": (torch.float64, None, 1e-12),
-    "float32": (torch.float32, None, 1e-5),
-    "bfloat16": (torch.bfloat16, None, 2**-5),
-    "autocast_bf16": (torch.float32, torch.bfloat16, 2**-5),
-}
-
-
-def _randn(shape, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def assert_bounded(got, ref, bound, tol, what):
-    got = got.double()
-    excess = (got - ref).abs() - tol * bound - 1e-12
-    assert excess.max().item() <= 0, f"{what}: exceeds the bound by {excess.max().item():.3g}"
 
 
 @st.composite
@@ -99,7 +71,8 @@ def cases(draw):
     acc_idx = sorted(draw(st.lists(st.integers(0, c - 1), unique=True, max_size=c)))  # as the store keeps it
     if not idx and not acc_idx:
         idx = [draw(st.integers(0, c - 1))]
-    return module, x_shape, geometry, idx, acc_idx, draw(st.sampled_from(list(MODES))), draw(st.integers(0, 2**31))
+    mode = draw(st.sampled_from(list(PROPERTY_MODES)))
+    return module, x_shape, geometry, idx, acc_idx, mode, draw(st.integers(0, 2**31))
 
 
 def _reference_module(module):
@@ -135,23 +108,23 @@ def _reference(module, ref, x, idx, delta, acc_idx, acc):
     return x @ weight if ref is None else ref._conv_forward(x, weight, None)
 
 
-@SETTINGS
+@PROPERTY_SETTINGS
 @given(cases())
 def test_sparse_channel_delta_matches_dense_reference(case):
     module, x_shape, geometry, idx, acc_idx, mode, seed = case
-    dtype, autocast, tol = MODES[mode]
+    dtype, autocast, tol = PROPERTY_MODES[mode]
     delta_dtype = torch.promote_types(torch.float32, dtype)  # as TraDyLayer.delta_dtype
     k, m = len(idx), len(acc_idx)
-    x = _randn(x_shape, seed, dtype).requires_grad_(True)
-    delta = _randn((k, *geometry.slice_shape), seed + 1, delta_dtype).requires_grad_(True)
-    acc = _randn((m, *geometry.slice_shape), seed + 2, delta_dtype)
+    x = seeded_randn(x_shape, seed, dtype).requires_grad_(True)
+    delta = seeded_randn((k, *geometry.slice_shape), seed + 1, delta_dtype).requires_grad_(True)
+    acc = seeded_randn((m, *geometry.slice_shape), seed + 2, delta_dtype)
     idx_t, acc_t = torch.tensor(idx, dtype=torch.int32), torch.tensor(acc_idx, dtype=torch.int32)
 
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = SparseChannelDelta.apply(x, delta, idx_t, acc_t, acc, geometry)
     expected_dtype = autocast or dtype
     assert out.dtype == expected_dtype
-    probe = _randn(out.shape, seed + 3, expected_dtype)
+    probe = seeded_randn(out.shape, seed + 3, expected_dtype)
     (out * probe).sum().backward()
     assert x.grad.dtype == dtype and (delta.grad is None if k == 0 else delta.grad.dtype == delta_dtype)
 
@@ -171,18 +144,18 @@ def test_sparse_channel_delta_matches_dense_reference(case):
         assert_bounded(delta.grad, gd_ref, gd_bound, tol, "delta gradient")
 
 
-@SETTINGS
-@given(conv_modules(), st.sampled_from(list(MODES)), st.booleans(), st.integers(0, 2**31))
+@PROPERTY_SETTINGS
+@given(conv_modules(), st.sampled_from(list(PROPERTY_MODES)), st.booleans(), st.integers(0, 2**31))
 def test_frozen_conv_matches_stock_conv(conv, mode, bias_trains, seed):
     module, x_shape = conv
-    dtype, autocast, tol = MODES[mode]
+    dtype, autocast, tol = PROPERTY_MODES[mode]
     module = module.to(dtype).requires_grad_(False)  # a bf16 model, or an fp32 one under autocast
     module.bias.requires_grad_(bias_trains)
-    x = _randn(x_shape, seed, dtype).requires_grad_(True)
+    x = seeded_randn(x_shape, seed, dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = FrozenConv.apply(x, module.weight, module.bias, ChannelGeometry.of(module))
     assert out.dtype == (autocast or dtype)
-    probe = _randn(out.shape, seed + 1, out.dtype)
+    probe = seeded_randn(out.shape, seed + 1, out.dtype)
     (out * probe).sum().backward()
     assert x.grad.dtype == dtype
     assert (module.bias.grad is not None) == bias_trains
@@ -213,30 +186,30 @@ TWINS = {
 }
 
 
-@SETTINGS
+@PROPERTY_SETTINGS
 @given(
     st.sampled_from(list(TWINS)),
     st.lists(st.integers(1, 4), min_size=2, max_size=4),
-    st.sampled_from(list(MODES)),
+    st.sampled_from(list(PROPERTY_MODES)),
     st.integers(0, 2**31),
 )
 def test_frozen_path_twins_match_stock_modules(kind, shape, mode, seed):
-    dtype, autocast, tol = MODES[mode]
+    dtype, autocast, tol = PROPERTY_MODES[mode]
     if kind == "batchnorm":
         stock = (nn.BatchNorm1d if len(shape) in (2, 3) else nn.BatchNorm2d)(shape[1]).double().eval()
         with torch.no_grad():
             for t in (stock.running_mean, stock.weight, stock.bias):
-                t.copy_(_randn(t.shape, seed + 5, torch.float64))
-            stock.running_var.copy_(_randn(shape[1], seed + 6, torch.float64).abs() + 0.1)
+                t.copy_(seeded_randn(t.shape, seed + 5, torch.float64))
+            stock.running_var.copy_(seeded_randn(shape[1], seed + 6, torch.float64).abs() + 0.1)
     else:
         stock = TWINS[kind]()
     stock = stock.double().requires_grad_(False)
     twin = nn.Sequential(copy.deepcopy(stock)).to(torch.promote_types(torch.float32, dtype))
     assert len(frozen_path.apply_memory_saving(twin)) == 1
-    x = (3 * _randn(shape, seed, dtype)).requires_grad_(True)  # reaches ReLU6's and Hardtanh's upper bends
+    x = (3 * seeded_randn(shape, seed, dtype)).requires_grad_(True)  # reaches ReLU6's and Hardtanh's upper bends
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = twin(x)
-    probe = _randn(out.shape, seed + 1, out.dtype)
+    probe = seeded_randn(out.shape, seed + 1, out.dtype)
     (out * probe).sum().backward()
     assert x.grad.dtype == dtype
 

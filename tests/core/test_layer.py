@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import trady_peft
-from tests.tiny_models import Holder
+from tests.references import channel_slices, dense_reference
+from tests.tiny_models import Holder, StaticSamePaddingConv, padded_conv
 
 
 @pytest.fixture(autouse=True)
@@ -26,18 +26,6 @@ class Identity(nn.Module):
 
     def forward(self, input):
         return input
-
-
-def padded_conv(stock: type, *args, static_padding: nn.Module, **kwargs) -> nn.Module:
-    """A ``stock`` convolution subclass that runs ``static_padding`` before itself."""
-
-    class PaddedConv(stock):
-        def forward(self, x):
-            return self._conv_forward(self.static_padding(x), self.weight, self.bias)
-
-    conv = PaddedConv(*args, **kwargs)
-    conv.static_padding = static_padding
-    return conv
 
 
 LAYERS = {
@@ -82,59 +70,6 @@ INPUTS = {
 }
 
 
-def reference_output(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The base layer's own computation with ``weight`` in place of its weight."""
-    if isinstance(base, Conv1D):
-        return x @ weight + base.bias
-    if isinstance(base, nn.Linear):
-        return F.linear(x, weight, base.bias)
-    static_padding = getattr(base, "static_padding", None)
-    if static_padding is not None:
-        x = static_padding(x)
-    return base._conv_forward(x, weight, base.bias)
-
-
-def channel_slices(base: nn.Module, dense: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """The rows/columns/slices of a dense weight-shaped tensor owned by ``channels``, written
-    out independently of the library: ``[k, *slice_shape]``."""
-    if isinstance(base, Conv1D):
-        return dense[channels]
-    if isinstance(base, nn.Linear):
-        return dense[:, channels].t()
-    groups = base.groups
-    og, ig = base.out_channels // groups, base.in_channels // groups
-    return torch.stack([dense[(c // ig) * og : (c // ig + 1) * og, c % ig] for c in channels.tolist()])
-
-
-def dense_from_slices(base: nn.Module, channels: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`channel_slices`: a zero weight-shaped tensor holding ``slices``."""
-    dense = torch.zeros_like(base.weight)
-    for c, s in zip(channels.tolist(), slices.to(dense.dtype)):
-        if isinstance(base, Conv1D):
-            dense[c] += s
-        elif isinstance(base, nn.Linear):
-            dense[:, c] += s
-        else:
-            og, ig = base.out_channels // base.groups, base.in_channels // base.groups
-            dense[(c // ig) * og : (c // ig + 1) * og, c % ig] += s
-    return dense
-
-
-def dense_reference(layer, base, reference_base, x, probe, reference=None):
-    """The layer's full effective weight (base + accumulated store + current delta) as a leaf, run
-    through the stock layer: returns (input leaf, weight leaf, output), after the backward of ``probe``."""
-    channels = layer.trady_idx["default"].long()
-    w_eff = (
-        reference_base.weight.detach()
-        + dense_from_slices(base, layer.trady_indices["default"].long(), layer.trady_values["default"])
-        + dense_from_slices(base, channels, layer.trady_delta["default"]().detach())
-    ).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out_ref = (reference or reference_output)(reference_base, x_ref, w_eff)
-    (out_ref * probe).sum().backward()
-    return x_ref, w_eff, out_ref
-
-
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.manual_seed(0)
@@ -168,17 +103,6 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
     # The base weight is frozen and receives no gradient.
     assert layer.base_layer.weight.grad is None
-
-
-class StaticSamePaddingConv(nn.Conv2d):
-    """Like the EfficientNet ports: a padding module runs before an unpadded convolution."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
-
-    def forward(self, x):
-        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
 
 class UnknownConv(nn.Conv2d):

@@ -242,7 +242,8 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
 def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from tests.test_callback import ColourImages, _folded
+    from tests.references import folded_adapter
+    from tests.tiny_models import ColourImages
 
     def make(output_dir):
         model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))
@@ -272,7 +273,7 @@ def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
     resumed_model, resumed = make(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
     for (name, (idx_a, val_a)), (_, (idx_b, val_b)) in zip(
-        _folded(full_model).items(), _folded(resumed_model).items()
+        folded_adapter(full_model).items(), folded_adapter(resumed_model).items()
     ):
         assert torch.equal(idx_a, idx_b), name
         torch.testing.assert_close(val_a, val_b, rtol=1e-5, atol=1e-7)

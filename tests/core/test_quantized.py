@@ -320,7 +320,7 @@ def test_a_torchao_format_that_cannot_be_rebuilt_is_refused_before_anything_merg
 
 
 def test_a_byte_budget_prices_and_bounds_the_step_on_a_quantized_base(backend):
-    from tests.periods.test_budget_bound import measured_footprint
+    from tests.references import measured_footprint
 
     budget = 48 * 1024
     quantized = get_peft_model(

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import trady_peft
+from tests.processes import run_python
 from tests.tiny_models import tiny_cnn, tiny_gpt2
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_python(code: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def train_a_little(model, steps: int = 2, periods: int = 3) -> list[dict[str, set[int]]]:

@@ -7,27 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from paper_models import mcunet_in1, mobilenet_v2_w035, proxyless_w03  # benchmarks/, on pytest's pythonpath
+from paper_models import mcunet_in1, proxyless_w03  # benchmarks/, on pytest's pythonpath
 from peft import get_peft_model
 
 import trady_peft
+from tests.tiny_models import conv_names, paper_mobilenet_v2
 from trady_peft.memory.budget import parse_budget
 from trady_peft.selection.draws import PricedLayer, draw_under_budget, period_generator
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 
 
-def mbv2():
-    torch.manual_seed(0)
-    return mobilenet_v2_w035(num_classes=10).eval()
-
-
-def conv_names(model):
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-
-
 def test_mobilenet_v2_w035_accounting_matches_the_paper():
-    model = mbv2()
+    model = paper_mobilenet_v2()
     acc = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
     assert len(acc.rows) == 52
     assert (acc.total_weights, acc.total_activations, acc.total) == (288_864, 963_456, 1_252_320)
@@ -60,7 +52,7 @@ def test_budget_command_prints_the_table(capsys):
 
 
 def test_bytes_accounting_counts_batch_dtype_and_optimizer_state():
-    model = mbv2()
+    model = paper_mobilenet_v2()
     values = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
     batch = torch.zeros(8, 3, 128, 128, dtype=torch.float32)
     as_bytes = trady_peft.memory_accounting(model, batch, unit="bytes", target_modules=conv_names(model))
@@ -139,7 +131,7 @@ def test_trady_inclusion_is_uniform_within_each_top_k_layer():
 
 def budget_model(budget, strategy="trady", **kwargs):
     return get_peft_model(
-        mbv2(),
+        paper_mobilenet_v2(),
         trady_peft.TraDyConfig(memory_budget=budget, strategy=strategy, modules_to_save=["classifier"], **kwargs),
     )
 
@@ -163,7 +155,7 @@ def test_every_strategy_stays_within_the_budget_over_periods(strategy, budget):
 
 
 def test_top_k_strategies_draw_only_inside_the_ranked_layers():
-    names = conv_names(mbv2())
+    names = conv_names(paper_mobilenet_v2())
     ranking = list(reversed(names))  # any order: the test only needs a known top-K
     model = budget_model(66_592, layer_ranking=ranking, top_k=10)
     model(IMAGE)

@@ -7,26 +7,10 @@ import torch
 from peft import get_peft_model
 
 import trady_peft
+from tests.references import measured_footprint
 from tests.tiny_models import tiny_llama
 
 BUDGET = 24 * 1024
-
-
-def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
-    """What the adapter adds to one training step, measured independently of the tuner's prices:
-    the saved inputs attributed to the TraDy layers (saved-tensor hooks), and the bank's parameter,
-    gradient and per-value optimizer state. Returns (footprint bytes, saved-input bytes)."""
-    mem = trady_peft.measure_training_step(model, batch, optimizer)
-    tuner = model.base_model
-    layers = {n for n, _ in tuner.trady_layers("default")}
-    saved = sum(b for name, b in mem.saved_by_module.items() if name.removeprefix("base_model.model.") in layers)
-    bank = tuner.channel_bank["default"].weight
-    state = optimizer.state.get(bank, {})
-    per_value_state = sum(
-        v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == bank.shape
-    )
-    assert bank.grad is not None
-    return saved + 2 * bank.numel() * bank.element_size() + per_value_state, saved
 
 
 def batch(size: int, length: int, seed: int) -> dict:

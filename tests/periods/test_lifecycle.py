@@ -10,8 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_callback import CountingText
-from tests.tiny_models import tiny_cnn, tiny_gpt2, tiny_llama
+from tests.tiny_models import CountingText, tiny_cnn, tiny_gpt2, tiny_llama
 
 MODELS = {
     "gpt2": (tiny_gpt2, lambda: {"input_ids": torch.arange(8).view(1, 8), "labels": torch.arange(8).view(1, 8)}, {}),

@@ -15,8 +15,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_callback import ColourImages
-from tests.tiny_models import tiny_cnn
+from tests.tiny_models import ColourImages, tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ["trady", "s-top-k-random", "d-full-random", "s-full-random", "d-det-rgn", "s-det-rgn", "medyate"]

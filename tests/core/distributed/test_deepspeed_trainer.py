@@ -21,7 +21,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.core.distributed.test_two_ranks import run_processes
+from tests.processes import run_processes
 from tests.tiny_models import tiny_llama
 
 WORKER = "tests.core.distributed.trainer_deepspeed_worker"

@@ -30,8 +30,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
-from tests.test_callback import CountingText
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import CountingText, tiny_llama
 from trady_peft.compat import is_zero3_param
 from trady_peft.core.distributed import bank_numel, gathered
 
