@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -90,3 +92,55 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
     ):
         assert torch.equal(idx_a, idx_b), name
         torch.testing.assert_close(val_a, val_b, rtol=1e-4, atol=1e-6)
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, 4, (n,), generator=g)
+        self.images = torch.randn(n, 3, 16, 16, generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+TRAINER_CASES = {
+    "gpt2": (tiny_gpt2, lambda: CountingText(n=32), {}),
+    "llama": (tiny_llama, lambda: CountingText(n=32), {}),
+    "cnn": (tiny_cnn, RandomImages, {"modules_to_save": ["classifier"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINER_CASES))
+def test_trainer_bf16_trains_the_adapter(name, tmp_path):
+    factory, data, extra = TRAINER_CASES[name]
+    model = get_peft_model(factory(), trady_peft.TraDyConfig(channels_per_layer=0.5, **extra))
+    tuner = model.base_model
+    bank = tuner.channel_bank["default"].weight
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data(), callbacks=[trady_peft.TraDyCallback(resample_every_steps=2)]
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+    assert bank.dtype == torch.float32
+    assert bank.detach().abs().sum() > 0  # step 3 trained it after the resample at step 2 zeroed it
+    stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
+    assert all(v.dtype == torch.float32 for v in stored)
+    assert sum(v.abs().sum() for v in stored) > 0  # the first period's update was folded in

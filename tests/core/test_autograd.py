@@ -14,18 +14,19 @@ not loosen where terms cancel nothing.
 
 from __future__ import annotations
 
-import copy
-
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import trady_peft
 from tests.references import PROPERTY_MODES, PROPERTY_SETTINGS, assert_bounded, dense_from_slices, seeded_randn
+from tests.tiny_models import Holder
 from trady_peft.core.autograd import FrozenConv, SparseChannelDelta
 from trady_peft.core.geometry import ChannelGeometry
-from trady_peft.memory import frozen_path
 
 
 @st.composite
@@ -177,56 +178,6 @@ def test_frozen_conv_matches_stock_conv(conv, mode, bias_trains, seed):
         assert_bounded(module.bias.grad, gb_ref, gb_bound, tol, "bias gradient")
 
 
-TWINS = {
-    "relu": lambda: nn.ReLU(),
-    "relu6": lambda: nn.ReLU6(),
-    "leaky_relu": lambda: nn.LeakyReLU(0.25),
-    "hardtanh": lambda: nn.Hardtanh(-0.75, 0.5),  # bends exactly representable in bf16
-    "batchnorm": None,
-}
-
-
-@PROPERTY_SETTINGS
-@given(
-    st.sampled_from(list(TWINS)),
-    st.lists(st.integers(1, 4), min_size=2, max_size=4),
-    st.sampled_from(list(PROPERTY_MODES)),
-    st.integers(0, 2**31),
-)
-def test_frozen_path_twins_match_stock_modules(kind, shape, mode, seed):
-    dtype, autocast, tol = PROPERTY_MODES[mode]
-    if kind == "batchnorm":
-        stock = (nn.BatchNorm1d if len(shape) in (2, 3) else nn.BatchNorm2d)(shape[1]).double().eval()
-        with torch.no_grad():
-            for t in (stock.running_mean, stock.weight, stock.bias):
-                t.copy_(seeded_randn(t.shape, seed + 5, torch.float64))
-            stock.running_var.copy_(seeded_randn(shape[1], seed + 6, torch.float64).abs() + 0.1)
-    else:
-        stock = TWINS[kind]()
-    stock = stock.double().requires_grad_(False)
-    twin = nn.Sequential(copy.deepcopy(stock)).to(torch.promote_types(torch.float32, dtype))
-    assert len(frozen_path.apply_memory_saving(twin)) == 1
-    x = (3 * seeded_randn(shape, seed, dtype)).requires_grad_(True)  # reaches ReLU6's and Hardtanh's upper bends
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        out = twin(x)
-    probe = seeded_randn(out.shape, seed + 1, out.dtype)
-    (out * probe).sum().backward()
-    assert x.grad.dtype == dtype
-
-    xr = x.detach().double().requires_grad_(True)
-    yr = stock(xr)
-    (yr * probe.double()).sum().backward()
-    if kind == "batchnorm":  # y = x * scale + (bias - mean * scale): bound by the terms' magnitudes
-        view = (1, -1) + (1,) * (len(shape) - 2)
-        scale = (stock.weight / torch.sqrt(stock.running_var + stock.eps)).abs().view(view)
-        y_bound = (xr.detach().abs() + stock.running_mean.abs().view(view)) * scale + stock.bias.abs().view(view)
-        g_bound = probe.double().abs() * scale
-    else:  # exact up to the output's rounding
-        y_bound, g_bound = yr.detach().abs(), xr.grad.abs()
-    assert_bounded(out, yr.detach(), y_bound, tol, "output")
-    assert_bounded(x.grad, xr.grad, g_bound, tol, "input gradient")
-
-
 def test_padding_mode_strategies_reach_every_branch():
     """Guards the generators: the shapes above cover what the properties claim to cover."""
     seen = set()
@@ -245,3 +196,43 @@ def test_padding_mode_strategies_reach_every_branch():
     assert modes == {"zeros", "reflect", "replicate", "circular"}
     assert any(s[1] for s in seen) and any(not s[1] for s in seen)
     assert any(s[2] for s in seen) and any(s[3] for s in seen)
+
+
+SPARSE_LAYERS = {
+    # name: (layer factory, input shape, k channels)
+    "linear": (lambda: nn.Linear(64, 32), (8, 16, 64), 8),
+    "conv2d": (lambda: nn.Conv2d(32, 16, 3, padding=1), (4, 32, 12, 12), 4),
+    "conv2d_depthwise": (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32), (4, 32, 12, 12), 4),
+    "hf_conv1d": (lambda: Conv1D(32, 64), (8, 16, 64), 8),
+}
+
+
+def saved_by_layer(model, x) -> int:
+    mem = trady_peft.measure_training_step(model, x)
+    return sum(v for k, v in mem.saved_by_module.items() if k.endswith("layer") or ".layer." in k)
+
+
+@pytest.mark.parametrize("kind", list(SPARSE_LAYERS))
+def test_sparse_layer_keeps_only_selected_input_channels(kind):
+    factory, shape, k = SPARSE_LAYERS[kind]
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)  # as if the layer sat inside a network
+    model = get_peft_model(Holder(factory()), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=k))
+    channels = x.shape[-1] if kind in ("linear", "hf_conv1d") else x.shape[1]
+    full_input_bytes = x.numel() * x.element_size()
+
+    saved = saved_by_layer(model, x)
+
+    # The index tensor is a resident buffer of the layer, so it is not part of the saved bytes.
+    assert saved == full_input_bytes * k // channels
+
+
+@pytest.mark.parametrize("kind", list(SPARSE_LAYERS))
+def test_lora_on_the_same_layer_keeps_the_full_input(kind):
+    factory, shape, _ = SPARSE_LAYERS[kind]
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    # peft LoRA needs a rank divisible by the groups of a grouped conv.
+    rank = 32 if kind == "conv2d_depthwise" else 4
+    model = get_peft_model(Holder(factory()), LoraConfig(target_modules=["layer"], r=rank))
+    assert saved_by_layer(model, x) >= x.numel() * x.element_size()

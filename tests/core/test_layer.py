@@ -9,16 +9,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import trady_peft
-from tests.references import channel_slices, dense_reference
+from tests.references import (
+    AUTOCAST_DTYPES,
+    AUTOCAST_TOL,
+    assert_close_rel,
+    channel_slices,
+    dense_reference,
+)
+from tests.references import reference_output as _reference_output
 from tests.tiny_models import Holder, StaticSamePaddingConv, padded_conv
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 class Identity(nn.Module):
@@ -70,6 +69,7 @@ INPUTS = {
 }
 
 
+@pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_delta_and_input_gradients_match_dense_reference(kind):
     torch.manual_seed(0)
@@ -105,50 +105,60 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     assert layer.base_layer.weight.grad is None
 
 
-class UnknownConv(nn.Conv2d):
-    def forward(self, x):
-        return super().forward(x * 2)
+KINDS = {**LAYERS, "static_padding_conv": lambda: StaticSamePaddingConv(4, 6, 3, stride=2, groups=2)}
 
 
-def test_static_padding_conv_subclass_matches_its_own_forward():
+SHAPES = {**INPUTS, "static_padding_conv": (2, 4, 8, 8)}
+
+
+def reference_output(base, x, weight):
+    if isinstance(base, StaticSamePaddingConv):
+        return torch.nn.functional.conv2d(base.static_padding(x), weight, base.bias, base.stride, 0, 1, base.groups)
+    return _reference_output(base, x, weight)
+
+
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward_outside", "backward_inside"])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype, backward_inside):
     torch.manual_seed(0)
-    base = StaticSamePaddingConv(4, 6, 3, stride=2, groups=2)
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    expected = base(x)
-    model = get_peft_model(Holder(base), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2))
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    base = KINDS[kind]()
+    reference_base = KINDS[kind]()
+    reference_base.load_state_dict(base.state_dict())
+    model = get_peft_model(
+        Holder(base),
+        trady_peft.TraDyConfig(
+            target_modules=["layer"], channels_per_layer=0.5, init_weights=False, strategy="d-full-random"
+        ),
+    )
+    tuner, layer = model.base_model, model.base_model.model.layer
+    tuner.next_period()  # non-empty accumulated store, then a new selection
+    bank = tuner.channel_bank["default"].weight
+    with torch.no_grad():
+        bank.normal_(0, 0.3)
+    channels = layer.trady_idx["default"].long()
+    assert channels.numel() > 0 and layer.trady_indices["default"].numel() > 0
 
+    x = torch.randn(SHAPES[kind], requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+        assert out.dtype == dtype
+        probe = torch.randn(out.shape)
+        if backward_inside:
+            (out.float() * probe).sum().backward()
+    if not backward_inside:
+        (out.float() * probe).sum().backward()
 
-def test_conv_subclass_with_unknown_forward_is_refused():
-    with pytest.raises(TypeError, match="UnknownConv.*exclude_modules"):
-        get_peft_model(Holder(UnknownConv(4, 4, 3)), trady_peft.TraDyConfig(target_modules=["layer"]))
+    view = layer.trady_delta["default"]
+    x_ref, w_eff, out_ref = dense_reference(layer, base, reference_base, x, probe, reference_output)  # fp32
 
-
-@pytest.mark.parametrize(
-    "static_padding, conv_kwargs, message",
-    [
-        (nn.Upsample(scale_factor=2), {}, "static_padding is a Upsample"),
-        (nn.ZeroPad3d(1), {}, "static_padding is a ZeroPad3d"),
-        (nn.ZeroPad2d(1), {"padding": 1, "padding_mode": "reflect"}, "pads twice"),
-        (nn.ReflectionPad2d(1), {"padding": (1, 2), "padding_mode": "zeros"}, None),
-    ],
-)
-def test_static_padding_that_cannot_be_reproduced_is_refused(static_padding, conv_kwargs, message):
-    base = padded_conv(nn.Conv2d, 4, 4, 3, static_padding=static_padding, **conv_kwargs)
-    config = trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2)
-    if message is None:  # a reflection, then an (asymmetric-free) zero padding: understood
-        x = torch.randn(1, 4, 6, 6)
-        torch.testing.assert_close(get_peft_model(Holder(base), config)(x), base(x), rtol=0, atol=1e-12)
-        return
-    with pytest.raises(TypeError, match=f"{message}.*exclude_modules"):
-        get_peft_model(Holder(base), config)
-
-
-def test_static_padding_conv_with_trainable_base_weight_is_padded_once():
-    torch.manual_seed(0)
-    base = StaticSamePaddingConv(4, 6, 3, stride=1)
-    x = torch.randn(1, 4, 8, 8)
-    expected = base(x)
-    model = get_peft_model(Holder(base), trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=2))
-    model.base_model.model.layer.base_layer.weight.requires_grad_(True)  # as during Det-RGN scoring
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    tol = AUTOCAST_TOL[dtype]
+    assert_close_rel(out, out_ref, tol, "output")
+    assert x.grad.dtype == torch.float32
+    assert_close_rel(x.grad, x_ref.grad, tol, "input gradient")
+    assert bank.dtype == torch.float32 and bank.grad.dtype == torch.float32
+    got = bank.grad[view.offset : view.offset + view.numel].view(channels.numel(), *view.slice_shape)
+    assert_close_rel(got, channel_slices(reference_base, w_eff.grad, channels), tol, "delta gradient")
+    assert layer.base_layer.weight.grad is None
+    tuner.next_period()  # folding after a mixed-precision step keeps the store in fp32
+    assert layer.trady_values["default"].dtype == torch.float32
