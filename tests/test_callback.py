@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import trady_peft
 from tests.references import folded_adapter
@@ -144,3 +145,47 @@ def test_trainer_bf16_trains_the_adapter(name, tmp_path):
     stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
     assert all(v.dtype == torch.float32 for v in stored)
     assert sum(v.abs().sum() for v in stored) > 0  # the first period's update was folded in
+
+
+class Recorder(TrainerCallback):
+    """Stands for a report_to integration: registered before user callbacks, reads the logs."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def trainer_for(model, tmp_path, callbacks, epochs=2):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return Trainer(model=model, args=args, train_dataset=CountingText(n=32), callbacks=callbacks)
+
+
+def test_report_to_integrations_receive_trady_metrics_as_numbers(tmp_path):
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="8KiB", strategy="d-full-random"))
+    recorder = Recorder()
+    trainer_for(model, tmp_path, [recorder, trady_peft.TraDyCallback()]).train()
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert logged and all("trady/period" in log for log in logged)
+    assert {log["trady/period"] for log in logged} == {0, 1}
+    for log in logged:
+        assert isinstance(log["trady/budget_used"], float) and 0 < log["trady/budget_used"] <= 1
+        assert isinstance(log["trady/footprint_bytes"], int) and log["trady/footprint_bytes"] <= 8 * 1024
+
+
+def test_a_dynamic_strategy_without_the_callback_is_warned_about(tmp_path, caplog):
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        trainer_for(model, tmp_path, [], epochs=2).train()
+    assert "never redrawn" in caplog.text and "TraDyCallback" in caplog.text

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import trady_peft
 from trady_peft import TraDyCallback, TraDyConfig
 from trady_peft.memory.budget import parse_budget
 from trady_peft.selection.draws import MAX_SEED, period_generator
@@ -77,23 +78,6 @@ def test_every_row_of_the_error_table_really_says_so(code, kind, fragments):
     assert re.search(pattern, message, re.DOTALL), f"{code}:\n  message: {message}\n  expected: {fragments}"
 
 
-@pytest.mark.parametrize(
-    "text, amount",
-    [
-        ("2MB", 2_000_000),
-        ("2 kB", 2_000),
-        ("2KB", 2_000),
-        ("1.5 MiB", 1_572_864),
-        ("1GiB", 1024**3),
-        ("1TB", 10**12),
-        ("1e6B", 1_000_000),
-        ("300B", 300),
-    ],
-)
-def test_byte_units_are_case_sensitive_and_these_are_accepted(text, amount):
-    assert parse_budget(text).amount == amount and parse_budget(text).unit == "bytes"
-
-
 def test_numpy_numbers_are_accepted_and_stored_as_plain_python_numbers(tmp_path):
     config = TraDyConfig(
         memory_budget=np.int64(27946), seed=np.int64(3), top_k=np.int32(2), gradient_batches=np.int8(4)
@@ -129,3 +113,18 @@ def test_clamping_channels_per_layer_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TraDyConfig(channels_per_layer=1.0).channels_for(3) == 3  # a fraction is never clamped
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"channels_per_layer": 0}, "at least 1"),
+        ({"channels_per_layer": 1.5}, "(0, 1]"),
+        ({"channels_per_layer": "10%"}, "must be an int"),
+        ({"strategy": "greedy"}, "strategy='greedy' is unknown"),
+        ({"seed": 1.5}, "seed=1.5"),
+    ],
+)
+def test_bad_config_values_are_rejected_with_the_value_and_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=rf".*{__import__('re').escape(message)}"):
+        trady_peft.TraDyConfig(**kwargs)

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
+# ------------------------------------------------------------------------------ layers
 class Holder(nn.Module):
     """Wraps one layer under the name ``layer``, so a config can target it."""
 
@@ -20,6 +21,30 @@ class Holder(nn.Module):
         return self.layer(x)
 
 
+def padded_conv(stock: type, *args, static_padding: nn.Module, **kwargs) -> nn.Module:
+    """A ``stock`` convolution subclass that runs ``static_padding`` before itself."""
+
+    class PaddedConv(stock):
+        def forward(self, x):
+            return self._conv_forward(self.static_padding(x), self.weight, self.bias)
+
+    conv = PaddedConv(*args, **kwargs)
+    conv.static_padding = static_padding
+    return conv
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """Like the EfficientNet ports: a padding module runs before an unpadded convolution."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+# ------------------------------------------------------------------------ vision models
 class SmallCNN(nn.Module):
     """A MobileNet-like block stack: a stem conv, a depthwise conv, a grouped conv, a classifier."""
 
@@ -46,6 +71,38 @@ class SmallCNN(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
+def tiny_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN().eval()
+
+
+def tiny_cnn_adapter(seed: int = 0):
+    """The tiny CNN under a TraDy adapter (2 channels per layer, random deltas) after three periods."""
+    from peft import get_peft_model
+
+    import trady_peft
+
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
+    for _ in range(3):
+        model.base_model.next_period()
+    return model
+
+
+def paper_mobilenet_v2() -> nn.Module:
+    """The paper's MobileNetV2-w0.35 (benchmarks/paper_models.py) with 10 classes, in eval mode."""
+    from paper_models import mobilenet_v2_w035  # benchmarks/, on pytest's pythonpath
+
+    torch.manual_seed(0)
+    return mobilenet_v2_w035(num_classes=10).eval()
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.Conv2d`` layers, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+# -------------------------------------------------------------------------- text models
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -85,27 +142,7 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(config).train()
 
 
-def tiny_cnn(seed: int = 0) -> SmallCNN:
-    torch.manual_seed(seed)
-    return SmallCNN().eval()
-
-
-def colour_images_loader(n: int = 64, batch_size: int = 8, seed: int = 0):
-    """A dataloader of images whose class is their brightest colour channel (for rank-layers tests)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    images = torch.randn(n, 3, 16, 16, generator=g) * 0.5
-    images[torch.arange(n), labels] += 1.0
-    dataset = TensorDataset(images, labels)
-    collate = lambda rows: {  # noqa: E731
-        "pixel_values": torch.stack([r[0] for r in rows]),
-        "labels": torch.stack([r[1] for r in rows]),
-    }
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-
-
+# ------------------------------------------------------------------------------- data
 class CountingText(Dataset):
     """Token sequences that count upward mod the vocabulary: easy to learn, so loss must drop."""
 
@@ -136,37 +173,17 @@ class ColourImages(Dataset):
         return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
-def padded_conv(stock: type, *args, static_padding: nn.Module, **kwargs) -> nn.Module:
-    """A ``stock`` convolution subclass that runs ``static_padding`` before itself."""
+def colour_images_loader(n: int = 64, batch_size: int = 8, seed: int = 0):
+    """A dataloader of images whose class is their brightest colour channel (for rank-layers tests)."""
+    from torch.utils.data import DataLoader, TensorDataset
 
-    class PaddedConv(stock):
-        def forward(self, x):
-            return self._conv_forward(self.static_padding(x), self.weight, self.bias)
-
-    conv = PaddedConv(*args, **kwargs)
-    conv.static_padding = static_padding
-    return conv
-
-
-class StaticSamePaddingConv(nn.Conv2d):
-    """Like the EfficientNet ports: a padding module runs before an unpadded convolution."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
-
-    def forward(self, x):
-        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-
-
-def paper_mobilenet_v2() -> nn.Module:
-    """The paper's MobileNetV2-w0.35 (benchmarks/paper_models.py) with 10 classes, in eval mode."""
-    from paper_models import mobilenet_v2_w035  # benchmarks/, on pytest's pythonpath
-
-    torch.manual_seed(0)
-    return mobilenet_v2_w035(num_classes=10).eval()
-
-
-def conv_names(model: nn.Module) -> list[str]:
-    """The names of the model's ``nn.Conv2d`` layers, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    images[torch.arange(n), labels] += 1.0
+    dataset = TensorDataset(images, labels)
+    collate = lambda rows: {  # noqa: E731
+        "pixel_values": torch.stack([r[0] for r in rows]),
+        "labels": torch.stack([r[1] for r in rows]),
+    }
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)

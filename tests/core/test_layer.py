@@ -17,7 +17,7 @@ from tests.references import (
     dense_reference,
 )
 from tests.references import reference_output as _reference_output
-from tests.tiny_models import Holder, StaticSamePaddingConv, padded_conv
+from tests.tiny_models import Holder, StaticSamePaddingConv, padded_conv, tiny_llama
 
 
 class Identity(nn.Module):
@@ -162,3 +162,26 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     assert layer.base_layer.weight.grad is None
     tuner.next_period()  # folding after a mixed-precision step keeps the store in fp32
     assert layer.trady_values["default"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_backward_keeps_fp32_deltas(dtype):
+    model = get_peft_model(tiny_llama().to(dtype), trady_peft.TraDyConfig(channels_per_layer=4))
+    bank = model.base_model.channel_bank["default"].weight
+    assert bank.dtype == torch.float32
+    out = model(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8))
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert bank.grad is not None and bank.grad.dtype == torch.float32 and bank.grad.abs().sum() > 0
+    for _, layer in model.base_model.trady_layers("default"):
+        assert layer.trady_values["default"].dtype == torch.float32
+
+
+def test_tiny_update_survives_folding_over_bf16_base():
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), trady_peft.TraDyConfig(channels_per_layer=4))
+    tuner = model.base_model
+    with torch.no_grad():
+        tuner.channel_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
+    tuner.next_period()
+    stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
+    assert all(torch.all(v == 1e-6) for v in stored)

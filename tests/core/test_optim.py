@@ -277,3 +277,26 @@ def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
     ):
         assert torch.equal(idx_a, idx_b), name
         torch.testing.assert_close(val_a, val_b, rtol=1e-5, atol=1e-7)
+
+
+def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
+    bank = model.base_model.channel_bank["default"].weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    model(**batch)["loss"].backward()
+    optimizer.step()
+    layers = model.base_model.trady_layers("default")
+    before = {n: (layer.trady_idx["default"].clone(), layer.trady_delta["default"].offset) for n, layer in layers}
+    exp_avg = optimizer.state[bank]["exp_avg"]
+    assert exp_avg.abs().sum() > 0
+    model.base_model.next_period(optimizer=optimizer)
+    assert model.base_model.channel_bank["default"].weight is bank
+    assert [p for p in model.parameters() if p.requires_grad] == params
+    assert torch.all(bank == 0)
+    for name, layer in layers:
+        view = layer.trady_delta["default"]
+        segment = exp_avg[view.offset : view.offset + view.numel]
+        unchanged = torch.equal(before[name][0], layer.trady_idx["default"]) and before[name][1] == view.offset
+        assert (segment.abs().sum() > 0) == unchanged, name

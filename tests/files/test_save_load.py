@@ -140,18 +140,6 @@ print("OK")
     assert "OK" in out
 
 
-def test_import_twice_and_reload_do_not_raise():
-    out = run_python("""
-import importlib, trady_peft, trady_peft as again
-importlib.reload(trady_peft)
-from peft import get_peft_model
-from torch import nn
-model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), trady_peft.TraDyConfig(target_modules=["0"]))
-print(type(model.base_model).__name__)
-""")
-    assert "TraDyModel" in out
-
-
 def test_reload_into_live_model_does_not_double_count(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))

@@ -16,7 +16,6 @@ from peft import get_peft_model
 
 import trady_peft
 from tests.tiny_models import tiny_cnn, tiny_llama
-from trady_peft.core.targets import depth_blocks
 
 TOP_BLOCK = ["layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"]
 
@@ -115,15 +114,6 @@ def test_cnn_twins_keep_nothing_below_the_trained_layer():
 
 
 # ----------------------------------------------------------------------------- max_depth
-def test_depth_blocks_group_consecutive_layers_by_their_first_number():
-    names = ["stem", "features.1.conv.0", "features.1.conv.1", "features.12.conv", "head", "model.layers.4.q"]
-    assert depth_blocks(names) == [
-        ["stem"],
-        ["features.1.conv.0", "features.1.conv.1"],
-        ["features.12.conv"],
-        ["head"],
-        ["model.layers.4.q"],
-    ]
 
 
 @pytest.mark.parametrize("budget", [None, 300])

@@ -1,23 +1,31 @@
-"""Budget accounting, the paper's numbers, and draws that respect the budget."""
+"""How memory is counted: the paper's per-layer accounting, the budget's units, the bank's share of a
+byte budget, and the price of a channel.
+
+A channel's price is what its layer really keeps for backward: for each drawn layer, the activation
+bytes the budget charges (``LayerCost.activations`` x batch x element size x selected channels) must
+equal the bytes autograd saves inside that layer, measured independently with ``saved_tensors_hooks``:
+padded or unpadded convolutions, a padding module run before the convolution (EfficientNet ports),
+strides, dilations, depthwise kernels larger than the map.
+"""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pytest
 import torch
+import torch.nn.functional as F
 from paper_models import mcunet_in1, proxyless_w03  # benchmarks/, on pytest's pythonpath
 from peft import get_peft_model
+from torch import nn
 
 import trady_peft
-from tests.tiny_models import conv_names, paper_mobilenet_v2
+from tests.tiny_models import Holder, conv_names, paper_mobilenet_v2, tiny_llama
+from trady_peft.core.layer import TraDyLayer
 from trady_peft.memory.budget import parse_budget
-from trady_peft.selection.draws import PricedLayer, draw_under_budget, period_generator
 
 IMAGE = torch.zeros(1, 3, 128, 128)
 
 
+# ------------------------------------------------------------- the paper's accounting
 def test_mobilenet_v2_w035_accounting_matches_the_paper():
     model = paper_mobilenet_v2()
     acc = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
@@ -36,21 +44,6 @@ def test_mcunet_in1_and_proxyless_w03_accounting_matches_the_paper(factory, conv
     assert (acc.total_weights, acc.total_activations, acc.total) == totals
 
 
-def test_budget_command_prints_the_table(capsys):
-    from trady_peft.cli import main
-
-    root = Path(__file__).resolve().parents[2]
-    spec = f"{root / 'benchmarks' / 'paper_models.py'}:mobilenet_v2_w035"
-    assert main(["budget", "--model", spec, "--input-shape", "3,128,128", "--convs-only"]) == 0
-    out = capsys.readouterr().out
-    assert "288,864" in out and "963,456" in out and "1,252,320" in out
-    assert out.count("\n") > 52  # one row per convolution
-    with pytest.raises(SystemExit):
-        main(["budget", "--model", spec, "--input-shape", "3,a,128"])  # not a shape
-    with pytest.raises(SystemExit, match="Check --input-shape"):
-        main(["budget", "--model", spec, "--input-shape", "128,128"])  # not this model's input
-
-
 def test_bytes_accounting_counts_batch_dtype_and_optimizer_state():
     model = paper_mobilenet_v2()
     values = trady_peft.memory_accounting(model, IMAGE, target_modules=conv_names(model))
@@ -60,6 +53,7 @@ def test_bytes_accounting_counts_batch_dtype_and_optimizer_state():
     assert as_bytes.total_weights == values.total_weights * (4 + 4 + 8)  # param + grad + AdamW moments
 
 
+# -------------------------------------------------------------------------------- units
 @pytest.mark.parametrize(
     "raw, expected",
     [
@@ -75,149 +69,155 @@ def test_parse_budget(raw, expected):
     assert (b.amount, b.unit) == expected
 
 
+@pytest.mark.parametrize(
+    "text, amount",
+    [
+        ("2MB", 2_000_000),
+        ("2 kB", 2_000),
+        ("2KB", 2_000),
+        ("1.5 MiB", 1_572_864),
+        ("1GiB", 1024**3),
+        ("1TB", 10**12),
+        ("1e6B", 1_000_000),
+        ("300B", 300),
+    ],
+)
+def test_byte_units_are_case_sensitive_and_these_are_accepted(text, amount):
+    assert parse_budget(text).amount == amount and parse_budget(text).unit == "bytes"
+
+
 @pytest.mark.parametrize("raw", [0, -5, "256", "12 parsecs", True, 1.5, "0KiB"])
 def test_bad_budgets_name_the_value_and_the_fix(raw):
     with pytest.raises(ValueError, match=r"memory_budget=.*(int|unit|positive|budget)"):
         trady_peft.TraDyConfig(memory_budget=raw)
 
 
-def reference_draw(layers, budget, seed, period):
-    """The WACV rule written out loop by loop: shuffle all pairs, stop at the first overflow."""
-    pairs = [(layer.name, c, layer.channel_cost) for layer in layers for c in range(layer.in_channels)]
-    order = torch.randperm(len(pairs), generator=period_generator(seed, period)).tolist()
-    spent, chosen = 0, {}
-    for i in order:
-        name, channel, cost = pairs[i]
-        if spent + cost > budget:
-            break
-        spent += cost
-        chosen.setdefault(name, []).append(channel)
-    return {k: sorted(v) for k, v in chosen.items()}, spent
+def test_the_bank_is_a_share_of_the_byte_budget_not_all_of_it():
+    for share in (0.25, 0.75):
+        config = trady_peft.TraDyConfig(memory_budget="40KiB", bank_share=share, strategy="d-full-random")
+        model = get_peft_model(tiny_llama(), config)
+        bank = model.base_model.channel_bank["default"].weight
+        # fp32 parameter + gradient + 8 B of AdamW state per value
+        assert bank.numel() * 16 <= share * 40 * 1024 < (bank.numel() + 1) * 16
 
 
-LAYERS = [PricedLayer("a", 16, 40), PricedLayer("b", 24, 75), PricedLayer("c", 8, 300), PricedLayer("d", 32, 12)]
+# ------------------------------------------------------- prices against what layers keep
+class StaticPaddingConv(nn.Conv2d):
+    """Like the EfficientNet-Lite ports: a padding module, then an unpadded convolution."""
+
+    def __init__(self, *args, static_padding: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = static_padding
+
+    def forward(self, x):
+        return F.conv2d(
+            self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
-@pytest.mark.parametrize("budget", [300, 1000, 2500, 6000])
-@pytest.mark.parametrize("period", [0, 1, 7])
-def test_draw_follows_the_documented_stop_rule_and_never_exceeds_the_budget(budget, period):
-    got = draw_under_budget(LAYERS, budget, seed=3, period=period)
-    expected, spent = reference_draw(LAYERS, budget, seed=3, period=period)
-    assert {k: v.tolist() for k, v in got.items()} == expected
-    cost = {layer.name: layer.channel_cost for layer in LAYERS}
-    assert sum(cost[k] * len(v) for k, v in got.items()) == spent <= budget
+def _same_pad(k: int, stride: int = 1) -> nn.Module:
+    """TF 'SAME' padding for a fixed 8x8 image, as the ports compute it at construction."""
+    pad = max((-(-8 // stride) - 1) * stride + k - 8, 0)
+    return nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
 
 
-def chi2_upper(df: int, z: float = 3.29) -> float:
-    """Wilson-Hilferty approximation of the chi-square quantile at normal score z (3.29: p=0.9995)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+CASES = {
+    # name: (layer factory, channels per layer)
+    "unpadded": (lambda: nn.Conv2d(8, 6, 3), 3),
+    "zeros_padding": (lambda: nn.Conv2d(8, 6, 3, padding=1), 3),
+    "reflect_padding": (lambda: nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect"), 3),
+    "same_padding": (lambda: nn.Conv2d(8, 6, 4, padding="same"), 3),
+    "stride2": (lambda: nn.Conv2d(8, 6, 3, stride=2, padding=1), 3),
+    "dilation2": (lambda: nn.Conv2d(8, 6, 3, padding=2, dilation=2), 3),
+    "static_zero_pad": (lambda: StaticPaddingConv(8, 6, 3, static_padding=_same_pad(3)), 3),
+    "static_zero_pad_stride2": (lambda: StaticPaddingConv(8, 6, 3, stride=2, static_padding=_same_pad(3, 2)), 3),
+    "static_reflect_pad": (lambda: StaticPaddingConv(8, 6, 3, static_padding=nn.ReflectionPad2d(1)), 3),
+    "static_identity": (lambda: StaticPaddingConv(8, 6, 1, static_padding=nn.Identity()), 3),
+    "static_pad_plus_own_padding": (
+        lambda: StaticPaddingConv(8, 6, 3, padding=1, static_padding=nn.ZeroPad2d((0, 1, 0, 1))),
+        3,
+    ),
+    "depthwise5x5": (lambda: nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False), 3),
+    "static_depthwise5x5": (
+        lambda: StaticPaddingConv(8, 8, 5, groups=8, bias=False, static_padding=nn.ZeroPad2d(2)),
+        3,
+    ),
+}
+#: spatial sizes: the 5x5 depthwise cases also on a 1x1 and a 3x3 map (kernel larger than the map).
+SIZES = {name: (1, 3) if "depthwise" in name else (6, 11) for name in CASES}
+SIZES["reflect_padding"] = SIZES["static_reflect_pad"] = (3, 11)  # reflection needs a map wider than the pad
 
 
-def test_trady_inclusion_is_uniform_within_each_top_k_layer():
-    runs = 3000
-    counts = {layer.name: torch.zeros(layer.in_channels) for layer in LAYERS}
-    for seed in range(runs):
-        for name, channels in draw_under_budget(LAYERS, 1500, seed=seed, period=0).items():
-            counts[name][channels] += 1
-    for name, c in counts.items():
-        expected = c.mean()
-        assert expected > 20, name  # enough draws per cell for the chi-square test
-        chi2 = float(((c - expected) ** 2 / expected).sum())
-        assert chi2 < chi2_upper(len(c) - 1), (name, chi2)
-    # ...and a broken draw (always the lowest indices) would fail that test:
-    skewed = torch.cat([torch.full((8,), 100.0), torch.full((8,), 50.0)])
-    assert float(((skewed - skewed.mean()) ** 2 / skewed.mean()).sum()) > chi2_upper(15)
+def saved_bytes_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes of distinct non-resident storages autograd packs while each TraDy layer runs (the
+    independent instrument, `measure_training_step`)."""
+    mem = trady_peft.measure_training_step(model, x)
+    layers = {n for n, m in model.base_model.model.named_modules() if isinstance(m, TraDyLayer)}
+    by_name = {n.removeprefix("base_model.model."): b for n, b in mem.saved_by_module.items()}
+    return {n: b for n, b in by_name.items() if n in layers and b}
 
 
-def budget_model(budget, strategy="trady", **kwargs):
-    return get_peft_model(
-        paper_mobilenet_v2(),
-        trady_peft.TraDyConfig(memory_budget=budget, strategy=strategy, modules_to_save=["classifier"], **kwargs),
-    )
-
-
-@pytest.mark.parametrize("strategy", ["trady", "s-top-k-random", "d-full-random", "s-full-random"])
-@pytest.mark.parametrize("budget", [27_946, 66_592, 93_696])
-def test_every_strategy_stays_within_the_budget_over_periods(strategy, budget):
-    model = budget_model(budget, strategy)
+def priced_bytes_by_layer(model) -> dict[str, int]:
+    """Activation bytes the budget charges for the channels drawn in each layer."""
     tuner = model.base_model
-    model(IMAGE)  # the first forward probes shapes and draws
-    costs, selections = [], []
-    for _ in range(4):
-        costs.append(tuner.selected_cost())
-        selections.append([m.trady_idx["default"].tolist() for _, m in tuner.trady_layers("default")])
-        tuner.next_period()
-    assert all(0 < c <= budget for c in costs), costs
-    if strategy.startswith("s-"):
-        assert all(s == selections[0] for s in selections)
-    else:
-        assert any(s != selections[0] for s in selections[1:])
+    state = tuner.selection_states["default"]
+    costs = {**tuner.layer_costs, **state.costs}  # without a budget: the probe's measurement
+    return {n: costs[n].saved_bytes * c.numel() for n, c in (state.selection or {}).items() if c.numel()}
 
 
-def test_top_k_strategies_draw_only_inside_the_ranked_layers():
-    names = conv_names(paper_mobilenet_v2())
-    ranking = list(reversed(names))  # any order: the test only needs a known top-K
-    model = budget_model(66_592, layer_ranking=ranking, top_k=10)
-    model(IMAGE)
-    tuner = model.base_model
-    top = {n for n in ranking[:10]}
-    for _ in range(3):
-        for name, layer in tuner.trady_layers("default"):
-            if name not in top:
-                assert layer.trady_delta["default"].count == 0, name
-        tuner.next_period()
-    assert tuner.selection_summary()["candidate_layers"] == 10
-
-
-def test_budget_too_small_or_too_large_is_reported():
-    with pytest.raises(ValueError, match="too small for a single channel"):
-        budget_model(10)(IMAGE)
-    with pytest.raises(ValueError, match="covers every candidate channel"):
-        budget_model(2_000_000)(IMAGE)
-
-
-def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():
-    budget = 27_946
-    model = budget_model(budget)
+@pytest.mark.parametrize("size_index", [0, 1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_priced_activation_bytes_equal_measured(case, size_index):
+    factory, k = CASES[case]
+    size = SIZES[case][size_index]
+    torch.manual_seed(0)
+    base = factory()
+    x = torch.randn(4, base.in_channels, size, size, requires_grad=True)  # as inside a network
+    expected = base(x).detach()
+    config = trady_peft.TraDyConfig(target_modules=["layer"], channels_per_layer=k, strategy="d-full-random")
+    model = get_peft_model(Holder(base), config)
+    model.base_model.probe(x)
     model.train()
-    tuner = model.base_model
-    batch = torch.randn(4, 3, 128, 128)
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    for period in range(5):
-        if period:
-            tuner.next_period(optimizer=optimizer)
-        mem = trady_peft.measure_training_step(model, batch, optimizer)
-        optimizer.zero_grad()
-        bank_bytes = mem.trainable_parameters - 4 * head
-        assert bank_bytes <= 4 * budget  # one fp32 per unit: the bank never outgrows the budget
-        assert mem.gradients - 4 * head <= 4 * budget
-        selected_weights = sum(m.trady_delta["default"].numel for _, m in tuner.trady_layers("default"))
-        assert selected_weights <= tuner.channel_bank["default"].weight.numel()
-        assert tuner.selected_cost() <= budget
+
+    saved = saved_bytes_by_layer(model, x)
+    priced = priced_bytes_by_layer(model)
+
+    assert set(priced) == {"layer"}
+    assert saved == priced, f"{case} at {size}x{size}: measured {saved} != priced {priced}"
+    torch.testing.assert_close(model(x), expected)  # and the layer still computes what it wraps
 
 
-def test_byte_budget_accounts_for_the_real_batch():
-    model = budget_model("300KiB", optimizer_state_bytes=0)
-    batch = torch.randn(8, 3, 128, 128)
-    model(batch)
-    tuner = model.base_model
-    assert 0 < tuner.selected_cost() <= 300 * 1024
-    bank = tuner.channel_bank["default"].weight
-    assert bank.numel() * 8 == int(300 * 1024 * 0.5) // 8 * 8  # bank_share of the budget, fp32 parameter + gradient
-    # What autograd keeps for the selected channels is the byte budget's activation part.
-    acts = sum(
-        tuner.layer_costs[n].activations * 8 * 4 * m.trady_delta["default"].count
-        for n, m in tuner.trady_layers("default")
+class PaddedNet(nn.Module):
+    """EfficientNet-like: static 'same' padding modules before strided and depthwise convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = StaticPaddingConv(3, 8, 3, stride=2, bias=False, static_padding=nn.ZeroPad2d((0, 1, 0, 1)))
+        self.dw = StaticPaddingConv(8, 8, 5, groups=8, bias=False, static_padding=nn.ZeroPad2d(2))
+        self.down = StaticPaddingConv(
+            8, 8, 3, stride=2, groups=8, bias=False, static_padding=nn.ZeroPad2d((0, 1, 0, 1))
+        )
+        self.tiny = StaticPaddingConv(8, 8, 5, groups=8, bias=False, static_padding=nn.ZeroPad2d(2))
+        self.project = nn.Conv2d(8, 6, 1)
+        self.pool_to = 1
+
+    def forward(self, x):
+        x = F.relu(self.dw(F.relu(self.stem(x))))
+        x = self.tiny(F.adaptive_avg_pool2d(self.down(x), self.pool_to))
+        return self.project(x)
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_byte_budget_prices_what_a_padded_network_keeps(size):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, size, size)
+    config = trady_peft.TraDyConfig(
+        target_modules=["stem", "dw", "down", "tiny", "project"], memory_budget="8KiB", strategy="d-full-random"
     )
-    assert acts + bank.numel() * 8 == tuner.selected_cost()
-
-
-def test_evaluation_before_training_does_not_fix_the_byte_accounting():
-    model = budget_model("300KiB", optimizer_state_bytes=0)
-    with torch.no_grad():
-        model(torch.randn(64, 3, 128, 128))  # a large evaluation batch first
-    tuner = model.base_model
-    assert tuner.selection_summary()["selected_channels"] == 0  # still waiting for a training batch
-    model(torch.randn(8, 3, 128, 128))
-    assert all(c.batch_size == 8 for c in tuner.layer_costs.values())
+    model = get_peft_model(PaddedNet(), config)
+    model.train()
+    model(x)  # the first training forward probes and draws (new index buffers)
+    saved = saved_bytes_by_layer(model, x)
+    priced = priced_bytes_by_layer(model)
+    assert priced, "nothing was drawn"
+    assert saved == priced

