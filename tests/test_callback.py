@@ -1,4 +1,6 @@
-"""Acceptance 6: tiny GPT-2 (Conv1D), Llama (Linear) and a CNN train with the HF Trainer."""
+"""`TraDyCallback` under the Hugging Face Trainer: tiny GPT-2 (Conv1D), Llama (Linear) and a CNN train
+(also with ``bf16=True``), a resumed run matches the uninterrupted one, ``report_to`` integrations
+receive TraDy's metrics as numbers, and a dynamic strategy trained without the callback is warned about."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 9 (point 6): bad input gets a clear error naming the value and the remedy.
+"""`TraDyConfig`: bad input gets a clear error naming the value and the remedy; numpy numbers are
+accepted as plain Python numbers; seeds and channel counts keep to their documented limits.
 
 The table of ``docs/errors.md`` is the list of cases: every row is executed here, so the page
 cannot drift from what the code says. Config objects only (no model), to stay fast.
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import trady_peft
 from trady_peft import TraDyCallback, TraDyConfig
 from trady_peft.memory.budget import parse_budget
 from trady_peft.selection.draws import MAX_SEED, period_generator
@@ -127,4 +127,4 @@ def test_clamping_channels_per_layer_warns_once():
 )
 def test_bad_config_values_are_rejected_with_the_value_and_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=rf".*{__import__('re').escape(message)}"):
-        trady_peft.TraDyConfig(**kwargs)
+        TraDyConfig(**kwargs)

@@ -1,4 +1,5 @@
-"""Issue 6, acceptance 3: pushing an adapter uploads the adapter files and a PEFT model card (offline)."""
+"""Pushing an adapter uploads the adapter files and a PEFT model card (offline); the card of a saved
+adapter says that ``import trady_peft`` is needed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Acceptance 5 and the peft behaviours LoRA users rely on."""
+"""`TraDyModel` as a peft method: what LoRA users rely on (disable, merge, unmerge, unload; add, set
+and delete adapters; the trainable-parameter count), a matrix of models, budgets and strategies that
+trains, holds its budget and round-trips through save/load, and the registration surviving a re-import."""
 
 from __future__ import annotations
 

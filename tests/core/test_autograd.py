@@ -1,10 +1,11 @@
-"""Property tests: the custom autograd functions against a dense stock-torch reference.
+"""The custom autograd functions: `SparseChannelDelta` and `FrozenConv` against a dense stock-torch
+reference (property tests), and what a sparse layer keeps for backward (only its selected input
+channels; LoRA on the same layer keeps the whole input).
 
 Over random layer shapes, groups, kernel sizes, strides, paddings (incl. padding modes and
 ``"same"``), dilations, channel selections and dtypes, the output, the input gradient and the
-delta gradient of :class:`~trady_peft.core.autograd.SparseChannelDelta` (and of
-:class:`~trady_peft.core.autograd.FrozenConv` and the frozen-path twins) must equal those of a stock
-module run in float64 on a dense weight holding the same slices, with gradients by autograd.
+delta gradient of `SparseChannelDelta` (and of `FrozenConv`) must equal those of a stock module run
+in float64 on a dense weight holding the same slices, with gradients by autograd.
 
 Errors are bounded elementwise: ``|got - ref| <= tol * bound``, where ``bound`` is the same
 computation on absolute values (|x|, |w|, |grad_out|). That bound is what rounding to a dtype's

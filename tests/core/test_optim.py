@@ -54,7 +54,7 @@ def _train(make, steps, resets, reset=True, grads=None, start=None, optimizer=No
                     param[a:b].zero_()
             if reset:
                 reset_optimizer_state(optimizer, param, resets[k])
-            if reset == "zero-only":  # what the old reset did: moments zeroed, no step correction
+            if reset == "zero-only":  # a plain reset: moments zeroed, no step correction
                 optimizer.state[param].pop(optim._KEY, None)
         param.grad = grads[k] + 0.5 * param.detach()  # depends on the entry's own value only
         optimizer.step()

@@ -1,4 +1,6 @@
-"""Acceptance 4: the saved adapter holds only touched channels and reloads exactly."""
+"""A saved adapter holds only the channels it touched (int32 indices, their values, the selection
+state) and reloads exactly: in a fresh process, with ``low_cpu_mem_usage``, as trainable, through
+``AutoPeftModel``, and into the live model it was saved from."""
 
 from __future__ import annotations
 

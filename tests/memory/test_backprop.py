@@ -1,4 +1,4 @@
-"""Issue 12, point 2: backprop stops at the lowest trained layer, and `max_depth` raises that layer.
+"""Backprop stops at the lowest trained layer, and `max_depth` raises that layer.
 
 The instrument is `trady_peft.measure_training_step` (saved-tensor hooks, independent of the code
 under test): every byte autograd keeps is attributed to the module that was running. Below the

@@ -1,4 +1,5 @@
-"""Acceptance 2-3: what autograd keeps and what trains, measured with measure_training_step."""
+"""`measure_training_step` counts what trains: parameters, gradients and optimizer state hold the
+selected channels and the head, and nothing dense."""
 
 from __future__ import annotations
 

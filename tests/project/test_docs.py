@@ -1,4 +1,5 @@
-"""The API reference documents exactly the public surface, and every public symbol has a docstring."""
+"""The docs say what the code does: the API reference documents exactly the public surface, every
+public symbol has a docstring (in Markdown), and the README's memory block is its command's output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6, acceptance 2: every example runs offline with tiny settings (smoke tests)."""
+"""Every example runs offline with tiny settings (smoke tests), and its progress bars name the method."""
 
 from __future__ import annotations
 

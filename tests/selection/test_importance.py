@@ -1,4 +1,5 @@
-"""Issue 5: the ranking tool, the shipped table, and its automatic use."""
+"""Layer importance: `rank_layers` on tiny models and on ordinary (inputs, labels) dataloaders, the
+top-K rule, the shipped tables, and their automatic use (by MeDyate too)."""
 
 from __future__ import annotations
 

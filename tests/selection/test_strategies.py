@@ -1,4 +1,5 @@
-"""The gradient-informed strategies: Det RGN (oracle) and MeDyate."""
+"""The strategies: Det RGN (oracle) and MeDyate against dense references, static strategies keeping
+their draw, and strategies as small objects usable without a model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Issue 3 acceptance: two CPU processes (gloo) draw identical channels and end identical."""
+"""Two CPU processes (gloo) against one: ranks draw identical channels and end identical; FSDP2 and
+DeepSpeed ZeRO runs match one process across periods, save and resume; a bank sharded by FSDP2
+without the helper is refused on every rank."""
 
 from __future__ import annotations
 

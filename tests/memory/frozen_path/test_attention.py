@@ -1,4 +1,4 @@
-"""Issue 12: the recomputing attention twin gives the stock outputs and gradients and keeps only its inputs."""
+"""The recomputing attention twin gives the stock outputs and gradients and keeps only its inputs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Issue 12 (first part): a frozen LM head's fused cross-entropy equals the stock loss path and keeps
-no logits for backward."""
+"""A frozen LM head's fused cross-entropy equals the stock loss path and keeps no logits for backward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 12 (first part): transformers' frozen-path twins equal the stock modules and keep less."""
+"""transformers' frozen-path twins (gated MLPs, GELU variants, dropout, RMSNorm) equal the stock modules
+and keep less; modules that train or compute something else keep the stock path."""
 
 from __future__ import annotations
 
