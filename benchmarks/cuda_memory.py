@@ -22,7 +22,7 @@ Measured by the CUDA caching allocator's counters (``torch.cuda.memory_allocated
     PYTHONPATH=. python benchmarks/cuda_memory.py --device cpu --seq 16 --hidden 64 --layers 2 --vocab 256
 
 Without CUDA it prints what it skipped and exits 0; ``--device cpu`` runs the same steps on CPU
-(no allocator figures), the smoke test of tests/test_gpu_script.py.
+(no allocator figures), the smoke test of tests/project/test_gpu_script.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Issue 6, acceptance 3: pushing an adapter uploads the adapter files and a PEFT model card (offline)."""
+"""Pushing an adapter uploads the adapter files and a PEFT model card (offline); the card of a saved
+adapter says that ``import trady_peft`` is needed."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_card(monkeypatch, tmp_path
     assert "## TraDy adapter" in card and f"{memory.saved_activations:,} B" in card
     (tmp_path / "a.safetensors").write_bytes(uploaded["adapter_model.safetensors"])
     assert all(".trady_" in k for k in load_file(tmp_path / "a.safetensors"))
+
+
+def test_a_saved_adapters_card_says_import_trady_peft_is_needed(tmp_path):
+    from peft import get_peft_model
+
+    from tests.tiny_models import tiny_gpt2
+
+    model = get_peft_model(tiny_gpt2(), trady_peft.TraDyConfig(channels_per_layer=4))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again replaces the section, never repeats it
+    card = (tmp_path / "README.md").read_text()
+    assert "import trady_peft" in card and card.count("## TraDy adapter") == 1
+    assert "library_name: peft" in card.split("---")[1] and "- trady" in card.split("---")[1]

@@ -1,12 +1,15 @@
-"""Tiny models built from code or config (no network), shared by the tests."""
+"""Tiny models and datasets built from code or config (no network), shared by the tests."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
+# ------------------------------------------------------------------------------ layers
 class Holder(nn.Module):
     """Wraps one layer under the name ``layer``, so a config can target it."""
 
@@ -18,6 +21,30 @@ class Holder(nn.Module):
         return self.layer(x)
 
 
+def padded_conv(stock: type, *args, static_padding: nn.Module, **kwargs) -> nn.Module:
+    """A ``stock`` convolution subclass that runs ``static_padding`` before itself."""
+
+    class PaddedConv(stock):
+        def forward(self, x):
+            return self._conv_forward(self.static_padding(x), self.weight, self.bias)
+
+    conv = PaddedConv(*args, **kwargs)
+    conv.static_padding = static_padding
+    return conv
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """Like the EfficientNet ports: a padding module runs before an unpadded convolution."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+# ------------------------------------------------------------------------ vision models
 class SmallCNN(nn.Module):
     """A MobileNet-like block stack: a stem conv, a depthwise conv, a grouped conv, a classifier."""
 
@@ -44,6 +71,38 @@ class SmallCNN(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
+def tiny_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN().eval()
+
+
+def tiny_cnn_adapter(seed: int = 0):
+    """The tiny CNN under a TraDy adapter (2 channels per layer, random deltas) after three periods."""
+    from peft import get_peft_model
+
+    import trady_peft
+
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, init_weights=False))
+    for _ in range(3):
+        model.base_model.next_period()
+    return model
+
+
+def paper_mobilenet_v2() -> nn.Module:
+    """The paper's MobileNetV2-w0.35 (benchmarks/paper_models.py) with 10 classes, in eval mode."""
+    from paper_models import mobilenet_v2_w035  # benchmarks/, on pytest's pythonpath
+
+    torch.manual_seed(0)
+    return mobilenet_v2_w035(num_classes=10).eval()
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.Conv2d`` layers, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+# -------------------------------------------------------------------------- text models
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -83,9 +142,35 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(config).train()
 
 
-def tiny_cnn(seed: int = 0) -> SmallCNN:
-    torch.manual_seed(seed)
-    return SmallCNN().eval()
+# ------------------------------------------------------------------------------- data
+class CountingText(Dataset):
+    """Token sequences that count upward mod the vocabulary: easy to learn, so loss must drop."""
+
+    def __init__(self, n=128, length=16, vocab=64):
+        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class ColourImages(Dataset):
+    """Images whose class is the colour channel that is brightest."""
+
+    def __init__(self, n=128):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.images = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+        self.images[torch.arange(n), self.labels] += 1.0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
 def colour_images_loader(n: int = 64, batch_size: int = 8, seed: int = 0):

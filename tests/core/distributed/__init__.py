@@ -1,0 +1,1 @@
+"""Tests of `trady_peft.core.distributed` and `collectives`: several ranks, and the workers they run."""

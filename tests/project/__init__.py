@@ -1,0 +1,1 @@
+"""Checks of the project around the package: docs, examples, README, benchmarks, packaging."""

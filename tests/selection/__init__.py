@@ -1,0 +1,1 @@
+"""Tests of `trady_peft.selection`: strategies, draws and importance tables."""
