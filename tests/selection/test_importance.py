@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from build_importance_tables import spearman  # benchmarks/, on pytest's pythonpath
 from peft import get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trady_peft
-from build_importance_tables import spearman  # benchmarks/, on pytest's pythonpath
-
 from tests.tiny_models import colour_images_loader, tiny_cnn, tiny_llama
 from trady_peft import periods
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, top_k_for

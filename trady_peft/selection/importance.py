@@ -90,15 +90,6 @@ def top_k_for(scores: dict[str, float], coverage: float = 0.97) -> int:
     return len(values)
 
 
-def spearman(a: dict[str, float], b: dict[str, float]) -> float:
-    """Spearman rank correlation of two score maps over their common layers (no ties assumed)."""
-    names = sorted(set(a) & set(b))
-    ra = torch.tensor([a[n] for n in names], dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor([b[n] for n in names], dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 def family_of(model: nn.Module) -> tuple[str, nn.Module, str] | None:
     """(family, backbone module, its qualified name) for a model, or None.
 
