@@ -89,6 +89,10 @@ class Periods:
         self._warned_nonfinite: set[str] = set()
         _LIVE.add(self)
 
+    def __setstate__(self, state: dict) -> None:  # a copy (copy.deepcopy, pickle) is told about steps too
+        self.__dict__.update(state)
+        _LIVE.add(self)
+
     # --------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> None:
         """Start ``name``'s lifecycle (its bank exists): statistics, prices measured so far, first draw."""
