@@ -294,3 +294,13 @@ def test_tensor_version_counts_in_place_changes():
         weight.add_(1.0)
     assert compat.tensor_version(weight) > before
     assert compat.tensor_version(view) == compat.tensor_version(weight)  # views share the counter
+
+
+def test_module_calls_on_stack_counts_the_running_calls_of_a_module():
+    # torch 2.13: Module.__call__ runs Module._call_impl(self, ...), which runs the hooks and forward.
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(compat.module_calls_on_stack(model)))
+    model.register_forward_pre_hook(lambda m, args: seen.append(compat.module_calls_on_stack(model)))
+    model(torch.zeros(1, 2))
+    assert seen == [1, 1] and compat.module_calls_on_stack(model) == 0
