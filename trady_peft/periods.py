@@ -409,7 +409,8 @@ class Periods:
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.states[name]
         with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
-            self.check_finite(name, f"folded into its store at the change to period {period}")
+            move = "redraw of" if redraw else "change to"
+            self.check_finite(name, f"folded into its store at the {move} period {period}")
             for _, layer in self.host.trady_layers(name):
                 layer.commit(name)
         self._steps[name] = 0
