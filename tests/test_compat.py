@@ -319,3 +319,13 @@ def test_loss_function_of_returns_what_the_property_returns():
     model = tiny_llama()
     model.loss_function = custom = lambda *a, **k: None  # noqa: E731
     assert compat.loss_function_of(model) is custom
+
+
+def test_module_calls_on_stack_counts_the_running_calls_of_a_module():
+    # torch 2.13: Module.__call__ runs Module._call_impl(self, ...), which runs the hooks and forward.
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(compat.module_calls_on_stack(model)))
+    model.register_forward_pre_hook(lambda m, args: seen.append(compat.module_calls_on_stack(model)))
+    model(torch.zeros(1, 2))
+    assert seen == [1, 1] and compat.module_calls_on_stack(model) == 0

@@ -1,9 +1,11 @@
 """Per-period resampling under the Hugging Face ``Trainer`` (and a helper for plain loops).
 
-The callback keeps no state of its own: the period is derived from the Trainer's own progress
-(``state.epoch`` or ``state.global_step``), and the channels of a period are a pure function
-of ``(seed, period)``. A run resumed from a checkpoint therefore redraws exactly the selection
-the interrupted run had, and every process of a distributed run draws the same channels.
+The callback keeps no state that a checkpoint must carry: the period is derived from the Trainer's
+own progress (``state.epoch`` or ``state.global_step``) counted from the period the adapter carried
+when the run began, and the channels of a period are a pure function of ``(seed, period)``. A run
+resumed from a checkpoint therefore redraws exactly the selection the interrupted run had, a new run
+on a trained adapter (``trainer.train()`` again, or a Trainer on a reloaded adapter) continues its
+periods instead of replaying them, and every process of a distributed run draws the same channels.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class TraDyCallback(TrainerCallback):
                 f"resample_every_steps={steps!r} must be a positive int, or None to resample every epoch."
             )
         self.resample_every_steps = None if steps is None else int(steps)
+        # Per adapter: the period the run's progress counts from (set at each on_train_begin).
+        self._first_period: dict[str, int] = {}
 
     def _target_period(self, state, *, restoring: bool) -> int:
         if self.resample_every_steps:
@@ -62,8 +66,9 @@ class TraDyCallback(TrainerCallback):
 
     def _sync(self, model, state, optimizer, *, restoring: bool, dataloader=None) -> None:
         tuner = find_tuner(model)
-        target = self._target_period(state, restoring=restoring)
+        progress = self._target_period(state, restoring=restoring)
         for name in tuner.active_adapters:
+            target = self._first_period.get(name, 0) + progress
             if tuner.period(name) != target or tuner.phase(name) is not Phase.DRAWN:
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it (the checkpoint carried the selection).
@@ -79,6 +84,22 @@ class TraDyCallback(TrainerCallback):
         move_callback_first(self)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        # The adapter carries its period (in memory, in its file, in a checkpoint): a new run counts on
+        # from it, and a resumed run finds the count its interrupted run started from.
+        tuner = find_tuner(model)
+        progress = self._target_period(state, restoring=True)
+        for name in tuner.active_adapters:
+            first = self._first_period[name] = max(0, tuner.period(name) - progress)
+            if first and not progress:
+                logger.warning(
+                    "TraDy adapter %r carries period %d from an earlier run (or its file): this run continues "
+                    "from it (its first %s is period %d) rather than replaying periods 0..%d.",
+                    name,
+                    first,
+                    f"{self.resample_every_steps} steps" if self.resample_every_steps else "epoch",
+                    first,
+                    first,
+                )
         self._sync(model, state, optimizer, restoring=True, dataloader=train_dataloader)
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):

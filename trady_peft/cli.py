@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .memory.budget import memory_accounting
+from .memory.budget import memory_accounting, parse_budget
 
 
 def resolve_factory(spec: str, flag: str):
@@ -101,7 +101,22 @@ def cmd_budget(args) -> int:
 
 
 def _budget(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    budget = int(text) if text.isdigit() else text
+    try:
+        parse_budget(budget)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return budget
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int; pass e.g. 8")
+    return value
 
 
 def model_name(spec: str) -> str:
@@ -208,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "totals, in the paper's units (values per sample) or in bytes.",
     )
     _add_model_arguments(budget, input_shape=True)
-    budget.add_argument("--batch-size", type=int, default=1, help="batch size (counts in bytes only)")
+    budget.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (counts in bytes only)")
     budget.add_argument("--unit", choices=["values", "bytes"], default="values")
     budget.add_argument("--optimizer-state-bytes", type=int, default=8, help="per trained value, for --unit bytes")
     budget.add_argument("--convs-only", action="store_true", help="count convolutions only (as the paper does)")
@@ -223,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.autograd.graph.saved_tensors_hooks), split by part of the network.",
     )
     _add_model_arguments(memory, input_shape=True)
-    memory.add_argument("--batch-size", type=int, default=8)
+    memory.add_argument("--batch-size", type=_positive_int, default=8)
     memory.add_argument("--budget", type=_budget, default=None, help="memory_budget: 27946 (paper units) or '2MiB'")
     memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
     memory.add_argument(

@@ -11,7 +11,8 @@ assumption is commented with the versions it was checked against and has one tes
   Both are idempotent, so importing twice or ``importlib.reload`` is safe.
 * **Patches** (applied by ``trady_peft._patches``): the safetensors writer and reader peft's
   saving and loading call, ``PeftModel`` methods, and the Trainer's default callbacks.
-* **Helpers** over private attributes: the autograd node being run, the Trainer's callback
+* **Helpers** over private attributes: the autograd node being run, the module calls on the
+  stack, the Trainer's callback
   handler, pytree flattening, DeepSpeed's parameter attributes, transformers' checkpointing
   attributes and input-grad hooks, torch's forward-hook order, a tensor's version counter,
   peft's ``BufferDict`` and the sequence-classification head names.
@@ -26,6 +27,7 @@ Private APIs that are one line of a data path stay there, each with its own test
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -145,6 +147,21 @@ def in_backward() -> bool:
     backward and None outside of it.
     """
     return torch._C._current_autograd_node() is not None
+
+
+def module_calls_on_stack(module) -> int:
+    """How many calls of ``module`` are running on this thread's stack (nested calls count each).
+
+    torch 2.13: ``Module.__call__`` (``_wrapped_call_impl``) runs ``Module._call_impl(self, ...)``,
+    which calls the forward hooks and ``forward``; one such frame whose ``self`` is ``module`` is one call.
+    """
+    code = torch.nn.Module._call_impl.__code__
+    frame, count = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is code and frame.f_locals.get("self") is module:
+            count += 1
+        frame = frame.f_back
+    return count
 
 
 def move_callback_first(callback) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import os
+import re
 import reprlib
 import warnings
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ class TraDyConfig(PeftConfig):
         self.target_modules = _names("target_modules", self.target_modules, allow_empty=False)
         self.exclude_modules = _names("exclude_modules", self.exclude_modules, allow_empty=True)
         self._check_layers_to_transform()
+        self._check_layers_pattern()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 f"layers_pattern={self.layers_pattern!r} is only used together with layers_to_transform; "
@@ -259,6 +261,18 @@ class TraDyConfig(PeftConfig):
                 "e.g. layers_to_transform=[0, 1]."
             )
         self.layers_to_transform = int(value) if not isinstance(value, (list, tuple)) else [int(i) for i in value]
+
+    def _check_layers_pattern(self) -> None:
+        value = self.layers_pattern
+        if value is None:
+            return
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) and p for p in items):
+            raise ValueError(
+                f"layers_pattern={value!r} must be the name of the model's layer list, e.g. layers_pattern='layers' "
+                "(Llama) or 'h' (GPT-2), or a list of such names."
+            )
+        self.layers_pattern = value if isinstance(value, str) else list(value)
 
     def _check_channels_per_layer(self) -> None:
         cpl = self.channels_per_layer
@@ -369,6 +383,13 @@ def _names(name: str, value, *, allow_empty: bool):
     if isinstance(value, str):
         if not value and not allow_empty:
             raise ValueError(f"{name}='' matches no layer: pass None to wrap every supported layer, or names.")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(
+                f"{name}={value!r} is not a valid regular expression ({err}): pass a list of layer names, e.g. "
+                f"{name}=['q_proj', 'v_proj'], or a valid regex, e.g. {name}=r'.*\\.(q_proj|v_proj)'."
+            ) from None
         return value
     if not isinstance(value, (list, set, tuple, frozenset)) or not all(isinstance(n, str) for n in value):
         raise ValueError(

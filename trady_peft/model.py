@@ -19,7 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .compat import has_zero_master
+from .compat import has_zero_master, module_calls_on_stack
 from .config import TraDyConfig
 from .core.bank import DeltaBank
 from .core.distributed import bank_for_saving, bank_numel, check_bank_placement, register_zero3_bank, unwrapped_name
@@ -191,21 +191,28 @@ class TraDyModel(BaseTuner):
     @property
     def in_forward(self) -> bool:
         """Whether a forward pass of the wrapped model is running."""
+        if self._forward_depth and not module_calls_on_stack(self.model):
+            self._forward_depth = 0  # left behind by a forward that a KeyboardInterrupt stopped
         return self._forward_depth > 0
 
     def _before_forward(self, module, args, kwargs):
+        if self._forward_depth:  # a nested call, or a count left behind by an interrupted forward
+            self._forward_depth = module_calls_on_stack(self.model) - 1
         self._forward_depth += 1
         if self._forward_depth == 1:
             self._backprop_stop.before_forward()
         if not torch.is_grad_enabled():
             return  # evaluation under no_grad must not fix the byte accounting to its batch
-        if module.training and not self._placement_checked:
-            self.check_placement("at the first training forward")
+        # Gradients flow (autograd keeps this forward's inputs), whatever the modules' training mode.
+        if not self._placement_checked:
+            self.check_placement("at the first grad-enabled forward")
             self._placement_checked = True
-        self.periods.before_forward(module.training, args, kwargs)
+        self.periods.before_forward(args, kwargs)
 
     def _after_forward(self, module, args, output):
-        self._forward_depth -= 1
+        self._forward_depth = max(0, self._forward_depth - 1)
+        if not self._forward_depth:
+            self.periods.after_forward()
 
     def check_placement(self, when: str) -> None:
         """Refuse a sharded bank (`trady_peft.core.distributed`), and follow FSDP's move of the model
@@ -375,6 +382,7 @@ class TraDyModel(BaseTuner):
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
             out[key] = tuner.periods.states[adapter_name].to_tensor()
         with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
+            tuner.periods.check_finite(adapter_name, "saved")  # a file that saves also loads
             cls._fold_into(model, adapter_name, out)
         return out
 

@@ -13,22 +13,27 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import numbers
+import reprlib
 import weakref
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .compat import has_zero_master, in_backward, tensor_leaves
 from .config import TraDyConfig
-from .core.collectives import any_rank
+from .core.collectives import any_rank, several_ranks
 from .core.distributed import bank_numel, gathered, zero_bank
 from .core.layer import TraDyLayer
 from .core.optim import reset_optimizer_state
 from .core.targets import depth_blocks, names_match
 from .memory.budget import (
     Budget,
+    InputShapes,
     all_reduce_max_costs,
     bank_capacity,
     bytes_per_trained_value,
@@ -72,9 +77,22 @@ class Periods:
         self.host = host
         self.states: dict[str, SelectionState] = {}
         self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
-        self._input_dims: dict = {}  # largest size of each model input seen in training
+        self._input_dims: dict = {}  # largest size of each model input seen in a grad-enabled forward
+        self._recording, self._pending_costs = None, {}  # distributed runs: prices met, not yet agreed
         self._probing, self._optimizer, self._warned_stale = False, None, False
         self._norm_hooks: dict = {}
+        # Per adapter: whether a torch optimizer step was seen updating its bank (MeDyate's norms are
+        # then committed at each step, else at each backward), the optimizer steps of the current
+        # period, and (on the bank's device) the first of them after which the bank was not finite.
+        self._stepped: set[str] = set()
+        self._steps: dict[str, int] = {}
+        self._first_nonfinite: dict[str, torch.Tensor] = {}
+        self._warned_nonfinite: set[str] = set()
+        _LIVE.add(self)
+
+    def __setstate__(self, state: dict) -> None:  # a copy (copy.deepcopy, pickle) is told about steps too
+        self.__dict__.update(state)
+        _LIVE.add(self)
 
     # --------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> None:
@@ -207,9 +225,10 @@ class Periods:
         """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
         (or redraw) the adapters whose prices changed.
 
-        Runs automatically on the first training forward and whenever a training batch has a
-        larger input than any seen before (a longer sequence, a bigger batch), so that the byte
-        budget stays a bound. Call it with your largest batch to price for it from the start.
+        Runs automatically on the first grad-enabled forward and whenever a grad-enabled forward
+        has a larger input than any seen before (a longer sequence, a bigger batch), so that the
+        byte budget stays a bound. Call it with your largest batch to price for it from the start
+        (in a distributed run, on every process: it is a collective call).
         """
         self._probing = True
         layers = self.host.trady_layers()
@@ -224,12 +243,21 @@ class Periods:
             for m, training in modes.items():
                 m.training = training
             self._probing = False
+        self._set_prices(self._measured(shapes))
+
+    def _measured(self, shapes: dict) -> dict:
+        """Each layer's price for the input ``shapes`` recorded, covering the prices measured before."""
         measured = {}
-        for name, layer in layers:
+        for name, layer in self.host.trady_layers():
             if name in shapes:
                 cost = layer_cost(name, layer.geometry, *shapes[name])
                 old = self.layer_costs.get(name)
                 measured[name] = cost if old is None else old.larger(cost)
+        return measured
+
+    def _set_prices(self, measured: dict) -> None:
+        """Take the prices ``measured`` (a collective in a distributed run) and draw, or redraw, the
+        adapters they change."""
         # Every process prices alike (the largest input of any rank), so that all draw alike.
         self.layer_costs.update(all_reduce_max_costs(measured))
         for adapter in sorted(self.states):
@@ -257,9 +285,15 @@ class Periods:
                 )
                 self._start_period(adapter, state.period, redraw=True)
 
-    def before_forward(self, training: bool, args, kwargs) -> None:
-        """Price the byte budgets at the first grad-enabled forward, and reprice when a training
-        input is larger than any before (called by the tuner before each outermost forward)."""
+    def before_forward(self, args, kwargs) -> None:
+        """Price the byte budgets at the first grad-enabled forward, and reprice when a grad-enabled
+        forward (whose inputs autograd keeps, whatever the modules' training mode) has a larger input
+        than any before. Called by the tuner before each outermost grad-enabled forward.
+
+        In one process the larger input is priced before its forward runs. In a distributed run a
+        forward runs no collective (one process may run a forward the others do not): only the very
+        first forward, which every process runs, prices at once; a larger input is measured during its
+        forward and priced at the next optimizer step or period change (`reprice_agreed`)."""
         if self._probing:
             return
         budgeted = [n for n, c in self.host.peft_config.items() if c.budget is not None and not c.inference_mode]
@@ -267,16 +301,36 @@ class Periods:
             return
         waiting = any(not self.states[n].costs for n in budgeted if n in self.states)
         dims = _input_dims(args, kwargs)
-        # A larger input than any before reprices, in training mode only (a grad-enabled
-        # evaluation pass must not shrink the run's selection); the first forward always prices.
-        grew = training and any(
-            key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items()
-        )
-        if any_rank(waiting or grew):
-            for key, d in dims.items():
-                old = self._input_dims.get(key, d)
-                self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
+        grew = any(key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items())
+        if not (waiting or grew):
+            return
+        for key, d in dims.items():
+            old = self._input_dims.get(key, d)
+            self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
+        if waiting or not several_ranks():
             self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
+        elif self._recording is None:
+            self._recording = InputShapes(self.host.trady_layers())
+
+    def after_forward(self) -> None:
+        """Keep the input shapes a distributed forward recorded, as prices for `reprice_agreed`."""
+        if self._recording is None:
+            return
+        shapes = self._recording.stop()
+        self._recording = None
+        for name, cost in self._measured(shapes).items():
+            old = self._pending_costs.get(name)
+            self._pending_costs[name] = cost if old is None else old.larger(cost)
+
+    def reprice_agreed(self) -> None:
+        """In a distributed run, price the larger inputs any process met since the last call (a
+        collective: every process calls it, at an optimizer step or a period change)."""
+        if not several_ranks() or not self.layer_costs:
+            return
+        if not any_rank(bool(self._pending_costs)):
+            return
+        pending, self._pending_costs = self._pending_costs, {}
+        self._set_prices({n: c.larger(pending[n]) if n in pending else c for n, c in self.layer_costs.items()})
 
     # ------------------------------------------------------------------------------ periods
     def period(self, adapter_name: str = "default") -> int:
@@ -307,13 +361,19 @@ class Periods:
 
         Returns:
             The new period index.
+
+        Raises:
+            ValueError: a bad argument (checked before anything changes).
+            FloatingPointError: the period's delta holds NaN or infinite values (`check_finite`).
         """
+        self._check_next_period_arguments(period, optimizer, batches, adapter_name)
         if self.host.in_forward or in_backward():
             raise RuntimeError(
                 "next_period was called inside a forward or backward pass; the channels of a period "
                 "must not change while autograd holds their inputs. Call it between optimizer steps."
             )
         self.host.check_placement("at a period change")
+        self.reprice_agreed()
         new_period = None
         for name in [adapter_name] if adapter_name else list(self.host.active_adapters):
             config, state = self.host.peft_config[name], self.states[name]
@@ -333,11 +393,40 @@ class Periods:
             self._start_period(name, new_period, optimizer=optimizer)
         return new_period
 
+    def _check_next_period_arguments(self, period, optimizer, batches, adapter_name) -> None:
+        if adapter_name is not None and adapter_name not in self.states:
+            raise ValueError(
+                f"next_period: adapter {adapter_name!r} is not an adapter of this model; pass one of "
+                f"{sorted(self.states)}, or None for every active adapter."
+            )
+        if period is not None and (isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 0):
+            raise ValueError(
+                f"next_period: period={period!r} must be an int >= 0 (the period to move to), or None for the "
+                "next one."
+            )
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            loader = isinstance(optimizer, Iterable) and not isinstance(optimizer, (list, tuple, dict))
+            raise ValueError(
+                f"next_period: optimizer={reprlib.repr(optimizer)} ({type(optimizer).__name__}) is not an optimizer. "
+                + ("Pass a data loader as batches=, and " if loader else "Pass ")
+                + "the torch.optim.Optimizer that trains the model: "
+                "next_period(model, optimizer, batches=train_loader)."
+            )
+        if batches is not None and not isinstance(batches, Iterable):
+            raise ValueError(
+                f"next_period: batches={reprlib.repr(batches)} ({type(batches).__name__}) is not iterable; pass the "
+                "training data loader (or a list of batches), or None."
+            )
+
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.states[name]
         with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
+            move = "redraw of" if redraw else "change to"
+            self.check_finite(name, f"folded into its store at the {move} period {period}")
             for _, layer in self.host.trady_layers(name):
                 layer.commit(name)
+        self._steps[name] = 0
+        self._first_nonfinite.pop(name, None)
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
@@ -480,13 +569,91 @@ class Periods:
         return norms
 
     def _record_norms(self, name: str, grad: torch.Tensor) -> None:
+        """MeDyate's tensor hook on the bank: record this backward's channel norms provisionally.
+
+        They count once the optimizer step they feed has happened (`after_optimizer_step`), so that
+        a step a GradScaler skips (or a loop skips on a non-finite loss) is skipped here too; a
+        bank no torch optimizer step was seen updating (before the first step, DeepSpeed, a manual
+        update) commits each backward whose norms are all finite.
+        """
         statistics = self.states[name].statistics
+        bank = self.host.channel_bank[name].weight
+        if bank.grad is None and statistics.pending_steps and not has_zero_master(bank):
+            # The first backward after zero_grad: what earlier backwards recorded fed no step.
+            statistics.discard()
+            self._warn_dropped(name)
         for layer_name, layer in self.host.trady_layers(name):
             view = layer.trady_delta[name]
             if view.count:
                 seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
                 statistics.add(layer_name, layer.trady_idx[name], channel_norms(seg))
         statistics.step()
+        if name not in self._stepped:
+            self._commit_norms(name, statistics)
+
+    def _commit_norms(self, name: str, statistics: ChannelNormStatistics) -> None:
+        if not statistics.commit():
+            self._warn_dropped(name)
+
+    def _warn_dropped(self, name: str) -> None:
+        if name in self._warned_nonfinite:
+            return
+        self._warned_nonfinite.add(name)
+        logger.warning(
+            "TraDy adapter %r (strategy=%r): a training step was skipped or its gradient was not finite (e.g. an "
+            "overflow GradScaler skipped); its channel norms were left out of the statistics the next draw uses. "
+            "Shown once.",
+            name,
+            self.host.peft_config[name].strategy,
+        )
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Called after every torch optimizer step: for each adapter whose bank ``optimizer`` updates,
+        commit MeDyate's norms of the step, count the step, and note when the bank stopped being finite;
+        then, in a distributed run, agree on the prices of larger inputs met (`reprice_agreed`)."""
+        groups = getattr(optimizer, "param_groups", None) or ()
+        stepped = False
+        for name, module in getattr(self.host, "channel_bank", {}).items():
+            bank = module.weight
+            if name not in self.states or not any(p is bank for g in groups for p in g["params"]):
+                continue
+            stepped = True
+            self._stepped.add(name)
+            statistics = self.states[name].statistics
+            if statistics is not None:
+                self._commit_norms(name, statistics)
+            step = self._steps[name] = self._steps.get(name, 0) + 1
+            with torch.no_grad():  # no synchronisation: read only when a refusal names the step
+                first = self._first_nonfinite.get(name)
+                if first is None:
+                    first = torch.full((), -1, dtype=torch.long, device=bank.device)
+                bad = ~torch.isfinite(bank).all()
+                self._first_nonfinite[name] = torch.where(bad & (first < 0), step, first)
+        if stepped:  # every process steps the optimizer that trains the bank
+            self.reprice_agreed()
+
+    def check_finite(self, name: str, what: str) -> None:
+        """Refuse to let adapter ``name``'s bank be ``what`` (folded, saved) when it holds NaN or infinite
+        values, naming the layers and the step; nothing is changed, so the store keeps its last good state."""
+        bank = self.host.channel_bank[name].weight
+        if bank.numel() == 0 or bool(torch.isfinite(bank).all()):
+            return
+        named = [(n, layer.current_delta(name)) for n, layer in self.host.trady_layers(name)]
+        named = [(n, d) for n, d in named if d is not None]
+        counts = torch.stack([(~torch.isfinite(d)).sum() for _, d in named]).tolist() if named else []
+        bad = [(n, c) for (n, _), c in zip(named, counts) if c]
+        first = self._first_nonfinite.get(name)
+        step = int(first) if first is not None else -1
+        when = f"first seen after optimizer step {step} of the period" if step > 0 else "the step is unknown"
+        layers = ", ".join(f"{n!r} ({c} values)" for n, c in bad[:3])
+        layers += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise FloatingPointError(
+            f"TraDy adapter {name!r}: the delta trained in period {self.states[name].period} holds NaN or infinite "
+            f"values in layer {layers or '(outside the installed layers)'} ({when}), so it cannot be {what}. Nothing "
+            "was changed: the adapter's store keeps the last good state (the periods before). A step diverged: "
+            "lower the learning rate, clip gradients (or train with torch.amp.GradScaler, which skips overflowing "
+            "steps), and restart from the last adapter or checkpoint saved before (every saved file is finite)."
+        )
 
     # ------------------------------------------------------------------------------ summary
     def selected_cost(self, adapter_name: str = "default") -> int:
@@ -524,6 +691,18 @@ class Periods:
 def _warn_once(message: str, *args) -> None:
     """``logger.warning``, once per process for each distinct message."""
     logger.warning(message, *args)
+
+
+#: Every live `Periods`, told about each torch optimizer step (`after_optimizer_step`).
+_LIVE: weakref.WeakSet[Periods] = weakref.WeakSet()
+
+
+def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
+    for periods in list(_LIVE):
+        periods.after_optimizer_step(optimizer)
+
+
+register_optimizer_step_post_hook(_after_any_optimizer_step)
 
 
 def _check_budget(config: TraDyConfig, priced: list[PricedLayer], limits: tuple[int, ...]) -> None:

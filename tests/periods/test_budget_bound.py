@@ -99,14 +99,18 @@ def test_the_probe_leaves_random_streams_and_batch_norm_statistics_alone():
     assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 0
 
 
-def test_a_grad_enabled_evaluation_pass_does_not_reprice_the_run():
+def test_an_evaluation_pass_reprices_only_when_gradients_flow():
+    """Under no_grad nothing is kept for backward; without it autograd keeps the inputs, in eval mode too."""
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=f"{BUDGET}B", strategy="d-full-random"))
     model.train()
     model(**batch(2, 8, 0))
     costs = dict(model.base_model.selection_states["default"].costs)
     model.eval()
-    model(**batch(8, 48, 1))  # validation without torch.no_grad
+    with torch.no_grad():
+        model(**batch(8, 48, 1))
     assert model.base_model.selection_states["default"].costs == costs
+    model(**batch(8, 48, 1))  # validation without torch.no_grad
+    assert model.base_model.selection_states["default"].costs != costs
 
 
 def test_nested_inputs_are_probed():

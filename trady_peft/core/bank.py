@@ -34,6 +34,9 @@ class DeltaBank(nn.Module):
         self._slices = _SliceCache()
         self._average_hook = None
 
+    def _apply(self, fn, recurse: bool = True):
+        return super()._apply(keeping_precision(fn), recurse)
+
     def set_layout(self, segments) -> None:
         """Record the layers' segments ``(offset, numel)`` of this period (disjoint, set by `install`)."""
         self.layout = tuple(sorted((int(o), int(n)) for o, n in segments if n))
@@ -74,6 +77,22 @@ class DeltaBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}, capacity={self.weight.numel()}"
+
+
+def keeping_precision(fn):
+    """``fn`` (what ``Module._apply`` runs on each tensor) moving floating tensors without narrowing them.
+
+    ``model.to(torch.bfloat16)``, ``.half()`` or ``.to("cuda", torch.float16)`` move the bank and the
+    accumulated store but keep them fp32, so that small updates are not rounded away (the forward
+    casts the deltas to the input's dtype); a wider dtype (``.double()``) is taken.
+    """
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        narrower = out.dtype != t.dtype and torch.promote_types(out.dtype, t.dtype) == t.dtype
+        return t.detach().to(device=out.device) if t.is_floating_point() and narrower else out
+
+    return apply
 
 
 class _SliceCache:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..files.format import check_layer_state
 from .autograd import SparseChannelDelta, frozen_conv
+from .bank import keeping_precision
 from .geometry import ChannelGeometry
 from .quantized import (
     RoundingError,
@@ -48,11 +49,15 @@ class ResizableBufferDict(BufferDict):
     """A persistent ``BufferDict`` whose entries take the checkpoint's shape on load.
 
     The accumulated store grows with every period, so a checkpoint rarely has the shape of a
-    freshly created layer; ``nn.Module.load_state_dict`` would report a size mismatch.
+    freshly created layer; ``nn.Module.load_state_dict`` would report a size mismatch. Casting the
+    model to a narrower dtype keeps the store's precision (`trady_peft.core.bank.keeping_precision`).
     """
 
     def __init__(self, buffers=None):
         super().__init__(buffers, persistent=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        return super()._apply(keeping_precision(fn), recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(self._buffers):

@@ -69,8 +69,33 @@ def check_model_state(layers: Iterable, state_dict: Mapping[str, torch.Tensor], 
     """`check_layer_state` for every ``(name, layer)`` of ``layers`` (TraDy layers), before anything is loaded.
 
     Called by the tuner, whose ``_load_from_state_dict`` runs before any child loads (and before it
-    restarts a live delta), so a refused file leaves the model exactly as it was.
+    restarts a live delta), so a refused file leaves the model exactly as it was. Also refuses an
+    adapter file that holds no TraDy tensor at all (another method's weights beside a TraDy
+    ``adapter_config.json``) and one with stores for layers this model's config does not wrap (an
+    edited, narrower ``target_modules``), which would otherwise load as a silent no-op or drop deltas.
     """
+    layers = list(layers)
+    source = current_source()
+    if source is not None and state_dict and not any(f".{PREFIX}" in f".{k}" for k in state_dict):
+        sample = sorted(state_dict)[:2]
+        raise AdapterFileError(
+            f"Cannot load TraDy adapter from {_where()}: it holds no TraDy tensor (its tensors are named like "
+            f"{sample}), although its adapter_config.json says peft_type 'TRADY'. It was saved by another method: "
+            "load it with that method's adapter_config.json, or load the TraDy adapter's own directory."
+        )
+    names = {name for name, _ in layers}
+    # peft passes the keys of layers it did not wrap through unchanged, without the adapter name.
+    marker = f".{INDICES}"
+    stranded = sorted(
+        {key[len(prefix) :].rpartition(marker)[0] for key in state_dict if key.startswith(prefix) and marker in key}
+        - names
+    )
+    if stranded:
+        raise AdapterFileError(
+            f"Cannot load TraDy adapter from {_where()}: it holds deltas for {len(stranded)} layer(s) this model's "
+            f"TraDy config does not wrap (e.g. {stranded[:3]}), which would be dropped. Load it with the "
+            "adapter_config.json it was saved with (add those layers back to target_modules)."
+        )
     for name, layer in layers:
         check_layer_state(state_dict, f"{prefix}{name}.", layer.trady_delta.keys(), layer.geometry)
 
@@ -112,3 +137,16 @@ def _check_pair(layer: str, adapter: str, idx: torch.Tensor, val: torch.Tensor, 
         _fail(layer, adapter, "has channel indices that are not sorted in increasing order", _DAMAGED)
     if not bool(torch.isfinite(val).all()):
         _fail(layer, adapter, "has non-finite (NaN or infinite) delta values", _DAMAGED)
+
+
+def check_tensors_loaded(peft_type, unexpected_keys, model_id) -> None:
+    """Refuse a load that left TraDy tensors unused because the adapter's config names another method
+    (a LoRA ``adapter_config.json`` beside TraDy weights): the adapter would silently do nothing."""
+    stray = sorted((k for k in unexpected_keys or () if f".{PREFIX}" in f".{k}"), key=lambda k: INDICES not in k)
+    if stray and str(getattr(peft_type, "value", peft_type)) != "TRADY":
+        raise AdapterFileError(
+            f"The adapter {str(model_id)!r} holds TraDy tensors (e.g. {stray[0]!r}) but its adapter_config.json "
+            f"says peft_type {str(getattr(peft_type, 'value', peft_type))!r}, so none of them was loaded and the "
+            "adapter would do nothing. Load it with the TraDy adapter_config.json it was saved with (peft_type "
+            "'TRADY', after import trady_peft)."
+        )

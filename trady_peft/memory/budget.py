@@ -27,6 +27,7 @@ import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -67,6 +68,8 @@ _MEANT = {
 }
 _UNIT_LIST = "B, KB (or kB), MB, GB, TB, KiB, MiB, GiB, TiB"
 _BUDGET_RE = re.compile(r"^\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+#: The largest byte budget (a torch int64 holds every count made from it).
+MAX_BYTES = 2**62
 #: bytes of one trained fp32 value: the parameter and its gradient (optimizer state comes on top).
 PARAM_AND_GRAD_BYTES = 8
 
@@ -139,10 +142,20 @@ def parse_budget(value: int | str) -> Budget:
         if unit.endswith("b"):
             raise ValueError(f"memory_budget={value!r}: {unit!r} looks like {bits}; use {use}.")
         raise ValueError(f"memory_budget={value!r}: {unit!r} is not a byte unit (case matters); use {use}.")
-    amount = int(number * _BYTE_UNITS[unit])
-    if amount <= 0:
+    if number <= 0:
         raise ValueError(f"memory_budget={value!r} must be positive: at least one byte, e.g. '256KiB'.")
-    return Budget(amount, "bytes")
+    if not math.isfinite(number) or number * _BYTE_UNITS[unit] > MAX_BYTES:
+        raise ValueError(
+            f"memory_budget={value!r} is too large (more than {MAX_BYTES:,} bytes): pass what the device has for "
+            "the adapter, e.g. '256KiB' or '2GiB'."
+        )
+    exact = Fraction(match.group(1)) * _BYTE_UNITS[unit]
+    if exact.denominator != 1:
+        raise ValueError(
+            f"memory_budget={value!r} is {float(exact):g} bytes, not a whole number of bytes: pass a whole "
+            f"number, e.g. '{max(1, math.floor(exact))}B'."
+        )
+    return Budget(int(exact), "bytes")
 
 
 @dataclass(frozen=True)
@@ -274,25 +287,38 @@ class Accounting:
         return "\n".join(lines)
 
 
+class InputShapes:
+    """Records the input shape and dtype of each of ``layers`` in the forwards that run until `stop`."""
+
+    def __init__(self, layers: Iterable[tuple[str, nn.Module]]):
+        self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if name not in self.shapes and args and isinstance(args[0], torch.Tensor):
+                self.shapes[name] = (args[0].shape, args[0].dtype)
+
+        return hook
+
+    def stop(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Remove the hooks; the shapes recorded (layer name -> (shape, dtype))."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return self.shapes
+
+
 def probe_input_shapes(
     model: nn.Module, inputs: Any, layers: Iterable[tuple[str, nn.Module]]
 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Run ``model`` once without gradients and record the input shape and dtype of ``layers``."""
-    shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
-    handles = []
-    for name, layer in layers:
-
-        def hook(module, args, name=name):
-            if name not in shapes and args and isinstance(args[0], torch.Tensor):
-                shapes[name] = (args[0].shape, args[0].dtype)
-
-        handles.append(layer.register_forward_pre_hook(hook))
+    recording = InputShapes(layers)
     try:
         with torch.no_grad():
             call_model(model, inputs)
     finally:
-        for h in handles:
-            h.remove()
+        shapes = recording.stop()
     return shapes
 
 

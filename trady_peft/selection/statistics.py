@@ -85,10 +85,13 @@ def full_gradient_norms(
 class ChannelNormStatistics:
     """MeDyate's channel statistics N (MeDyate Alg. 1), for the layers ``sizes`` (name -> channels).
 
-    During a period, `add` accumulates each backward's per-channel gradient norm of the
-    selected channels. `end_period` writes the period's mean norm of each selected channel
-    into N; after the first period, channels never selected get the largest value seen (to
-    explore them), and keep it until they are selected.
+    During a period, `add` and `step` record each backward's per-channel gradient norms of the
+    selected channels provisionally; `commit` adds them to the period's sums once the optimizer
+    step they fed has happened, unless one of them is not finite (an overflowing step, which a
+    GradScaler skips), and `discard` drops them (a step that never happened). `end_period` writes
+    the period's mean norm of each selected channel into N; after the first period, channels
+    never selected get the largest value seen (to explore them), and keep it until they are
+    selected.
     """
 
     def __init__(self, sizes: dict[str, int]):
@@ -98,22 +101,54 @@ class ChannelNormStatistics:
         self.period_sum: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.has_history = False
+        self.pending: dict[str, torch.Tensor] = {}  # backwards recorded since the last commit
+        self.pending_steps = 0
 
     def add(self, name: str, channels: torch.Tensor, slice_norms: torch.Tensor) -> None:
-        """Add one backward's norms of the ``channels`` of layer ``name`` (kept where they live)."""
-        total = self.period_sum.get(name)
+        """Record one backward's norms of the ``channels`` of layer ``name``, until `commit` (kept where they live)."""
+        total = self.pending.get(name)
         if total is None:
-            total = self.period_sum[name] = slice_norms.new_zeros(self.sizes[name], dtype=torch.float64)
-        elif total.device != slice_norms.device:  # restored from a checkpoint on the CPU
-            total = self.period_sum[name] = total.to(slice_norms.device)
+            total = self.pending[name] = slice_norms.new_zeros(self.sizes[name], dtype=torch.float64)
         total.index_add_(0, channels.long(), slice_norms.double())
 
     def step(self) -> None:
-        """Count one backward pass."""
-        self.steps += 1
+        """Count one recorded backward pass."""
+        self.pending_steps += 1
+
+    def commit(self) -> bool:
+        """Add the backwards recorded since the last commit to the period, if all their norms are finite.
+
+        Returns False (and drops them) when one is not: the gradient overflowed, and the step it fed
+        was skipped or diverged, so it says nothing about the channels.
+        """
+        pending, steps = self.pending, self.pending_steps
+        self.discard()
+        if not steps:
+            return True
+        if pending:
+            first = next(iter(pending.values()))
+            if not bool(torch.isfinite(torch.stack([t.sum().to(first.device) for t in pending.values()])).all()):
+                return False
+        for name, norms in pending.items():
+            total = self.period_sum.get(name)
+            if total is None:
+                self.period_sum[name] = norms
+                continue
+            if total.device != norms.device:  # restored from a checkpoint on the CPU
+                total = self.period_sum[name] = total.to(norms.device)
+            total += norms
+        self.steps += steps
+        return True
+
+    def discard(self) -> None:
+        """Drop the backwards recorded since the last commit (the step they fed never happened)."""
+        self.pending, self.pending_steps = {}, 0
 
     def end_period(self, selection: dict[str, torch.Tensor]) -> None:
-        """Fold the period's means into N, for the channels ``selection`` trained (name -> channels)."""
+        """Fold the period's means into N, for the channels ``selection`` trained (name -> channels).
+
+        Backwards recorded but not committed (no optimizer step followed them) do not count."""
+        self.discard()
         if not self.steps:
             return
         # One flat tensor over every layer (zeros where nothing trained) keeps the collective

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ...compat import is_zero3_param, tensor_leaves, tree_flatten, tree_unflatten
-from ...core.layer import ChannelDeltaView
+from ...core.layer import TraDyLayer
 from .common import autocast_state, make_twin, normalized_source, reenter_autocast, trains
 
 _TENSOR = object()  # where a tensor sits in a flattened structure
@@ -138,13 +138,17 @@ def _banks(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _delta_views(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """``(view, bank)`` of the module's TraDy layers that read a trainable bank this period."""
+    """``(view, bank)`` of the module's TraDy layers that read a trainable bank this period (an active
+    adapter's, neither merged nor disabled: the forward reads no delta otherwise)."""
     found = []
-    for m in module.modules():
-        if isinstance(m, ChannelDeltaView) and m.count:
-            bank = m.__dict__.get("bank")
+    for layer in module.modules():
+        if not isinstance(layer, TraDyLayer) or layer.disable_adapters or layer.merged:
+            continue
+        for name in layer.active_adapters:
+            view = layer.trady_delta[name] if name in layer.trady_delta else None
+            bank = view.__dict__.get("bank") if view is not None and view.count else None
             if bank is not None and bank.weight.requires_grad:
-                found.append((m, bank))
+                found.append((view, bank))
     return found
 
 
