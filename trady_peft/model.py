@@ -207,12 +207,12 @@ class TraDyModel(BaseTuner):
         if not self._placement_checked:
             self.check_placement("at the first grad-enabled forward")
             self._placement_checked = True
-        self.periods.before_forward(args, kwargs)
+        self.periods.prices.before_forward(args, kwargs)
 
     def _after_forward(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)
         if not self._forward_depth:
-            self.periods.after_forward()
+            self.periods.prices.after_forward()
 
     def check_placement(self, when: str) -> None:
         """Refuse a sharded bank (`trady_peft.core.distributed`), and follow FSDP's move of the model
@@ -241,8 +241,8 @@ class TraDyModel(BaseTuner):
         return self.next_period(period, optimizer, adapter_name=adapter_name)
 
     def probe(self, example_inputs) -> None:
-        """Price every budget on ``example_inputs`` (`trady_peft.periods.Periods.probe`)."""
-        self.periods.probe(example_inputs)
+        """Price every budget on ``example_inputs`` (`trady_peft.periods.prices.Prices.probe`)."""
+        self.periods.prices.probe(example_inputs)
 
     def attach_optimizer(self, optimizer, adapter_name: str = "default") -> None:
         """Check that ``optimizer`` trains the adapter's bank and reset its state at every redraw."""
@@ -260,7 +260,7 @@ class TraDyModel(BaseTuner):
     @property
     def layer_costs(self) -> dict:
         """Per-layer prices measured by the probe (`trady_peft.memory.budget.LayerCost`)."""
-        return self.periods.layer_costs
+        return self.periods.prices.layer_costs
 
     def period(self, adapter_name: str = "default") -> int:
         """Index of the adapter's current training period (0 before the first redraw)."""
@@ -276,11 +276,11 @@ class TraDyModel(BaseTuner):
 
     def priced_layers(self, adapter_name: str = "default") -> list:
         """Candidate layers with what one channel spends of each part of the budget."""
-        return self.periods.priced_layers(adapter_name)
+        return self.periods.prices.priced_layers(adapter_name)
 
     def selected_cost(self, adapter_name: str = "default") -> int:
         """What the current selection spends of the budget, in its unit."""
-        return self.periods.selected_cost(adapter_name)
+        return self.periods.prices.selected_cost(adapter_name)
 
     def selection_summary(self, adapter_name: str = "default") -> dict:
         """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
@@ -382,7 +382,7 @@ class TraDyModel(BaseTuner):
         for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
             out[key] = tuner.periods.states[adapter_name].to_tensor()
         with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
-            tuner.periods.check_finite(adapter_name, "saved")  # a file that saves also loads
+            tuner.periods.steps.check_finite(adapter_name, "saved")  # a file that saves also loads
             cls._fold_into(model, adapter_name, out)
         return out
 

@@ -205,7 +205,9 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
     changed = []
     real_reset = trady_peft.core.optim.reset_optimizer_state
     monkeypatch.setattr(
-        trady_peft.periods, "reset_optimizer_state", lambda o, p, s: changed.append(list(s)) or real_reset(o, p, s)
+        trady_peft.periods.lifecycle,
+        "reset_optimizer_state",
+        lambda o, p, s: changed.append(list(s)) or real_reset(o, p, s),
     )
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]

@@ -50,7 +50,7 @@ def test_without_repricing_a_longer_batch_would_exceed_the_budget(monkeypatch):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     measured_footprint(model, batch(2, 8, 0), optimizer)
-    monkeypatch.setattr(type(model.base_model.periods), "probe", lambda self, inputs: None)
+    monkeypatch.setattr(type(model.base_model.periods.prices), "probe", lambda self, inputs: None)
     footprint, _ = measured_footprint(model, batch(8, 48, 1), optimizer)
     assert footprint > BUDGET
 

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import trady_peft
 from tests.tiny_models import colour_images_loader, tiny_cnn, tiny_llama
-from trady_peft import periods
+from trady_peft.periods import lifecycle
 from trady_peft.selection.importance import ImportanceEntry, builtin_entry, top_k_for
 
 
@@ -49,7 +49,7 @@ def test_layer_ranking_file_and_unknown_family_message(tmp_path, caplog):
     assert config.layer_ranking == entry.ranking and config.top_k == entry.top_k
     model = get_peft_model(tiny_cnn(), config)
     assert {n for n, _ in model.base_model.candidate_layers()} == set(entry.ranking[: entry.top_k])
-    periods._warn_once.cache_clear()  # the warning is given once per process
+    lifecycle._warn_once.cache_clear()  # the warning is given once per process
     with caplog.at_level(logging.WARNING):
         get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1))
     assert "no importance table" in caplog.text and "rank-layers" in caplog.text
@@ -154,6 +154,7 @@ def test_medyate_uses_the_family_importance_table():
 
 
 def test_medyate_without_a_ranking_warns(caplog):
+    lifecycle._warn_once.cache_clear()  # the warning is given once per process
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
         get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
     assert "module order" in caplog.text and "rank-layers" in caplog.text
@@ -210,7 +211,7 @@ def test_a_model_too_small_for_its_table_is_told_so_once(caplog):
     says that, with the numbers, once, and not on an inference load."""
     from peft import PeftModel
 
-    periods._warn_once.cache_clear()
+    lifecycle._warn_once.cache_clear()
     with caplog.at_level(logging.WARNING):
         model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="24KiB"))
         get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="24KiB"))
@@ -219,7 +220,7 @@ def test_a_model_too_small_for_its_table_is_told_so_once(caplog):
     assert "no importance table" not in messages[0]
     assert "cannot use the 'llama' importance table" in messages[0] and "of them are target layers" in messages[0]
     caplog.clear()
-    periods._warn_once.cache_clear()
+    lifecycle._warn_once.cache_clear()
     with tempfile.TemporaryDirectory() as directory, caplog.at_level(logging.WARNING):
         model.save_pretrained(directory)
         PeftModel.from_pretrained(tiny_llama(), directory)  # inference: nothing is drawn

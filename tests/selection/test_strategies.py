@@ -112,8 +112,10 @@ def test_an_adapter_waiting_for_oracle_scores_is_probed_once(monkeypatch):
     model = get_peft_model(tiny_cnn(), config)
     tuner = model.base_model
     calls = []
-    original = type(tuner.periods).probe
-    monkeypatch.setattr(type(tuner.periods), "probe", lambda self, inputs: calls.append(1) or original(self, inputs))
+    original = type(tuner.periods.prices).probe
+    monkeypatch.setattr(
+        type(tuner.periods.prices), "probe", lambda self, inputs: calls.append(1) or original(self, inputs)
+    )
     for batch in BATCHES:
         model(**batch)["loss"].backward()
     assert len(calls) == 1

@@ -1,11 +1,11 @@
-"""What a period does: prices, draws, redraws, and the moves from one period to the next.
+"""The period lifecycle: candidate layers, draws, the moves from one period to the next.
 
 `Periods` is the component of `trady_peft.TraDyModel` that owns every adapter's selection
-lifecycle (`trady_peft.selection.state`): which layers are candidates, what one of their channels
-costs (the shape probe, re-run when a larger input arrives), drawing a period's channels with the
-adapter's strategy (`trady_peft.selection.strategies`), installing them on the bank, and
-`Periods.next_period`, the one way to move to another period (used by `trady_peft.TraDyCallback`
-and `trady_peft.next_period`). It talks to the tuner only through `PeriodHost`.
+lifecycle (`trady_peft.selection.state`): which layers are candidates, drawing a period's
+channels with the adapter's strategy (`trady_peft.selection.strategies`), installing them on the
+bank, and `Periods.next_period`, the one way to move to another period (used by
+`trady_peft.TraDyCallback` and `trady_peft.next_period`). Its `Prices` measure what channels cost
+and its `StepWatch` follows the optimizer steps. It talks to the tuner only through `PeriodHost`.
 """
 
 from __future__ import annotations
@@ -22,30 +22,21 @@ from typing import Protocol
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .compat import has_zero_master, in_backward, tensor_leaves
-from .config import TraDyConfig
-from .core.collectives import any_rank, several_ranks
-from .core.distributed import bank_numel, gathered, zero_bank
-from .core.layer import TraDyLayer
-from .core.optim import reset_optimizer_state
-from .core.targets import depth_blocks, names_match
-from .memory.budget import (
-    Budget,
-    InputShapes,
-    all_reduce_max_costs,
-    bank_capacity,
-    bytes_per_trained_value,
-    draw_limits,
-    layer_cost,
-    probe_input_shapes,
-)
-from .selection.draws import Candidate, PricedLayer
-from .selection.importance import builtin_entry, family_of
-from .selection.state import Phase, SelectionState
-from .selection.statistics import ChannelNormStatistics, channel_norms, full_gradient_norms
-from .selection.strategies import alpha_top_k, get_strategy
+from ..compat import has_zero_master, in_backward
+from ..config import TraDyConfig
+from ..core.distributed import bank_numel, gathered, zero_bank
+from ..core.layer import TraDyLayer
+from ..core.optim import reset_optimizer_state
+from ..core.targets import depth_blocks, names_match
+from ..memory.budget import Budget, bank_capacity, draw_limits
+from ..selection.draws import Candidate
+from ..selection.importance import builtin_entry, family_of
+from ..selection.state import Phase, SelectionState
+from ..selection.statistics import ChannelNormStatistics, full_gradient_norms
+from ..selection.strategies import alpha_top_k, get_strategy
+from .prices import Prices, check_budget
+from .steps import StepWatch
 
 logger = logging.getLogger(__name__)
 #: A period with fewer channels than this gets a warning with the numbers.
@@ -76,38 +67,22 @@ class Periods:
     def __init__(self, host: PeriodHost):
         self.host = host
         self.states: dict[str, SelectionState] = {}
-        self.layer_costs: dict = {}  # layer name -> LayerCost: the largest input seen (probe)
-        self._input_dims: dict = {}  # largest size of each model input seen in a grad-enabled forward
-        self._recording, self._pending_costs = None, {}  # distributed runs: prices met, not yet agreed
-        self._probing, self._optimizer, self._warned_stale = False, None, False
-        self._norm_hooks: dict = {}
-        # Per adapter: whether a torch optimizer step was seen updating its bank (MeDyate's norms are
-        # then committed at each step, else at each backward), the optimizer steps of the current
-        # period, and (on the bank's device) the first of them after which the bank was not finite.
-        self._stepped: set[str] = set()
-        self._steps: dict[str, int] = {}
-        self._first_nonfinite: dict[str, torch.Tensor] = {}
-        self._warned_nonfinite: set[str] = set()
-        _LIVE.add(self)
-
-    def __setstate__(self, state: dict) -> None:  # a copy (copy.deepcopy, pickle) is told about steps too
-        self.__dict__.update(state)
-        _LIVE.add(self)
+        self.prices = Prices(self)  # what channels cost: the probe, repricing
+        self.steps = StepWatch(self)  # what each optimizer step tells: MeDyate's norms, a finite bank
+        self._optimizer, self._warned_stale = None, False
 
     # --------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> None:
         """Start ``name``'s lifecycle (its bank exists): statistics, prices measured so far, first draw."""
-        config, bank = self.host.peft_config[name], self.host.channel_bank[name]
+        config = self.host.peft_config[name]
         layers = self.host.trady_layers(name)
         statistics = None
         if get_strategy(config.strategy).channels == "weighted" and not config.inference_mode:
             statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
-            trains = bank.weight.requires_grad
-            bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
-            self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
-            bank.weight.requires_grad_(trains)
+            self.steps.watch_norms(name)
         # An adapter added after the probe starts from the prices measured so far.
-        costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
+        known = self.prices.layer_costs
+        costs = {n: known[n] for n, _ in layers if n in known} if config.budget else {}
         self.states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
             self.draw_if_ready(name)
@@ -115,9 +90,7 @@ class Periods:
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``'s lifecycle (the adapter is being deleted)."""
         self.states.pop(name, None)
-        hook = self._norm_hooks.pop(name, None)
-        if hook is not None:
-            hook.remove()
+        self.steps.forget(name)
 
     def use_importance_table(self, name: str) -> None:
         """Fill ``layer_ranking`` (and ``top_k``) from the built-in table of the model's family."""
@@ -211,127 +184,6 @@ class Periods:
         total = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in layers)
         return bank_capacity(config.budget, total, config.optimizer_state_bytes, config.bank_share)
 
-    # ------------------------------------------------------------------------ prices, probe
-    def priced_layers(self, adapter_name: str = "default") -> list[PricedLayer]:
-        """Candidate layers with what one channel spends of each part of the budget (needs the probe)."""
-        unit, costs = self.host.peft_config[adapter_name].budget.unit, self.states[adapter_name].costs
-        priced = []
-        for n, m in self.candidate_layers(adapter_name):
-            price = costs[n].draw_price(unit)
-            priced.append(PricedLayer(n, m.geometry.in_channels, price if len(price) > 1 else price[0]))
-        return priced
-
-    def probe(self, example_inputs) -> None:
-        """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
-        (or redraw) the adapters whose prices changed.
-
-        Runs automatically on the first grad-enabled forward and whenever a grad-enabled forward
-        has a larger input than any seen before (a longer sequence, a bigger batch), so that the
-        byte budget stays a bound. Call it with your largest batch to price for it from the start
-        (in a distributed run, on every process: it is a collective call).
-        """
-        self._probing = True
-        layers = self.host.trady_layers()
-        modes = {m: m.training for m in self.host.model.modules()}
-        device = next(self.host.model.parameters()).device
-        try:
-            # Shapes only: no dropout draw, no batch-norm statistics, no trace in the random streams.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self.host.model.eval()
-                shapes = probe_input_shapes(self.host.model, example_inputs, layers)
-        finally:
-            for m, training in modes.items():
-                m.training = training
-            self._probing = False
-        self._set_prices(self._measured(shapes))
-
-    def _measured(self, shapes: dict) -> dict:
-        """Each layer's price for the input ``shapes`` recorded, covering the prices measured before."""
-        measured = {}
-        for name, layer in self.host.trady_layers():
-            if name in shapes:
-                cost = layer_cost(name, layer.geometry, *shapes[name])
-                old = self.layer_costs.get(name)
-                measured[name] = cost if old is None else old.larger(cost)
-        return measured
-
-    def _set_prices(self, measured: dict) -> None:
-        """Take the prices ``measured`` (a collective in a distributed run) and draw, or redraw, the
-        adapters they change."""
-        # Every process prices alike (the largest input of any rank), so that all draw alike.
-        self.layer_costs.update(all_reduce_max_costs(measured))
-        for adapter in sorted(self.states):
-            state = self.states[adapter]
-            if self.host.peft_config[adapter].inference_mode or self.host.peft_config[adapter].budget is None:
-                continue
-            missing = [n for n, _ in self.candidate_layers(adapter) if n not in self.layer_costs]
-            if missing:
-                raise RuntimeError(
-                    f"The probe forward pass did not reach the TraDy layers {missing[:5]}; their input size is "
-                    "unknown. Pass inputs that run the whole model, or leave those layers out of target_modules."
-                )
-            for n, _ in self.candidate_layers(adapter):
-                old = state.costs.get(n)
-                state.costs[n] = self.layer_costs[n] if old is None else old.larger(self.layer_costs[n])
-            if state.selection is None:
-                self.draw_if_ready(adapter)
-            elif not self._fits(adapter, state.selection):
-                logger.warning(
-                    "TraDy: a larger training input than any before arrived; adapter %r redraws period %d under "
-                    "the new prices so that its footprint stays within memory_budget=%r.",
-                    adapter,
-                    state.period,
-                    self.host.peft_config[adapter].memory_budget,
-                )
-                self._start_period(adapter, state.period, redraw=True)
-
-    def before_forward(self, args, kwargs) -> None:
-        """Price the byte budgets at the first grad-enabled forward, and reprice when a grad-enabled
-        forward (whose inputs autograd keeps, whatever the modules' training mode) has a larger input
-        than any before. Called by the tuner before each outermost grad-enabled forward.
-
-        In one process the larger input is priced before its forward runs. In a distributed run a
-        forward runs no collective (one process may run a forward the others do not): only the very
-        first forward, which every process runs, prices at once; a larger input is measured during its
-        forward and priced at the next optimizer step or period change (`reprice_agreed`)."""
-        if self._probing:
-            return
-        budgeted = [n for n, c in self.host.peft_config.items() if c.budget is not None and not c.inference_mode]
-        if not budgeted:
-            return
-        waiting = any(not self.states[n].costs for n in budgeted if n in self.states)
-        dims = _input_dims(args, kwargs)
-        grew = any(key not in self._input_dims or _larger(d, self._input_dims[key]) for key, d in dims.items())
-        if not (waiting or grew):
-            return
-        for key, d in dims.items():
-            old = self._input_dims.get(key, d)
-            self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
-        if waiting or not several_ranks():
-            self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
-        elif self._recording is None:
-            self._recording = InputShapes(self.host.trady_layers())
-
-    def after_forward(self) -> None:
-        """Keep the input shapes a distributed forward recorded, as prices for `reprice_agreed`."""
-        if self._recording is None:
-            return
-        shapes = self._recording.stop()
-        self._recording = None
-        for name, cost in self._measured(shapes).items():
-            old = self._pending_costs.get(name)
-            self._pending_costs[name] = cost if old is None else old.larger(cost)
-
-    def reprice_agreed(self) -> None:
-        """In a distributed run, price the larger inputs any process met since the last call (a
-        collective: every process calls it, at an optimizer step or a period change)."""
-        if not several_ranks() or not self.layer_costs:
-            return
-        if not any_rank(bool(self._pending_costs)):
-            return
-        pending, self._pending_costs = self._pending_costs, {}
-        self._set_prices({n: c.larger(pending[n]) if n in pending else c for n, c in self.layer_costs.items()})
-
     # ------------------------------------------------------------------------------ periods
     def period(self, adapter_name: str = "default") -> int:
         """Index of the current training period (0 before the first redraw)."""
@@ -373,7 +225,7 @@ class Periods:
                 "must not change while autograd holds their inputs. Call it between optimizer steps."
             )
         self.host.check_placement("at a period change")
-        self.reprice_agreed()
+        self.prices.reprice_agreed()
         new_period = None
         for name in [adapter_name] if adapter_name else list(self.host.active_adapters):
             config, state = self.host.peft_config[name], self.states[name]
@@ -422,18 +274,22 @@ class Periods:
         state = self.states[name]
         with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
             move = "redraw of" if redraw else "change to"
-            self.check_finite(name, f"folded into its store at the {move} period {period}")
+            self.steps.check_finite(name, f"folded into its store at the {move} period {period}")
             for _, layer in self.host.trady_layers(name):
                 layer.commit(name)
-        self._steps[name] = 0
-        self._first_nonfinite.pop(name, None)
+        self.steps.new_period(name)
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
         zero_bank(self.host.channel_bank[name].weight)  # and DeepSpeed's master copy
         self.draw_if_ready(name, optimizer)
 
+    def redraw(self, name: str) -> None:
+        """Draw adapter ``name``'s current period again (its prices changed), the trained delta folded first."""
+        self._start_period(name, self.states[name].period, redraw=True)
+
     def draw_if_ready(self, name: str, optimizer=None) -> None:
+        """Draw and install adapter ``name``'s channels once its prices (and scores) are known."""
         if self.phase(name) is not Phase.READY:
             return  # drawn once the probe (and, for the oracles, the scoring) has run
         state, config = self.states[name], self.host.peft_config[name]
@@ -475,25 +331,14 @@ class Periods:
                 Candidate(n, m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers
             ]
             return strategy.select(candidates, None, config.seed, period)
-        priced = self.priced_layers(name)
+        priced = self.prices.priced_layers(name)
         limits = draw_limits(
             config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
         )
-        _check_budget(config, priced, limits)
+        check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
         return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
-
-    def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        config, costs = self.host.peft_config[name], self.states[name].costs
-        limits = draw_limits(
-            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
-        )
-        spent = [0] * len(limits)
-        for n, channels in selection.items():
-            for i, part in enumerate(costs[n].draw_price(config.budget.unit)):
-                spent[i] += part * channels.numel()
-        return all(s <= limit for s, limit in zip(spent, limits))
 
     def install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         """Whether ``selection`` names only this adapter's layers and fits in its bank."""
@@ -568,106 +413,7 @@ class Periods:
                 self.draw_if_ready(name)
         return norms
 
-    def _record_norms(self, name: str, grad: torch.Tensor) -> None:
-        """MeDyate's tensor hook on the bank: record this backward's channel norms provisionally.
-
-        They count once the optimizer step they feed has happened (`after_optimizer_step`), so that
-        a step a GradScaler skips (or a loop skips on a non-finite loss) is skipped here too; a
-        bank no torch optimizer step was seen updating (before the first step, DeepSpeed, a manual
-        update) commits each backward whose norms are all finite.
-        """
-        statistics = self.states[name].statistics
-        bank = self.host.channel_bank[name].weight
-        if bank.grad is None and statistics.pending_steps and not has_zero_master(bank):
-            # The first backward after zero_grad: what earlier backwards recorded fed no step.
-            statistics.discard()
-            self._warn_dropped(name)
-        for layer_name, layer in self.host.trady_layers(name):
-            view = layer.trady_delta[name]
-            if view.count:
-                seg = grad.narrow(0, view.offset, view.numel).view(view.count, -1).detach()
-                statistics.add(layer_name, layer.trady_idx[name], channel_norms(seg))
-        statistics.step()
-        if name not in self._stepped:
-            self._commit_norms(name, statistics)
-
-    def _commit_norms(self, name: str, statistics: ChannelNormStatistics) -> None:
-        if not statistics.commit():
-            self._warn_dropped(name)
-
-    def _warn_dropped(self, name: str) -> None:
-        if name in self._warned_nonfinite:
-            return
-        self._warned_nonfinite.add(name)
-        logger.warning(
-            "TraDy adapter %r (strategy=%r): a training step was skipped or its gradient was not finite (e.g. an "
-            "overflow GradScaler skipped); its channel norms were left out of the statistics the next draw uses. "
-            "Shown once.",
-            name,
-            self.host.peft_config[name].strategy,
-        )
-
-    def after_optimizer_step(self, optimizer) -> None:
-        """Called after every torch optimizer step: for each adapter whose bank ``optimizer`` updates,
-        commit MeDyate's norms of the step, count the step, and note when the bank stopped being finite;
-        then, in a distributed run, agree on the prices of larger inputs met (`reprice_agreed`)."""
-        groups = getattr(optimizer, "param_groups", None) or ()
-        stepped = False
-        for name, module in getattr(self.host, "channel_bank", {}).items():
-            bank = module.weight
-            if name not in self.states or not any(p is bank for g in groups for p in g["params"]):
-                continue
-            stepped = True
-            self._stepped.add(name)
-            statistics = self.states[name].statistics
-            if statistics is not None:
-                self._commit_norms(name, statistics)
-            step = self._steps[name] = self._steps.get(name, 0) + 1
-            with torch.no_grad():  # no synchronisation: read only when a refusal names the step
-                first = self._first_nonfinite.get(name)
-                if first is None:
-                    first = torch.full((), -1, dtype=torch.long, device=bank.device)
-                bad = ~torch.isfinite(bank).all()
-                self._first_nonfinite[name] = torch.where(bad & (first < 0), step, first)
-        if stepped:  # every process steps the optimizer that trains the bank
-            self.reprice_agreed()
-
-    def check_finite(self, name: str, what: str) -> None:
-        """Refuse to let adapter ``name``'s bank be ``what`` (folded, saved) when it holds NaN or infinite
-        values, naming the layers and the step; nothing is changed, so the store keeps its last good state."""
-        bank = self.host.channel_bank[name].weight
-        if bank.numel() == 0 or bool(torch.isfinite(bank).all()):
-            return
-        named = [(n, layer.current_delta(name)) for n, layer in self.host.trady_layers(name)]
-        named = [(n, d) for n, d in named if d is not None]
-        counts = torch.stack([(~torch.isfinite(d)).sum() for _, d in named]).tolist() if named else []
-        bad = [(n, c) for (n, _), c in zip(named, counts) if c]
-        first = self._first_nonfinite.get(name)
-        step = int(first) if first is not None else -1
-        when = f"first seen after optimizer step {step} of the period" if step > 0 else "the step is unknown"
-        layers = ", ".join(f"{n!r} ({c} values)" for n, c in bad[:3])
-        layers += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise FloatingPointError(
-            f"TraDy adapter {name!r}: the delta trained in period {self.states[name].period} holds NaN or infinite "
-            f"values in layer {layers or '(outside the installed layers)'} ({when}), so it cannot be {what}. Nothing "
-            "was changed: the adapter's store keeps the last good state (the periods before). A step diverged: "
-            "lower the learning rate, clip gradients (or train with torch.amp.GradScaler, which skips overflowing "
-            "steps), and restart from the last adapter or checkpoint saved before (every saved file is finite)."
-        )
-
     # ------------------------------------------------------------------------------ summary
-    def selected_cost(self, adapter_name: str = "default") -> int:
-        """What the current selection spends of the budget, in its unit. In bytes: the whole bank
-        (parameter, gradient and optimizer state, a fixed cost) plus the selected channels' saved inputs."""
-        config, state = self.host.peft_config[adapter_name], self.states[adapter_name]
-        selection = state.selection or {}
-        if config.budget.unit == "values":
-            return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
-        bank = bank_numel(self.host.channel_bank[adapter_name].weight) * bytes_per_trained_value(
-            config.optimizer_state_bytes
-        )
-        return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
-
     def selection_summary(self, adapter_name: str = "default") -> dict:
         """Figures for logs: period, layers, channels selected now and touched so far, budget use."""
         layers = self.host.trady_layers(adapter_name)
@@ -682,7 +428,8 @@ class Periods:
         }
         budget: Budget | None = self.host.peft_config[adapter_name].budget
         if budget is not None and self.states[adapter_name].selection is not None:
-            summary.update(budget=budget.amount, unit=budget.unit, selected_cost=self.selected_cost(adapter_name))
+            cost = self.prices.selected_cost(adapter_name)
+            summary.update(budget=budget.amount, unit=budget.unit, selected_cost=cost)
             summary["budget_used"] = round(summary["selected_cost"] / budget.amount, 4)
         return summary
 
@@ -691,49 +438,3 @@ class Periods:
 def _warn_once(message: str, *args) -> None:
     """``logger.warning``, once per process for each distinct message."""
     logger.warning(message, *args)
-
-
-#: Every live `Periods`, told about each torch optimizer step (`after_optimizer_step`).
-_LIVE: weakref.WeakSet[Periods] = weakref.WeakSet()
-
-
-def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
-    for periods in list(_LIVE):
-        periods.after_optimizer_step(optimizer)
-
-
-register_optimizer_step_post_hook(_after_any_optimizer_step)
-
-
-def _check_budget(config: TraDyConfig, priced: list[PricedLayer], limits: tuple[int, ...]) -> None:
-    budget = config.budget
-    fits = [p for p in priced if all(c <= limit for c, limit in zip(p.costs, limits))]
-    if not fits:
-        cheapest = min(priced, key=lambda p: sum(p.costs))
-        raise ValueError(
-            f"memory_budget={config.memory_budget!r} ({budget}) is too small for a single channel: the cheapest "
-            f"candidate channel ({cheapest.name}) needs {cheapest.costs} of the limits {limits} "
-            f"({'values' if budget.unit == 'values' else 'bank values, saved-input bytes'}). Raise the budget"
-            + ("." if budget.unit == "values" else ", or move bank_share towards the part that does not fit.")
-        )
-    if all(sum(p.costs[i] * p.in_channels for p in priced) <= limit for i, limit in enumerate(limits)):
-        raise ValueError(
-            f"memory_budget={config.memory_budget!r} ({budget}) covers every candidate channel: nothing would be "
-            "left out. Use a smaller budget, or full fine-tuning."
-        )
-
-
-def _input_dims(args, kwargs) -> dict:
-    """Shape of every tensor in a forward call (nested dicts, lists and tuples included), by position."""
-    return {i: tuple(t.shape) for i, t in enumerate(tensor_leaves((args, kwargs)))}
-
-
-def _larger(dims: tuple, seen: tuple) -> bool:
-    return len(dims) != len(seen) or any(a > b for a, b in zip(dims, seen))
-
-
-class _Call:
-    """Positional and keyword arguments of one forward call, for the probe."""
-
-    def __init__(self, args, kwargs):
-        self.args, self.kwargs = args, kwargs
