@@ -78,7 +78,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     )
     tuner, layer = model.base_model, model.base_model.model.layer
     tuner.next_period()  # non-empty accumulated store, then a new selection
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     with torch.no_grad():
         bank.normal_(0, 0.3)
     channels = layer.trady_idx["default"].long()
@@ -171,7 +171,7 @@ def test_frozen_path_cnn_with_trady_backward_under_autocast():
     )
     for module in model.modules():
         _randomise_bn(module)
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     with torch.no_grad():
         bank.normal_(0, 0.3)
     x = torch.randn(4, 3, 16, 16)
@@ -210,7 +210,7 @@ def test_trainer_bf16_trains_the_adapter(name, tmp_path):
     factory, data, extra = TRAINER_CASES[name]
     model = get_peft_model(factory(), trady_peft.TraDyConfig(channels_per_layer=0.5, **extra))
     tuner = model.base_model
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,

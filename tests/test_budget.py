@@ -201,7 +201,7 @@ def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():
         assert bank_bytes <= 4 * budget  # one fp32 per unit: the bank never outgrows the budget
         assert mem.gradients - 4 * head <= 4 * budget
         selected_weights = sum(m.trady_delta["default"].numel for _, m in tuner.trady_layers("default"))
-        assert selected_weights <= tuner.channel_bank["default"].weight.numel()
+        assert selected_weights <= tuner.trady_bank["default"].weight.numel()
         assert tuner.selected_cost() <= budget
 
 
@@ -211,7 +211,7 @@ def test_byte_budget_accounts_for_the_real_batch():
     model(batch)
     tuner = model.base_model
     assert 0 < tuner.selected_cost() <= 300 * 1024
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     assert bank.numel() * 8 == int(300 * 1024 * 0.5) // 8 * 8  # bank_share of the budget, fp32 parameter + gradient
     # What autograd keeps for the selected channels is the byte budget's activation part.
     acts = sum(

@@ -20,7 +20,7 @@ def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
     tuner = model.base_model
     layers = {n for n, _ in tuner.trady_layers("default")}
     saved = sum(b for name, b in mem.saved_by_module.items() if name.removeprefix("base_model.model.") in layers)
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     state = optimizer.state.get(bank, {})
     per_value_state = sum(
         v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == bank.shape
@@ -60,7 +60,7 @@ def test_the_bank_is_a_share_of_the_byte_budget_not_all_of_it():
     for share in (0.25, 0.75):
         config = trady_peft.TraDyConfig(memory_budget="40KiB", bank_share=share, strategy="d-full-random")
         model = get_peft_model(tiny_llama(), config)
-        bank = model.base_model.channel_bank["default"].weight
+        bank = model.base_model.trady_bank["default"].weight
         # fp32 parameter + gradient + 8 B of AdamW state per value
         assert bank.numel() * 16 <= share * 40 * 1024 < (bank.numel() + 1) * 16
 
@@ -94,6 +94,14 @@ def test_a_period_never_trains_nothing_when_one_channel_fits(budget, caplog):
         return
     assert all(c >= 1 for c in costs)
     assert "trains only" in caplog.text
+
+
+def test_a_count_of_channels_asked_for_gets_no_budget_warning(caplog):
+    """A period of fewer than four channels warns about memory_budget only when the user set one."""
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=1, target_modules=["q_proj"]))
+    model.base_model.next_period()
+    assert model.base_model.selection_summary()["selected_channels"] == 2  # q_proj of 2 blocks
+    assert "memory_budget" not in caplog.text and "trains only" not in caplog.text
 
 
 def test_a_batch_as_long_as_one_and_as_large_as_another_is_priced():

@@ -148,7 +148,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     # Train one period so the accumulated store is non-empty, then draw a new selection.
     tuner.next_period()
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.normal_()
+        tuner.trady_bank["default"].weight.normal_()
     channels = layer.trady_idx["default"].long()
     assert 0 < channels.numel() < layer.in_features
     assert layer.trady_indices["default"].numel() > 0
@@ -163,7 +163,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
 
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
-    delta_grad = tuner.channel_bank["default"].weight.grad
+    delta_grad = tuner.trady_bank["default"].weight.grad
     got = delta_grad[view.offset : view.offset + view.numel].view(channels.numel(), *view.slice_shape)
     torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
     # The base weight is frozen and receives no gradient.

@@ -64,7 +64,7 @@ def test_deleting_the_active_adapter_leaves_the_other_trainable_like_lora(model_
     model.set_adapter("other")
     model.delete_adapter("other")
     assert model.active_adapters == ["default"]
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     assert bank.requires_grad
     batch = make_batch()
     model.train()
@@ -83,7 +83,7 @@ def test_deleting_the_active_adapter_leaves_the_other_trainable_like_lora(model_
 def test_set_adapter_moves_training_between_adapters():
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
     model.add_adapter("other", trady_peft.TraDyConfig(channels_per_layer=0.25, seed=3))
-    banks = model.base_model.channel_bank
+    banks = model.base_model.trady_bank
     assert banks["default"].weight.requires_grad and not banks["other"].weight.requires_grad
     model.set_adapter("other")
     assert banks["other"].weight.requires_grad and not banks["default"].weight.requires_grad
@@ -107,7 +107,7 @@ def test_next_period_inside_forward_or_backward_is_refused():
         model(**batch)
     handle.remove()
     loss = model(**batch)["loss"]
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     errors = []
 
     def hook(grad):
@@ -211,7 +211,7 @@ def test_an_adapter_added_after_the_probe_draws():
     model.set_adapter("second")
     model(**batch)["loss"].backward()
     assert model.base_model.phase("second").value == "drawn"
-    assert model.base_model.channel_bank["second"].weight.grad.abs().sum() > 0
+    assert model.base_model.trady_bank["second"].weight.grad.abs().sum() > 0
 
 
 def test_det_rgn_scoring_leaves_no_gradient_in_the_bank():
@@ -224,7 +224,7 @@ def test_det_rgn_scoring_leaves_no_gradient_in_the_bank():
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     trady_peft.next_period(model, optimizer, batches=batches)
-    assert model.base_model.channel_bank["default"].weight.grad is None
+    assert model.base_model.trady_bank["default"].weight.grad is None
 
 
 def test_loading_another_adapter_does_not_change_this_adapters_prices(tmp_path):

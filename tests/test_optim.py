@@ -199,7 +199,7 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
     """Over three periods of a real model, each period's re-targeted entries follow a fresh AdamW."""
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))
     tuner = model.base_model
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     make = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     optimizer = make([bank])
     changed = []

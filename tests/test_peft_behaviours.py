@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import trady_peft
 from tests.tiny_models import tiny_cnn, tiny_gpt2, tiny_llama
@@ -28,7 +28,7 @@ def trained_model(name: str):
     tuner = model.base_model
     tuner.next_period()  # fold the random init into the store, then a new random period
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.normal_(0, 0.05)
+        tuner.trady_bank["default"].weight.normal_(0, 0.05)
     return model.eval(), make_inputs(), base_out
 
 
@@ -72,12 +72,12 @@ def test_add_set_delete_adapter():
     second = logits(model, inputs)
     assert not torch.allclose(second, first)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.channel_bank.other.weight"}
+    assert trainable == {"base_model.trady_bank.other.weight"}
     model.set_adapter("default")
     assert torch.equal(logits(model, inputs), first)
     model.delete_adapter("other")
     assert "other" not in model.peft_config
-    assert "other" not in model.base_model.channel_bank
+    assert "other" not in model.base_model.trady_bank
     assert all("other" not in layer.trady_delta for _, layer in model.base_model.trady_layers("default"))
     assert torch.equal(logits(model, inputs), first)
 
@@ -85,7 +85,7 @@ def test_add_set_delete_adapter():
 def test_print_trainable_parameters_counts_the_bank_and_head(capsys):
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1, modules_to_save=["classifier"]))
     model.print_trainable_parameters()
-    bank = model.base_model.channel_bank["default"].weight.numel()
+    bank = model.base_model.trady_bank["default"].weight.numel()
     head = 16 * 4 + 4
     assert f"trainable params: {bank + head:,}" in capsys.readouterr().out
 
@@ -93,7 +93,7 @@ def test_print_trainable_parameters_counts_the_bank_and_head(capsys):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_backward_keeps_fp32_deltas(dtype):
     model = get_peft_model(tiny_llama().to(dtype), trady_peft.TraDyConfig(channels_per_layer=4))
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     assert bank.dtype == torch.float32
     out = model(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8))
     assert out.logits.dtype == dtype and torch.isfinite(out.loss)
@@ -103,11 +103,28 @@ def test_half_precision_forward_backward_keeps_fp32_deltas(dtype):
         assert layer.trady_values["default"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_keeps_the_bank_in_the_base_dtype_and_the_stores_in_fp32(dtype, tmp_path):
+    config = trady_peft.TraDyConfig(channels_per_layer=4)
+    model = get_peft_model(tiny_llama().to(dtype), config, autocast_adapter_dtype=False)
+    bank = model.base_model.trady_bank["default"].weight
+    assert bank.dtype == dtype and bank.requires_grad
+    batch = dict(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8))
+    model(**batch).loss.backward()
+    assert bank.grad is not None and bank.grad.dtype == dtype and bank.grad.abs().sum() > 0
+    torch.optim.SGD([bank], lr=1.0).step()
+    model.base_model.next_period()
+    assert all(layer.trady_values["default"].dtype == torch.float32 for _, layer in model.base_model.trady_layers())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=False)
+    assert loaded.base_model.trady_bank["default"].weight.dtype == dtype
+
+
 def test_tiny_update_survives_folding_over_bf16_base():
     model = get_peft_model(tiny_llama().to(torch.bfloat16), trady_peft.TraDyConfig(channels_per_layer=4))
     tuner = model.base_model
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
+        tuner.trady_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
     tuner.next_period()
     stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
     assert all(torch.all(v == 1e-6) for v in stored)
@@ -115,7 +132,7 @@ def test_tiny_update_survives_folding_over_bf16_base():
 
 def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
@@ -126,7 +143,7 @@ def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     exp_avg = optimizer.state[bank]["exp_avg"]
     assert exp_avg.abs().sum() > 0
     model.base_model.next_period(optimizer=optimizer)
-    assert model.base_model.channel_bank["default"].weight is bank
+    assert model.base_model.trady_bank["default"].weight is bank
     assert [p for p in model.parameters() if p.requires_grad] == params
     assert torch.all(bank == 0)
     for name, layer in layers:

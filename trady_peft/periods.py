@@ -52,7 +52,7 @@ class PeriodHost(Protocol):
 
     model: nn.Module
     peft_config: dict[str, TraDyConfig]
-    channel_bank: nn.ModuleDict  # adapter name -> `trady_peft.core.bank.DeltaBank`
+    trady_bank: nn.ModuleDict  # adapter name -> `trady_peft.core.bank.DeltaBank`
 
     @property
     def active_adapters(self) -> list[str]: ...
@@ -79,20 +79,31 @@ class Periods:
     # --------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> None:
         """Start ``name``'s lifecycle (its bank exists): statistics, prices measured so far, first draw."""
-        config, bank = self.host.peft_config[name], self.host.channel_bank[name]
+        config = self.host.peft_config[name]
         layers = self.host.trady_layers(name)
         statistics = None
-        if get_strategy(config.strategy).channels == "weighted" and not config.inference_mode:
+        if get_strategy(config.strategy).channels == "weighted":  # also for inference: a loaded state keeps them
             statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
-            trains = bank.weight.requires_grad
-            bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
-            self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
-            bank.weight.requires_grad_(trains)
+            if not config.inference_mode:
+                self._hook_norms(name)
         # An adapter added after the probe starts from the prices measured so far.
         costs = {n: self.layer_costs[n] for n, _ in layers if n in self.layer_costs} if config.budget else {}
         self.states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
             self.draw_if_ready(name)
+
+    def _hook_norms(self, name: str) -> None:
+        """Record MeDyate's channel norms from each gradient of ``name``'s bank."""
+        bank = self.host.trady_bank[name]
+        trains = bank.weight.requires_grad
+        bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
+        self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
+        bank.weight.requires_grad_(trains)
+
+    def bank_replaced(self, name: str) -> None:
+        """Follow ``name``'s bank to its new parameter (a meta bank made real by a load)."""
+        if self._norm_hooks.pop(name, None) is not None:
+            self._hook_norms(name)  # the old hook went with the meta tensor
 
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``'s lifecycle (the adapter is being deleted)."""
@@ -335,23 +346,25 @@ class Periods:
 
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.states[name]
-        with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
+        with gathered(self.host.trady_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
             for _, layer in self.host.trady_layers(name):
                 layer.commit(name)
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
-        zero_bank(self.host.channel_bank[name].weight)  # and DeepSpeed's master copy
+        zero_bank(self.host.trady_bank[name].weight)  # and DeepSpeed's master copy
         self.draw_if_ready(name, optimizer)
 
     def draw_if_ready(self, name: str, optimizer=None) -> None:
         if self.phase(name) is not Phase.READY:
             return  # drawn once the probe (and, for the oracles, the scoring) has run
+        if self.host.trady_bank[name].weight.device.type == "meta":
+            return  # low_cpu_mem_usage: drawn once a load made the bank real (`bank_replaced`)
         state, config = self.states[name], self.host.peft_config[name]
         selection = self._draw(name, state.period)
         changed = self.install(name, selection)
         state.selection = selection
-        bank = self.host.channel_bank[name].weight
+        bank = self.host.trady_bank[name].weight
         optimizer = optimizer or (self._optimizer() if self._optimizer else None)
         if optimizer is not None:
             reset_optimizer_state(optimizer, bank, changed)
@@ -367,7 +380,7 @@ class Periods:
             for start, stop in changed:
                 bank.grad[start:stop].zero_()
         count = sum(t.numel() for t in selection.values())
-        if count < FEW_CHANNELS:
+        if count < FEW_CHANNELS and config.budget is not None:  # channels_per_layer asks for its count
             logger.warning(
                 "TraDy period %d of adapter %r trains only %d input channel(s) (budget use %s). memory_budget=%r "
                 "barely holds a channel; raise it (or bank_share) for a useful period.",
@@ -388,7 +401,7 @@ class Periods:
             return strategy.select(candidates, None, config.seed, period)
         priced = self.priced_layers(name)
         limits = draw_limits(
-            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
+            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
         _check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
@@ -398,7 +411,7 @@ class Periods:
     def _fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         config, costs = self.host.peft_config[name], self.states[name].costs
         limits = draw_limits(
-            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
+            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
         spent = [0] * len(limits)
         for n, channels in selection.items():
@@ -410,11 +423,11 @@ class Periods:
         """Whether ``selection`` names only this adapter's layers and fits in its bank."""
         sizes = {n: m.geometry.slice_numel for n, m in self.host.trady_layers(name)}
         needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= bank_numel(self.host.channel_bank[name].weight)
+        return set(selection) <= set(sizes) and needed <= bank_numel(self.host.trady_bank[name].weight)
 
     def install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
-        bank = self.host.channel_bank[name]
+        bank = self.host.trady_bank[name]
         offset, changed, segments = 0, [], []
         for layer_name, layer in self.host.trady_layers(name):
             channels = selection.get(layer_name, torch.zeros(0, dtype=torch.long))
@@ -436,7 +449,7 @@ class Periods:
 
     def attach_optimizer(self, optimizer, name: str = "default") -> None:
         """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
-        bank = self.host.channel_bank[name].weight
+        bank = self.host.trady_bank[name].weight
         groups = getattr(optimizer, "param_groups", None)
         deepspeed = has_zero_master(bank)  # DeepSpeed's groups hold flat partitions, not the bank
         if (
@@ -463,13 +476,13 @@ class Periods:
         baseline, not something to deploy. Returns the norms per layer.
         """
         names = [adapter_name] if adapter_name else list(self.host.active_adapters)
-        device = self.host.channel_bank[names[0]].weight.device
+        device = self.host.trady_bank[names[0]].weight.device
         layers = {n: m for name in names for n, m in self.candidate_layers(name)}
         # Scoring must not move the training's random streams (data order, dropout): a resumed
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
-            norms = full_gradient_norms(self.host.model, layers, batches, self.host.channel_bank.parameters())
+            norms = full_gradient_norms(self.host.model, layers, batches, self.host.trady_bank.parameters())
         for name in names:
             state = self.states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
@@ -496,7 +509,7 @@ class Periods:
         selection = state.selection or {}
         if config.budget.unit == "values":
             return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
-        bank = bank_numel(self.host.channel_bank[adapter_name].weight) * bytes_per_trained_value(
+        bank = bank_numel(self.host.trady_bank[adapter_name].weight) * bytes_per_trained_value(
             config.optimizer_state_bytes
         )
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
@@ -511,7 +524,7 @@ class Periods:
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
-            "trainable_values": bank_numel(self.host.channel_bank[adapter_name].weight),
+            "trainable_values": bank_numel(self.host.trady_bank[adapter_name].weight),
         }
         budget: Budget | None = self.host.peft_config[adapter_name].budget
         if budget is not None and self.states[adapter_name].selection is not None:
