@@ -66,6 +66,8 @@ def test_a_bank_fsdp_sharded_is_refused_at_the_period_change():
             trady_peft.next_period(model)
         with pytest.raises(RuntimeError, match="FSDP sharded adapter 'default'"):
             model.save_pretrained("/nonexistent/never-written")
+        with pytest.raises(RuntimeError, match=r"FSDP sharded adapter 'default'.*while taking a state dict"):
+            model.state_dict()
 
 
 def test_average_gradient_is_a_no_op_alone():
