@@ -196,18 +196,25 @@ def test_the_bank_carries_the_prefix_and_the_old_name_still_works():
         assert tuner.channel_bank is tuner.trady_bank
 
 
+def raw_state_dict(model) -> dict:
+    """``model.state_dict()`` with the live stores and the whole bank instead of the folded form
+    (what DeepSpeed's ZeRO-3 consolidated state dict holds, read parameter by parameter)."""
+    raw = model.state_dict()
+    for name, layer in model.base_model.trady_layers("default"):
+        raw[f"base_model.model.{name}.trady_indices.default"] = layer.trady_indices["default"]
+        raw[f"base_model.model.{name}.trady_values.default"] = layer.trady_values["default"]
+    raw["base_model.trady_bank.default.weight"] = model.base_model.trady_bank["default"].weight.detach().clone()
+    return raw
+
+
 def test_a_raw_state_dict_with_the_old_bank_name_loads():
     """A dict holding the bank and the live stores (as DeepSpeed consolidates them), under the name
     trady-peft 0.1.0 gave the bank."""
     source = make("cnn", "d-full-random")
     optimizer = optimizer_of(source)
     batches = train(source, optimizer, "cnn", periods=1, mid=True)
-    raw = source.state_dict()
-    for name, layer in source.base_model.trady_layers("default"):
-        raw[f"base_model.model.{name}.trady_indices.default"] = layer.trady_indices["default"]
-        raw[f"base_model.model.{name}.trady_values.default"] = layer.trady_values["default"]
-    del raw["base_model.trady_bank.default.weight"]
-    raw["base_model.channel_bank.default.weight"] = source.base_model.trady_bank["default"].weight.detach().clone()
+    raw = raw_state_dict(source)
+    raw["base_model.channel_bank.default.weight"] = raw.pop("base_model.trady_bank.default.weight")
     fresh = make("cnn", "d-full-random")
     fresh.load_state_dict(raw)
     assert_same_adapter(fresh, source, "cnn", (optimizer, optimizer_of(fresh)), batches)
@@ -218,11 +225,7 @@ def test_the_adapter_file_from_a_raw_state_dict_is_the_one_from_state_dict():
 
     source = make("llama", "medyate")
     train(source, optimizer_of(source), "llama", periods=1, mid=True)
-    raw = dict(source.state_dict())
-    for name, layer in source.base_model.trady_layers("default"):
-        raw[f"base_model.model.{name}.trady_indices.default"] = layer.trady_indices["default"]
-        raw[f"base_model.model.{name}.trady_values.default"] = layer.trady_values["default"]
-    raw["base_model.trady_bank.default.weight"] = source.base_model.trady_bank["default"].weight.detach()
+    raw = raw_state_dict(source)
     raw["base_model.trady_state.default"] = torch.zeros(0, dtype=torch.uint8)  # the buffer, as DeepSpeed reads it
     assert_same_state_dict(get_peft_model_state_dict(source, state_dict=raw), get_peft_model_state_dict(source))
 
@@ -273,8 +276,7 @@ def test_stores_without_a_selection_state_are_refused_for_training_and_change_no
 def test_a_raw_bank_without_a_selection_state_is_refused():
     source = make("cnn", "d-full-random")
     train(source, optimizer_of(source), "cnn", periods=1, mid=True)
-    raw = source.state_dict()
-    raw["base_model.trady_bank.default.weight"] = source.base_model.trady_bank["default"].weight.detach().clone()
+    raw = raw_state_dict(source)
     raw["base_model.trady_state.default"] = torch.zeros(0, dtype=torch.uint8)
     with pytest.raises(trady_peft.AdapterFileError, match=r"raw bank .*no selection state naming the channels"):
         make("cnn", "d-full-random").load_state_dict(raw)

@@ -419,12 +419,6 @@ class Periods:
                 spent[i] += part * channels.numel()
         return all(s <= limit for s, limit in zip(spent, limits))
 
-    def install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        """Whether ``selection`` names only this adapter's layers and fits in its bank."""
-        sizes = {n: m.geometry.slice_numel for n, m in self.host.trady_layers(name)}
-        needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= bank_numel(self.host.trady_bank[name].weight)
-
     def install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
         bank = self.host.trady_bank[name]
