@@ -198,6 +198,9 @@ def test_medyate_uses_the_family_importance_table():
 
 
 def test_medyate_without_a_ranking_warns(caplog):
+    from trady_peft import periods
+
+    periods._warn_once.cache_clear()  # the warning is given once per process
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
         get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
     assert "module order" in caplog.text and "rank-layers" in caplog.text
