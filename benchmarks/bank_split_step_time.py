@@ -97,7 +97,7 @@ def model_steps(layers: int, seq: int, budget: int, steps: int) -> dict[str, flo
     trady = get_peft_model(_llama(layers), trady_peft.TraDyConfig(memory_budget=budget, strategy="d-full-random"))
     tuner = trady.base_model
     n_layers = len(tuner.trady_layers())
-    bank = tuner.channel_bank["default"].weight.numel()
+    bank = tuner.trady_bank["default"].weight.numel()
     out = {"trady_layers": n_layers, "bank_values": bank, "lora": _median_time(stepper(lora), steps)}
     out["trady_split"] = _median_time(stepper(trady), steps)
     with narrow_segments():

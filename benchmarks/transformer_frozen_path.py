@@ -209,7 +209,7 @@ def measure(family, shape, method, budget, precision="fp32", checkpointing=False
         layers = [n for n, layer in tuner.trady_layers("default") if layer.trady_delta["default"].count]
         out["lowest_selected_layer"] = layers[0] if layers else None
         out["selected_channels"] = tuner.selection_summary()["selected_channels"]
-        out["bank_values"] = tuner.channel_bank["default"].weight.numel()
+        out["bank_values"] = tuner.trady_bank["default"].weight.numel()
     print(
         f"# {family} {precision}{' +checkpointing' if checkpointing else ''} {method.name}: "
         f"{mem.saved_activations / 2**20:,.1f} MiB saved, step {seconds:.1f} s",

@@ -151,7 +151,7 @@ def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
     tuner = model.base_model
     layers = {n for n, _ in tuner.trady_layers("default")}
     saved = sum(b for name, b in mem.saved_by_module.items() if name.removeprefix("base_model.model.") in layers)
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     state = optimizer.state.get(bank, {})
     per_value_state = sum(
         v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.shape == bank.shape

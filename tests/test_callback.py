@@ -122,7 +122,7 @@ def test_trainer_bf16_trains_the_adapter(name, tmp_path):
     factory, data, extra = TRAINER_CASES[name]
     model = get_peft_model(factory(), trady_peft.TraDyConfig(channels_per_layer=0.5, **extra))
     tuner = model.base_model
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,

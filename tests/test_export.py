@@ -30,7 +30,7 @@ def trained(base, **kwargs):
     tuner = trady_peft.find_tuner(model)
     tuner.next_period()  # folds the first period's deltas, draws new channels (some overlap)
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
+        tuner.trady_bank["default"].weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
     return model
 
 

@@ -32,7 +32,7 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_card(monkeypatch, tmp_path
 
     model = get_peft_model(tiny_gpt2(), trady_peft.TraDyConfig(channels_per_layer=4))
     with torch.no_grad():
-        model.base_model.channel_bank["default"].weight.fill_(0.01)
+        model.base_model.trady_bank["default"].weight.fill_(0.01)
     memory = trady_peft.measure_training_step(model, {"input_ids": torch.arange(8).view(1, 8)})
     url = trady_peft.push_to_hub(model, "me/my-sparse-adapter", memory=memory, base_model="openai-community/gpt2")
 

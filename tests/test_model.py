@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import trady_peft
 from tests.processes import run_python
@@ -31,7 +31,7 @@ def trained_model(name: str):
     tuner = model.base_model
     tuner.next_period()  # fold the random init into the store, then a new random period
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.normal_(0, 0.05)
+        tuner.trady_bank["default"].weight.normal_(0, 0.05)
     return model.eval(), make_inputs(), base_out
 
 
@@ -75,12 +75,12 @@ def test_add_set_delete_adapter():
     second = logits(model, inputs)
     assert not torch.allclose(second, first)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.channel_bank.other.weight"}
+    assert trainable == {"base_model.trady_bank.other.weight"}
     model.set_adapter("default")
     assert torch.equal(logits(model, inputs), first)
     model.delete_adapter("other")
     assert "other" not in model.peft_config
-    assert "other" not in model.base_model.channel_bank
+    assert "other" not in model.base_model.trady_bank
     assert all("other" not in layer.trady_delta for _, layer in model.base_model.trady_layers("default"))
     assert torch.equal(logits(model, inputs), first)
 
@@ -88,7 +88,7 @@ def test_add_set_delete_adapter():
 def test_print_trainable_parameters_counts_the_bank_and_head(capsys):
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=1, modules_to_save=["classifier"]))
     model.print_trainable_parameters()
-    bank = model.base_model.channel_bank["default"].weight.numel()
+    bank = model.base_model.trady_bank["default"].weight.numel()
     head = 16 * 4 + 4
     assert f"trainable params: {bank + head:,}" in capsys.readouterr().out
 
@@ -135,7 +135,7 @@ def test_deleting_the_active_adapter_leaves_the_other_trainable_like_lora(model_
     model.set_adapter("other")
     model.delete_adapter("other")
     assert model.active_adapters == ["default"]
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     assert bank.requires_grad
     batch = make_batch()
     model.train()
@@ -154,7 +154,7 @@ def test_deleting_the_active_adapter_leaves_the_other_trainable_like_lora(model_
 def test_set_adapter_moves_training_between_adapters():
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
     model.add_adapter("other", trady_peft.TraDyConfig(channels_per_layer=0.25, seed=3))
-    banks = model.base_model.channel_bank
+    banks = model.base_model.trady_bank
     assert banks["default"].weight.requires_grad and not banks["other"].weight.requires_grad
     model.set_adapter("other")
     assert banks["other"].weight.requires_grad and not banks["default"].weight.requires_grad
@@ -207,3 +207,20 @@ model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), trady_peft.TraDyConfig(ta
 print(type(model.base_model).__name__)
 """)
     assert "TraDyModel" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_keeps_the_bank_in_the_base_dtype_and_the_stores_in_fp32(dtype, tmp_path):
+    config = trady_peft.TraDyConfig(channels_per_layer=4)
+    model = get_peft_model(tiny_llama().to(dtype), config, autocast_adapter_dtype=False)
+    bank = model.base_model.trady_bank["default"].weight
+    assert bank.dtype == dtype and bank.requires_grad
+    batch = dict(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8))
+    model(**batch).loss.backward()
+    assert bank.grad is not None and bank.grad.dtype == dtype and bank.grad.abs().sum() > 0
+    torch.optim.SGD([bank], lr=1.0).step()
+    model.base_model.next_period()
+    assert all(layer.trady_values["default"].dtype == torch.float32 for _, layer in model.base_model.trady_layers())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=False)
+    assert loaded.base_model.trady_bank["default"].weight.dtype == dtype

@@ -1,12 +1,14 @@
 """`TraDyModel`: wraps the target layers, owns each adapter's bank, and hands periods to `Periods`.
 
-Each adapter owns one flat fp32 parameter, its bank (`trady_peft.core.bank.DeltaBank`); each
-wrapped layer (`trady_peft.core.layer.TraDyLayer`) trains a view onto its own segment of it.
+Each adapter owns one flat fp32 parameter, its bank (`trady_peft.core.bank.DeltaBank`, in
+``trady_bank``); each wrapped layer (`trady_peft.core.layer.TraDyLayer`) trains a view onto its
+own segment of it.
 
 Where the rest lives: what a period does (`trady_peft.periods.Periods`, a component of the
 tuner), which channels a strategy picks and what a checkpoint carries of it
 (`trady_peft.selection`), what a step keeps in memory and how bytes are counted
-(`trady_peft.memory`), what the adapter file holds (`trady_peft.files`).
+(`trady_peft.memory`), what a state dict holds and how a load resumes (`trady_peft.checkpoint`),
+what the adapter file holds (`trady_peft.files`).
 """
 
 from __future__ import annotations
@@ -19,20 +21,20 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .checkpoint import adapter_file_entries, after_load, before_load, write_folded_stores, write_selection_states
 from .compat import has_zero_master, module_calls_on_stack
 from .config import TraDyConfig
 from .core.bank import DeltaBank
-from .core.distributed import bank_for_saving, bank_numel, check_bank_placement, register_zero3_bank, unwrapped_name
+from .core.distributed import bank_numel, check_bank_placement, register_zero3_bank
 from .core.geometry import SUPPORTED_LAYER_TYPES
 from .core.layer import QuantizedMergeWarning, ResizableBufferDict, TraDyLayer, trady_layers
 from .core.quantized import requantize_refusal
 from .core.targets import default_targets
-from .files.format import INDICES, PREFIX, VALUES, check_model_state
+from .files.format import PREFIX
 from .memory.backprop import BackpropStop
 from .memory.frozen_path import apply_memory_saving, restore
 from .periods import Periods
 from .selection.state import SelectionState
-from .selection.statistics import ChannelNormStatistics
 from .selection.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,19 @@ class TraDyModel(BaseTuner):
             self.model.register_forward_hook(self._after_forward, always_call=True),
         ]
         self._backprop_stop = BackpropStop(self.model, self._module_trains)
-        self.register_load_state_dict_post_hook(TraDyModel._restore_states)
+        self.register_state_dict_post_hook(write_selection_states)
+        self.register_load_state_dict_post_hook(after_load)
+
+    @property
+    def channel_bank(self) -> nn.ModuleDict:
+        """Deprecated name of ``trady_bank`` (the banks, by adapter name)."""
+        warnings.warn(
+            "TraDyModel.channel_bank is deprecated; use TraDyModel.trady_bank (renamed so that the bank carries "
+            "peft's 'trady_' prefix).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.trady_bank
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         merging = kwargs.get("merge", args[0] if args else True)
@@ -147,32 +161,33 @@ class TraDyModel(BaseTuner):
                 "are nn.Linear, nn.Conv1d, nn.Conv2d and transformers' Conv1D. Remove it from target_modules."
             )
         new_module = TraDyLayer(target, adapter_name, config)
+        new_module.register_state_dict_post_hook(write_folded_stores)  # a state dict is the whole adapter
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, **kwargs):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, **kwargs)
-        self._create_bank(adapter_name)
+        self._create_bank(adapter_name, on_meta=low_cpu_mem_usage)
         if self.peft_config[adapter_name].memory_saving_frozen_path:
             apply_memory_saving(self.model)
 
-    def _create_bank(self, name: str) -> None:
+    def _create_bank(self, name: str, on_meta: bool = False) -> None:
+        """The adapter's bank; on the meta device for a ``low_cpu_mem_usage`` load, which makes it real."""
         config = self.peft_config[name]
         self.periods.use_importance_table(name)
         layers = self.trady_layers(name)
         device = layers[0][1].base_layer.weight.device
         device = torch.device("cpu") if device.type == "meta" else device
-        if not hasattr(self, "channel_bank"):
-            self.channel_bank = nn.ModuleDict()
-            self.trady_state = ResizableBufferDict()  # the selection state, filled in when saving
-        bank = DeltaBank(
-            name, 0 if config.inference_mode else self.periods.capacity(name), device, layers[0][1].delta_dtype
-        )
-        if not config.init_weights:
+        if "trady_bank" not in self._modules:
+            self.trady_bank = nn.ModuleDict()
+            self.trady_state = ResizableBufferDict()  # placeholders: a state dict holds the live states
+        capacity = 0 if config.inference_mode else self.periods.capacity(name)
+        bank = DeltaBank(name, capacity, torch.device("meta") if on_meta else device, layers[0][1].delta_dtype)
+        if not config.init_weights and bank.weight.device.type != "meta":
             with torch.no_grad():
                 bank.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(config.seed))
-        self.channel_bank[name] = bank
+        self.trady_bank[name] = bank
         self.trady_state[name] = torch.zeros(0, dtype=torch.uint8, device=device)
         bank.weight.requires_grad_(name in self.active_adapters and not config.inference_mode)
         strategy = get_strategy(config.strategy)
@@ -183,7 +198,7 @@ class TraDyModel(BaseTuner):
                 f"quantized weight cannot have ({quantized[0]}{' and others' if len(quantized) > 1 else ''}). Use a "
                 "strategy that needs no scores on a quantized base: 'trady', 'd-full-random' or 'medyate'."
             )
-        if any(other.averages_gradients for other in self.channel_bank.values() if other is not bank):
+        if any(other.averages_gradients for other in self.trady_bank.values() if other is not bank):
             bank.average_gradients()  # FSDP2 was prepared for the adapters before this one
         self.periods.add_adapter(name)
 
@@ -217,8 +232,8 @@ class TraDyModel(BaseTuner):
     def check_placement(self, when: str) -> None:
         """Refuse a sharded bank (`trady_peft.core.distributed`), and follow FSDP's move of the model
         to its device."""
-        check_bank_placement(dict(self.channel_bank), self.model, when)
-        for name, bank in self.channel_bank.items():
+        check_bank_placement(dict(self.trady_bank), self.model, when)
+        for name, bank in self.trady_bank.items():
             register_zero3_bank(bank.weight, [layer for _, layer in self.trady_layers(name)])
             device = self.trady_state[name].device  # a buffer: FSDP moves it with the managed states
             if bank.weight.device != device and not has_zero_master(bank.weight):  # an ignored parameter stays
@@ -290,7 +305,7 @@ class TraDyModel(BaseTuner):
     def _module_trains(self, module: nn.Module) -> bool:
         """Whether anything inside ``module`` trains now: selected channels of an active adapter whose
         bank trains, or a parameter that requires grad (`trady_peft.memory.backprop`)."""
-        banks = getattr(self, "channel_bank", {})
+        banks = getattr(self, "trady_bank", {})
         for _, m in trady_layers(module):
             if not m.disable_adapters and not m.merged:
                 for name in m.active_adapters:
@@ -304,7 +319,7 @@ class TraDyModel(BaseTuner):
 
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
-        for name, bank in getattr(self, "channel_bank", {}).items():
+        for name, bank in getattr(self, "trady_bank", {}).items():
             bank.weight.requires_grad_(name in active and not inference_mode and bank_numel(bank.weight) > 0)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
@@ -314,14 +329,14 @@ class TraDyModel(BaseTuner):
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
         for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
-            if name in getattr(self, "channel_bank", {}):
-                self.channel_bank[name].weight.requires_grad_(requires_grad)
+            if name in getattr(self, "trady_bank", {}):
+                self.trady_bank[name].weight.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if adapter_name in getattr(self, "channel_bank", {}):
-            self.channel_bank[adapter_name].remove_hooks()
-        for store in (getattr(self, "channel_bank", {}), getattr(self, "trady_state", {})):
+        if adapter_name in getattr(self, "trady_bank", {}):
+            self.trady_bank[adapter_name].remove_hooks()
+        for store in (getattr(self, "trady_bank", {}), getattr(self, "trady_state", {})):
             if adapter_name in store:
                 del store[adapter_name]
         self.periods.remove_adapter(adapter_name)
@@ -332,72 +347,29 @@ class TraDyModel(BaseTuner):
         if enabled:
             self._sync_bank_requires_grad(self.active_adapters)
 
-    # ------------------------------------------------------------------------------ saving
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # An adapter file stores the current period's delta folded into `trady_values`, and no
-        # bank. When such a store is loaded for an adapter, its live delta must restart from
-        # zero or it would count twice. (Runs before the children load; torch hands each child
-        # only its own keys, so the bank itself could not tell.)
-        check_model_state(self.trady_layers(), state_dict, f"{prefix}model.")  # refuse a bad file first
-        for name, bank in getattr(self, "channel_bank", {}).items():
-            suffix = f".{VALUES}.{name}"
-            if prefix + f"channel_bank.{name}.weight" not in state_dict and any(
-                k.endswith(suffix) for k in state_dict
-            ):
-                with torch.no_grad():
-                    bank.weight.zero_()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # ----------------------------------------------------------------- dtype, state dicts
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's contract: ``autocast_adapter_dtype=False`` keeps the trainable weights in the base model's
+        half dtype. The bank follows it (the same parameter object); the stores stay fp32."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        layers = self.trady_layers(adapter_name)
+        if autocast_adapter_dtype or adapter_name not in getattr(self, "trady_bank", {}) or not layers:
+            return
+        bank, base = self.trady_bank[adapter_name], layers[0][1].base_layer.weight.dtype
+        if base in (torch.float16, torch.bfloat16) and bank.weight.dtype != base:
+            with torch.no_grad():
+                bank.weight.data = bank.weight.data.to(base)
+            bank.set_layout(bank.layout)  # drops the split cached for the old tensor
 
-    @staticmethod
-    def _restore_states(tuner: TraDyModel, incompatible_keys) -> None:
-        """After a load: take over the selection state a checkpoint carried (`trady_peft.selection.state`)."""
-        for name, stored in list(getattr(tuner, "trady_state", {}).items()):
-            if stored is None or not stored.numel():
-                continue
-            tuner.trady_state[name] = stored.new_zeros(0)
-            old = tuner.periods.states[name].statistics
-            statistics = ChannelNormStatistics(old.sizes) if old is not None else None  # filled from the file
-            state = SelectionState.from_dict(SelectionState.parse_tensor(stored), statistics)
-            tuner.periods.states[name] = state
-            if tuner.peft_config[name].inference_mode:
-                continue
-            if state.selection is not None and tuner.periods.install_fits(name, state.selection):
-                tuner.periods.install(name, state.selection)
-            else:
-                state.selection = None
-                tuner.periods.draw_if_ready(name)
+    # A state dict is the whole adapter (trady_peft.checkpoint): folded stores, an empty bank
+    # placeholder and the live selection states, written by state-dict hooks.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        before_load(self, state_dict, prefix)  # runs before the children load: a refusal changes nothing
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Save ``(indices, values)`` per layer with the current period folded in, and the selection
-        state; never the bank."""
+        """The adapter file: ``(indices, values)`` per layer with the current period folded in, and the
+        selection state; never the bank (`trady_peft.checkpoint.adapter_file_entries`)."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        out = {k: v for k, v in out.items() if ".channel_bank." not in f".{k}"}  # runtime state only
-        tuner = find_tuner(model)
-        tuner.check_placement("while saving")
-        weight = tuner.channel_bank[adapter_name].weight
-        consolidated = next(
-            (v for k, v in state_dict.items() if k.endswith(f"channel_bank.{adapter_name}.weight")), None
-        )
-        for key in [k for k in out if k.endswith(f"trady_state.{adapter_name}")]:
-            out[key] = tuner.periods.states[adapter_name].to_tensor()
-        with bank_for_saving(weight, consolidated):  # ZeRO-3: the whole bank
-            tuner.periods.steps.check_finite(adapter_name, "saved")  # a file that saves also loads
-            cls._fold_into(model, adapter_name, out)
-        return out
-
-    @staticmethod
-    def _fold_into(model, adapter_name: str, out: dict) -> None:
-        """Write each layer's store with the current period folded in into ``out``."""
-        for name, module in trady_layers(model, adapter_name):
-            name = unwrapped_name(name)
-            key_idx, key_val = f"{name}.{INDICES}.{adapter_name}", f"{name}.{VALUES}.{adapter_name}"
-            if key_idx not in out:
-                if module.current_delta(adapter_name) is not None:
-                    raise RuntimeError(
-                        f"Could not find {key_idx!r} in the state dict being saved; refusing to save an adapter "
-                        "that would silently drop the current period's delta."
-                    )
-                continue
-            indices, values = module.fold(adapter_name)
-            out[key_idx], out[key_val] = indices.to(torch.int32), values
+        return adapter_file_entries(find_tuner(model), model, adapter_name, state_dict, out)

@@ -211,7 +211,7 @@ def _measured_footprint(trady: nn.Module, mem: TrainingStepMemory, optimizer, bu
     layers = {f"base_model.model.{n}" for n, _ in tuner.trady_layers()}
     saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
     bank = 0
-    for p in tuner.channel_bank.parameters():
+    for p in tuner.trady_bank.parameters():
         state = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
         bank += sum(t.numel() * t.element_size() for t in [p, *([p.grad] if p.grad is not None else []), *state])
     total = bank + saved

@@ -39,7 +39,7 @@ def measure_memory(task: Task, method: Method, lora_targets: list[str]) -> dict:
         layers = {f"base_model.model.{n}" for n, _ in tuner.trady_layers()}
         saved = sum(b for n, b in mem.saved_by_module.items() if n in layers)
         bank = 0
-        for p in tuner.channel_bank.parameters():
+        for p in tuner.trady_bank.parameters():
             parts = [p, *([p.grad] if p.grad is not None else [])]
             parts += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
             bank += sum(t.numel() * t.element_size() for t in parts)

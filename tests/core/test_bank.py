@@ -25,7 +25,7 @@ def _model(**config):
 
 
 def _bank(model):
-    return model.base_model.channel_bank["default"].weight
+    return model.base_model.trady_bank["default"].weight
 
 
 def _loss(model, seed=0):

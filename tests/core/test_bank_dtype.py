@@ -31,7 +31,7 @@ def config():
 def test_casting_after_get_peft_model_keeps_the_adapter_fp32(tmp_path):
     cast_after = get_peft_model(tiny_llama(), config()).to(torch.bfloat16)
     tuner = cast_after.base_model
-    assert tuner.channel_bank["default"].weight.dtype == torch.float32
+    assert tuner.trady_bank["default"].weight.dtype == torch.float32
     for _, layer in tuner.trady_layers("default"):
         assert layer.base_layer.weight.dtype == torch.bfloat16
         assert layer.trady_values["default"].dtype == torch.float32
@@ -43,7 +43,7 @@ def test_casting_after_get_peft_model_keeps_the_adapter_fp32(tmp_path):
         assert after[name][1].dtype == torch.float32
         assert torch.equal(after[name][1], before[name][1]), name
     cast_after.half()  # a second cast moves nothing either
-    assert tuner.channel_bank["default"].weight.dtype == torch.float32
+    assert tuner.trady_bank["default"].weight.dtype == torch.float32
     cast_after.save_pretrained(tmp_path)
     values = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items() if "trady_values" in k}
     assert values and all(v.dtype == torch.float32 for v in values.values())
@@ -51,5 +51,5 @@ def test_casting_after_get_peft_model_keeps_the_adapter_fp32(tmp_path):
 
 def test_a_wider_cast_is_taken():
     model = get_peft_model(tiny_llama(), config()).double()
-    assert model.base_model.channel_bank["default"].weight.dtype == torch.float64
+    assert model.base_model.trady_bank["default"].weight.dtype == torch.float64
     train(model, periods=2)

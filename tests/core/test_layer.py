@@ -85,7 +85,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
     # Train one period so the accumulated store is non-empty, then draw a new selection.
     tuner.next_period()
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.normal_()
+        tuner.trady_bank["default"].weight.normal_()
     channels = layer.trady_idx["default"].long()
     assert 0 < channels.numel() < layer.in_features
     assert layer.trady_indices["default"].numel() > 0
@@ -100,7 +100,7 @@ def test_delta_and_input_gradients_match_dense_reference(kind):
 
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
-    delta_grad = tuner.channel_bank["default"].weight.grad
+    delta_grad = tuner.trady_bank["default"].weight.grad
     got = delta_grad[view.offset : view.offset + view.numel].view(channels.numel(), *view.slice_shape)
     torch.testing.assert_close(got, channel_slices(reference_base, w_eff.grad, channels), rtol=0, atol=1e-10)
     # The base weight is frozen and receives no gradient.
@@ -135,7 +135,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
     )
     tuner, layer = model.base_model, model.base_model.model.layer
     tuner.next_period()  # non-empty accumulated store, then a new selection
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     with torch.no_grad():
         bank.normal_(0, 0.3)
     channels = layer.trady_idx["default"].long()
@@ -169,7 +169,7 @@ def test_trady_layer_backward_under_autocast_matches_fp32_reference(kind, dtype,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_backward_keeps_fp32_deltas(dtype):
     model = get_peft_model(tiny_llama().to(dtype), trady_peft.TraDyConfig(channels_per_layer=4))
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     assert bank.dtype == torch.float32
     out = model(input_ids=torch.arange(16).view(2, 8), labels=torch.arange(16).view(2, 8))
     assert out.logits.dtype == dtype and torch.isfinite(out.loss)
@@ -183,7 +183,7 @@ def test_tiny_update_survives_folding_over_bf16_base():
     model = get_peft_model(tiny_llama().to(torch.bfloat16), trady_peft.TraDyConfig(channels_per_layer=4))
     tuner = model.base_model
     with torch.no_grad():
-        tuner.channel_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
+        tuner.trady_bank["default"].weight.fill_(1e-6)  # far below bf16's resolution near 1
     tuner.next_period()
     stored = [layer.trady_values["default"] for _, layer in tuner.trady_layers("default")]
     assert all(torch.all(v == 1e-6) for v in stored)

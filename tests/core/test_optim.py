@@ -199,7 +199,7 @@ def test_tiny_model_periods_match_a_fresh_optimizer(monkeypatch):
     """Over three periods of a real model, each period's re-targeted entries follow a fresh AdamW."""
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2))
     tuner = model.base_model
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     make = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     optimizer = make([bank])
     changed = []
@@ -283,7 +283,7 @@ def test_trainer_resumed_mid_period_keeps_correcting(tmp_path):
 
 def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
@@ -294,7 +294,7 @@ def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
     exp_avg = optimizer.state[bank]["exp_avg"]
     assert exp_avg.abs().sum() > 0
     model.base_model.next_period(optimizer=optimizer)
-    assert model.base_model.channel_bank["default"].weight is bank
+    assert model.base_model.trady_bank["default"].weight is bank
     assert [p for p in model.parameters() if p.requires_grad] == params
     assert torch.all(bank == 0)
     for name, layer in layers:

@@ -120,7 +120,7 @@ def test_delta_gradient_and_input_gradient_match_a_dense_reference(backend):
     y_ref = x_ref @ w.t() + bias + x_ref[..., idx] @ delta_ref
     (y_ref * upstream).sum().backward()
 
-    bank_grad = model.base_model.channel_bank["default"].weight.grad
+    bank_grad = model.base_model.trady_bank["default"].weight.grad
     view = layer.trady_delta["default"]
     grad_delta = bank_grad.narrow(0, view.offset, view.numel).view_as(delta)
     # The delta's gradient needs only x[..., idx] and the output gradient: x_sel^T @ upstream.
@@ -138,7 +138,7 @@ def test_a_training_step_changes_only_the_selected_deltas(backend):
     model.train()
     before = base_weights(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert [p.numel() for p in trainable] == [model.base_model.channel_bank["default"].weight.numel()]
+    assert [p.numel() for p in trainable] == [model.base_model.trady_bank["default"].weight.numel()]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     mem = trady_peft.measure_training_step(model, {"input_ids": ids(), "labels": ids()}, optimizer)
     assert mem.trainable_parameters == trainable[0].numel() * 4

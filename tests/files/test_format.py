@@ -162,7 +162,7 @@ def test_a_refused_file_leaves_a_live_model_unchanged(saved, tmp_path):
     path = _edited(saved, tmp_path, damage_pw)
     model = tiny_cnn_adapter(seed=1)
     with torch.no_grad():
-        model.base_model.channel_bank["default"].weight.normal_()  # mid-period: a live delta
+        model.base_model.trady_bank["default"].weight.normal_()  # mid-period: a live delta
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="'base_model.model.pw'"):
         model.load_adapter(path, "default", is_trainable=True)  # as Trainer's resume does

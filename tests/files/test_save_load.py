@@ -92,11 +92,9 @@ def test_low_cpu_mem_usage_and_trainable_reload(tmp_path):
     assert not [n for n, t in [*fast.named_parameters(), *fast.named_buffers()] if t.device.type == "meta"]
     torch.testing.assert_close(fast(pixel_values=x)["logits"], expected, rtol=1e-6, atol=1e-6)
     trainable = PeftModel.from_pretrained(tiny_cnn(), tmp_path, is_trainable=True)
-    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == [
-        "base_model.channel_bank.default.weight"
-    ]
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["base_model.trady_bank.default.weight"]
     trainable(pixel_values=x, labels=torch.tensor([0, 1]))["loss"].backward()
-    assert trainable.base_model.channel_bank["default"].weight.grad.abs().sum() > 0
+    assert trainable.base_model.trady_bank["default"].weight.grad.abs().sum() > 0
 
 
 def test_file_grows_with_the_union_of_touched_channels(tmp_path):
@@ -109,7 +107,7 @@ def test_file_grows_with_the_union_of_touched_channels(tmp_path):
         if period:
             tuner.next_period()
         with torch.no_grad():  # pretend a period of training moved every selected value
-            tuner.channel_bank["default"].weight.add_(0.01)
+            tuner.trady_bank["default"].weight.add_(0.01)
         for name, layer in tuner.trady_layers("default"):
             seen[name] |= set(layer.trady_idx["default"].tolist())
         model.save_pretrained(tmp_path / f"p{period}")

@@ -51,7 +51,7 @@ def _top_block_model(setting: str, **config):
 
 
 def _bank_grad(model) -> torch.Tensor:
-    return model.base_model.channel_bank["default"].weight.grad
+    return model.base_model.trady_bank["default"].weight.grad
 
 
 @pytest.mark.parametrize("setting", ["plain", "input_require_grads", "checkpoint_reentrant"])

@@ -97,7 +97,7 @@ def test_the_bank_is_a_share_of_the_byte_budget_not_all_of_it():
     for share in (0.25, 0.75):
         config = trady_peft.TraDyConfig(memory_budget="40KiB", bank_share=share, strategy="d-full-random")
         model = get_peft_model(tiny_llama(), config)
-        bank = model.base_model.channel_bank["default"].weight
+        bank = model.base_model.trady_bank["default"].weight
         # fp32 parameter + gradient + 8 B of AdamW state per value
         assert bank.numel() * 16 <= share * 40 * 1024 < (bank.numel() + 1) * 16
 

@@ -27,7 +27,7 @@ def snapshot(model) -> dict:
     return {
         "period": state.period,
         "selection": {n: t.tolist() for n, t in (state.selection or {}).items()},
-        "bank": tuner.channel_bank["default"].weight.detach().clone(),
+        "bank": tuner.trady_bank["default"].weight.detach().clone(),
         "store": {n: m.trady_values["default"].clone() for n, m in tuner.trady_layers("default")},
     }
 

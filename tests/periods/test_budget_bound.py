@@ -75,6 +75,14 @@ def test_a_period_never_trains_nothing_when_one_channel_fits(budget, caplog):
     assert "trains only" in caplog.text
 
 
+def test_a_count_of_channels_asked_for_gets_no_budget_warning(caplog):
+    """A period of fewer than four channels warns about memory_budget only when the user set one."""
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=1, target_modules=["q_proj"]))
+    model.base_model.next_period()
+    assert model.base_model.selection_summary()["selected_channels"] == 2  # q_proj of 2 blocks
+    assert "memory_budget" not in caplog.text and "trains only" not in caplog.text
+
+
 def test_a_batch_as_long_as_one_and_as_large_as_another_is_priced():
     """(8, 16) then (4, 32) then (8, 32): the last is covered by the prices of the first two."""
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=f"{BUDGET}B", strategy="d-full-random"))
@@ -195,7 +203,7 @@ def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():
         assert bank_bytes <= 4 * budget  # one fp32 per unit: the bank never outgrows the budget
         assert mem.gradients - 4 * head <= 4 * budget
         selected_weights = sum(m.trady_delta["default"].numel for _, m in tuner.trady_layers("default"))
-        assert selected_weights <= tuner.channel_bank["default"].weight.numel()
+        assert selected_weights <= tuner.trady_bank["default"].weight.numel()
         assert tuner.selected_cost() <= budget
 
 
@@ -205,7 +213,7 @@ def test_byte_budget_accounts_for_the_real_batch():
     model(batch)
     tuner = model.base_model
     assert 0 < tuner.selected_cost() <= 300 * 1024
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     assert bank.numel() * 8 == int(300 * 1024 * 0.5) // 8 * 8  # bank_share of the budget, fp32 parameter + gradient
     # What autograd keeps for the selected channels is the byte budget's activation part.
     acts = sum(

@@ -36,7 +36,7 @@ def test_next_period_inside_forward_or_backward_is_refused():
         model(**batch)
     handle.remove()
     loss = model(**batch)["loss"]
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     errors = []
 
     def hook(grad):
@@ -61,7 +61,7 @@ def test_an_adapter_added_after_the_probe_draws():
     model.set_adapter("second")
     model(**batch)["loss"].backward()
     assert model.base_model.phase("second").value == "drawn"
-    assert model.base_model.channel_bank["second"].weight.grad.abs().sum() > 0
+    assert model.base_model.trady_bank["second"].weight.grad.abs().sum() > 0
 
 
 def test_det_rgn_scoring_leaves_no_gradient_in_the_bank():
@@ -74,7 +74,7 @@ def test_det_rgn_scoring_leaves_no_gradient_in_the_bank():
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     trady_peft.next_period(model, optimizer, batches=batches)
-    assert model.base_model.channel_bank["default"].weight.grad is None
+    assert model.base_model.trady_bank["default"].weight.grad is None
 
 
 def test_loading_another_adapter_does_not_change_this_adapters_prices(tmp_path):

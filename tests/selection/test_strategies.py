@@ -102,7 +102,7 @@ def test_deleting_a_pending_adapter_leaves_no_state_behind():
     model.add_adapter("other", trady_peft.TraDyConfig(memory_budget=300, strategy="medyate"))
     model.delete_adapter("other")
     tuner = model.base_model
-    assert "other" not in tuner.selection_states and "other" not in tuner.channel_bank
+    assert "other" not in tuner.selection_states and "other" not in tuner.trady_bank
     model(**BATCHES[0])["loss"].backward()  # probes and draws for "default" only
     assert tuner.selected_cost() <= 300
 

@@ -119,9 +119,9 @@ class FrozenConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, geometry: ChannelGeometry):
         dtype = compute_dtype(x)
         with _no_autocast(x.device.type):
-            y = geometry._conv(geometry.pad(x.to(dtype)), weight.to(dtype), geometry.groups)
-            if bias is not None:
-                y = y + bias.to(dtype).view(1, -1, *([1] * len(geometry.kernel_size)))
+            # The bias goes into the convolution, as in nn.Conv: the same rounding, so that a
+            # disabled (or zero) adapter gives the base layer's output bit for bit.
+            y = geometry.conv_forward(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.geometry, ctx.x_shape, ctx.x_dtype, ctx.dtype = geometry, x.shape, x.dtype, dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(weight)

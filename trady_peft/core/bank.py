@@ -25,10 +25,9 @@ class DeltaBank(nn.Module):
     def __init__(self, adapter_name: str, capacity: int, device: torch.device, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.adapter_name = adapter_name
-        # Assigned directly, not through register_parameter: peft builds tuners under
-        # init_empty_weights when loading with low_cpu_mem_usage=True, which would put the bank
-        # on the meta device, and the bank is runtime state that no checkpoint fills in.
-        self._parameters["weight"] = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
+        # Registered like any parameter: when peft loads with low_cpu_mem_usage=True it lands on the
+        # meta device, and the load that follows makes it real (`materialize`).
+        self.weight = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
 
         self.layout: tuple[tuple[int, int], ...] = ()  # (offset, numel) of each installed layer segment
         self._slices = _SliceCache()
@@ -36,6 +35,37 @@ class DeltaBank(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         return super()._apply(keeping_precision(fn), recurse)
+
+    # A state dict holds the bank's values folded into the layers' stores (trady_peft.checkpoint),
+    # so the bank's own entry is an empty placeholder. The key stays, for readers that expect one
+    # per parameter (FSDP's state-dict hooks); loading an empty or absent entry leaves the bank to
+    # the tuner, and never reports it missing. A full-size entry (a raw dict, such as DeepSpeed's
+    # consolidated one) is loaded as usual.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.detach().new_empty(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        incoming = state_dict.get(prefix + "weight")
+        if incoming is not None and incoming.numel():
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def materialize(self, device: torch.device) -> bool:
+        """Replace a bank on the meta device (``low_cpu_mem_usage``) by zeros on ``device``, keeping
+        its shape, dtype, ``requires_grad`` and gradient averaging. Returns whether it was on meta.
+
+        A new parameter object: call it while loading, before any optimizer holds the bank.
+        """
+        weight = self.weight
+        if weight.device.type != "meta":
+            return False
+        real = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+        self._parameters["weight"] = nn.Parameter(real, requires_grad=weight.requires_grad)
+        self._slices.clear()
+        if self._average_hook is not None:  # the hook went with the meta tensor
+            self._average_hook.remove()
+            self._average_hook = None
+            self.average_gradients()
+        return True
 
     def set_layout(self, segments) -> None:
         """Record the layers' segments ``(offset, numel)`` of this period (disjoint, set by `install`)."""

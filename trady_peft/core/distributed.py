@@ -94,17 +94,22 @@ _FIX = (
 )
 
 
+def refuse_sharded_bank(name: str, weight: torch.Tensor, when: str) -> None:
+    """Raise the error naming the fix when FSDP sharded adapter ``name``'s bank ``weight``."""
+    if is_sharded(weight):
+        raise RuntimeError(
+            f"FSDP sharded adapter {name!r}'s TraDy bank (trady_bank.{name}.weight, {when}); TraDy keeps the "
+            f"bank whole on every rank. {_FIX}"
+        )
+
+
 def check_bank_placement(banks: dict, model: nn.Module, when: str) -> None:
     """Refuse a bank FSDP sharded, or an FSDP run whose banks nobody averages (see the module docstring).
 
     ``banks`` maps adapter names to their `trady_peft.core.bank.DeltaBank`; ``model`` is the wrapped model.
     """
     for name, bank in banks.items():
-        if is_sharded(bank.weight):
-            raise RuntimeError(
-                f"FSDP sharded adapter {name!r}'s TraDy bank (channel_bank.{name}.weight, {when}); TraDy keeps the "
-                f"bank whole on every rank. {_FIX}"
-            )
+        refuse_sharded_bank(name, bank.weight, when)
     averaged = all(bank.averages_gradients for bank in banks.values())
     if banks and several_ranks() and not averaged and fsdp_managed(model):
         raise RuntimeError(

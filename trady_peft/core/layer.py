@@ -5,10 +5,12 @@ For each adapter a `TraDyLayer` holds
 * ``trady_delta[adapter]`` -- a `ChannelDeltaView` onto this layer's segment of the
   adapter's flat trainable bank (see `trady_peft.model`): the slices of the channels that
   train this period, ``[k, *slice_shape]``;
-* ``trady_idx[adapter]`` -- those k channel indices (not saved: the selection is runtime state);
+* ``trady_idx[adapter]`` -- those k channel indices (not in a state dict: the tuner's selection
+  state carries them);
 * ``trady_indices[adapter]`` / ``trady_values[adapter]`` -- every channel updated in earlier
-  periods and its accumulated delta, in fp32 (saved; their size grows with the union of touched
-  channels, so they resize on load).
+  periods and its accumulated delta, in fp32 (their size grows with the union of touched
+  channels, so they resize on load). A state dict holds them with the current period folded in
+  (`trady_peft.checkpoint`).
 
 Forward: ``base(x) + delta(x[idx]) + acc(x[acc_idx])``. The delta path keeps ``x[idx]`` for the
 backward pass and nothing else of ``x``; a convolution's frozen base path keeps no input at all.
@@ -155,8 +157,8 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         view = self.trady_delta[adapter_name]
         view.__dict__["bank"] = bank
         view.offset, view.count = int(offset), int(channels.numel())
-        # Direct assignment for the same reason as the bank's (see model.DeltaBank): the current
-        # selection is runtime state and must never land on the meta device.
+        # Direct assignment: the current selection is runtime state (the tuner's selection state
+        # carries it) and must never land on the meta device.
         self.trady_idx._buffers[adapter_name] = channels.to(device=bank.weight.device, dtype=torch.int32)
 
     def _current_idx(self, adapter_name: str) -> torch.Tensor:

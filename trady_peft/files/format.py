@@ -42,6 +42,11 @@ def _fail(layer: str, adapter: str, problem: str, remedy: str) -> None:
     )
 
 
+def refuse_adapter(adapter: str, problem: str, remedy: str) -> None:
+    """Raise `AdapterFileError` for a whole adapter: ``problem`` says what is wrong, ``remedy`` what to do."""
+    raise AdapterFileError(f"Cannot load TraDy adapter {adapter!r} from {_where()}: {problem}. {remedy}")
+
+
 _OTHER_MODEL = "Was this adapter saved from another base model? Load it into the model it was trained on."
 _DAMAGED = "The file looks damaged or was edited; save the adapter again or restore it from a backup."
 
@@ -60,6 +65,8 @@ def check_layer_state(state_dict: Mapping[str, torch.Tensor], prefix: str, adapt
         if idx is None and val is None:
             continue
         if idx is None or val is None:
+            if (idx if val is None else val).numel() == 0:
+                continue  # an empty store, one of whose empty tensors a saver dropped (see `absent_means_empty`)
             have, lacks = (INDICES, VALUES) if val is None else (VALUES, INDICES)
             _fail(layer, adapter, f"has {have} but no {lacks}", _DAMAGED)
         _check_pair(layer, adapter, idx, val, geometry)

@@ -48,7 +48,7 @@ class PeriodHost(Protocol):
 
     model: nn.Module
     peft_config: dict[str, TraDyConfig]
-    channel_bank: nn.ModuleDict  # adapter name -> `trady_peft.core.bank.DeltaBank`
+    trady_bank: nn.ModuleDict  # adapter name -> `trady_peft.core.bank.DeltaBank`
 
     @property
     def active_adapters(self) -> list[str]: ...
@@ -77,15 +77,20 @@ class Periods:
         config = self.host.peft_config[name]
         layers = self.host.trady_layers(name)
         statistics = None
-        if get_strategy(config.strategy).channels == "weighted" and not config.inference_mode:
+        if get_strategy(config.strategy).channels == "weighted":  # also for inference: a loaded state keeps them
             statistics = ChannelNormStatistics({n: m.geometry.in_channels for n, m in layers})
-            self.steps.watch_norms(name)
+            if not config.inference_mode:
+                self.steps.watch_norms(name)
         # An adapter added after the probe starts from the prices measured so far.
         known = self.prices.layer_costs
         costs = {n: known[n] for n, _ in layers if n in known} if config.budget else {}
         self.states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
             self.draw_if_ready(name)
+
+    def bank_replaced(self, name: str) -> None:
+        """Follow ``name``'s bank to its new parameter (a meta bank made real by a load)."""
+        self.steps.bank_replaced(name)
 
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``'s lifecycle (the adapter is being deleted)."""
@@ -272,7 +277,7 @@ class Periods:
 
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.states[name]
-        with gathered(self.host.channel_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
+        with gathered(self.host.trady_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
             move = "redraw of" if redraw else "change to"
             self.steps.check_finite(name, f"folded into its store at the {move} period {period}")
             for _, layer in self.host.trady_layers(name):
@@ -281,7 +286,7 @@ class Periods:
         if state.statistics is not None and not redraw and state.selection is not None:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
-        zero_bank(self.host.channel_bank[name].weight)  # and DeepSpeed's master copy
+        zero_bank(self.host.trady_bank[name].weight)  # and DeepSpeed's master copy
         self.draw_if_ready(name, optimizer)
 
     def redraw(self, name: str) -> None:
@@ -292,11 +297,13 @@ class Periods:
         """Draw and install adapter ``name``'s channels once its prices (and scores) are known."""
         if self.phase(name) is not Phase.READY:
             return  # drawn once the probe (and, for the oracles, the scoring) has run
+        if self.host.trady_bank[name].weight.device.type == "meta":
+            return  # low_cpu_mem_usage: drawn once a load made the bank real (`bank_replaced`)
         state, config = self.states[name], self.host.peft_config[name]
         selection = self._draw(name, state.period)
         changed = self.install(name, selection)
         state.selection = selection
-        bank = self.host.channel_bank[name].weight
+        bank = self.host.trady_bank[name].weight
         optimizer = optimizer or (self._optimizer() if self._optimizer else None)
         if optimizer is not None:
             reset_optimizer_state(optimizer, bank, changed)
@@ -312,7 +319,7 @@ class Periods:
             for start, stop in changed:
                 bank.grad[start:stop].zero_()
         count = sum(t.numel() for t in selection.values())
-        if count < FEW_CHANNELS:
+        if count < FEW_CHANNELS and config.budget is not None:  # channels_per_layer asks for its count
             logger.warning(
                 "TraDy period %d of adapter %r trains only %d input channel(s) (budget use %s). memory_budget=%r "
                 "barely holds a channel; raise it (or bank_share) for a useful period.",
@@ -333,22 +340,16 @@ class Periods:
             return strategy.select(candidates, None, config.seed, period)
         priced = self.prices.priced_layers(name)
         limits = draw_limits(
-            config.budget, bank_numel(self.host.channel_bank[name].weight), config.optimizer_state_bytes
+            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
         check_budget(config, priced, limits)
         norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
         return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
 
-    def install_fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
-        """Whether ``selection`` names only this adapter's layers and fits in its bank."""
-        sizes = {n: m.geometry.slice_numel for n, m in self.host.trady_layers(name)}
-        needed = sum(sizes.get(n, 0) * c.numel() for n, c in selection.items())
-        return set(selection) <= set(sizes) and needed <= bank_numel(self.host.channel_bank[name].weight)
-
     def install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Install ``selection`` and return the bank segments whose meaning changed."""
-        bank = self.host.channel_bank[name]
+        bank = self.host.trady_bank[name]
         offset, changed, segments = 0, [], []
         for layer_name, layer in self.host.trady_layers(name):
             channels = selection.get(layer_name, torch.zeros(0, dtype=torch.long))
@@ -370,7 +371,7 @@ class Periods:
 
     def attach_optimizer(self, optimizer, name: str = "default") -> None:
         """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
-        bank = self.host.channel_bank[name].weight
+        bank = self.host.trady_bank[name].weight
         groups = getattr(optimizer, "param_groups", None)
         deepspeed = has_zero_master(bank)  # DeepSpeed's groups hold flat partitions, not the bank
         if (
@@ -397,13 +398,13 @@ class Periods:
         baseline, not something to deploy. Returns the norms per layer.
         """
         names = [adapter_name] if adapter_name else list(self.host.active_adapters)
-        device = self.host.channel_bank[names[0]].weight.device
+        device = self.host.trady_bank[names[0]].weight.device
         layers = {n: m for name in names for n, m in self.candidate_layers(name)}
         # Scoring must not move the training's random streams (data order, dropout): a resumed
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
-            norms = full_gradient_norms(self.host.model, layers, batches, self.host.channel_bank.parameters())
+            norms = full_gradient_norms(self.host.model, layers, batches, self.host.trady_bank.parameters())
         for name in names:
             state = self.states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
@@ -424,7 +425,7 @@ class Periods:
             "selected_channels": sum(layer.trady_delta[adapter_name].count for _, layer in layers),
             "touched_channels": sum(layer.touched_channels(adapter_name) for _, layer in layers),
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
-            "trainable_values": bank_numel(self.host.channel_bank[adapter_name].weight),
+            "trainable_values": bank_numel(self.host.trady_bank[adapter_name].weight),
         }
         budget: Budget | None = self.host.peft_config[adapter_name].budget
         if budget is not None and self.states[adapter_name].selection is not None:

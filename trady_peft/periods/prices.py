@@ -166,7 +166,7 @@ class Prices:
     def fits(self, name: str, selection: dict[str, torch.Tensor]) -> bool:
         config, costs = self.periods.host.peft_config[name], self.periods.states[name].costs
         limits = draw_limits(
-            config.budget, bank_numel(self.periods.host.channel_bank[name].weight), config.optimizer_state_bytes
+            config.budget, bank_numel(self.periods.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
         spent = [0] * len(limits)
         for n, channels in selection.items():
@@ -181,7 +181,7 @@ class Prices:
         selection = state.selection or {}
         if config.budget.unit == "values":
             return sum(state.costs[n].channel_cost("values") * c.numel() for n, c in selection.items())
-        bank = bank_numel(self.periods.host.channel_bank[adapter_name].weight) * bytes_per_trained_value(
+        bank = bank_numel(self.periods.host.trady_bank[adapter_name].weight) * bytes_per_trained_value(
             config.optimizer_state_bytes
         )
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())

@@ -42,11 +42,16 @@ class StepWatch:
 
     def watch_norms(self, name: str) -> None:
         """Record MeDyate's channel norms of adapter ``name`` at every backward (a hook on its bank)."""
-        bank = self.periods.host.channel_bank[name]
+        bank = self.periods.host.trady_bank[name]
         trains = bank.weight.requires_grad
         bank.weight.requires_grad_(True)  # a tensor hook needs a tensor that requires grad
         self._norm_hooks[name] = bank.weight.register_hook(lambda grad, name=name: self._record_norms(name, grad))
         bank.weight.requires_grad_(trains)
+
+    def bank_replaced(self, name: str) -> None:
+        """Hook adapter ``name``'s new bank parameter if the old one was hooked (the hook went with it)."""
+        if self._norm_hooks.pop(name, None) is not None:
+            self.watch_norms(name)
 
     def forget(self, name: str) -> None:
         """Stop following adapter ``name`` (it is being deleted)."""
@@ -68,7 +73,7 @@ class StepWatch:
         update) commits each backward whose norms are all finite.
         """
         statistics = self.periods.states[name].statistics
-        bank = self.periods.host.channel_bank[name].weight
+        bank = self.periods.host.trady_bank[name].weight
         if bank.grad is None and statistics.pending_steps and not has_zero_master(bank):
             # The first backward after zero_grad: what earlier backwards recorded fed no step.
             statistics.discard()
@@ -104,7 +109,7 @@ class StepWatch:
         then, in a distributed run, agree on the prices of larger inputs met (`reprice_agreed`)."""
         groups = getattr(optimizer, "param_groups", None) or ()
         stepped = False
-        for name, module in getattr(self.periods.host, "channel_bank", {}).items():
+        for name, module in getattr(self.periods.host, "trady_bank", {}).items():
             bank = module.weight
             if name not in self.periods.states or not any(p is bank for g in groups for p in g["params"]):
                 continue
@@ -126,7 +131,7 @@ class StepWatch:
     def check_finite(self, name: str, what: str) -> None:
         """Refuse to let adapter ``name``'s bank be ``what`` (folded, saved) when it holds NaN or infinite
         values, naming the layers and the step; nothing is changed, so the store keeps its last good state."""
-        bank = self.periods.host.channel_bank[name].weight
+        bank = self.periods.host.trady_bank[name].weight
         if bank.numel() == 0 or bool(torch.isfinite(bank).all()):
             return
         named = [(n, layer.current_delta(name)) for n, layer in self.periods.host.trady_layers(name)]

@@ -93,7 +93,7 @@ def shard(model, mode: str, ignore: bool = True):
     # FSDP2 really runs: the frozen weights are sharded DTensors, the bank is a whole tensor.
     assert any(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the model"
     if ignore:
-        bank = trady_peft.find_tuner(model).channel_bank["default"].weight
+        bank = trady_peft.find_tuner(model).trady_bank["default"].weight
         assert not isinstance(bank, DTensor), "the bank was sharded"
     return model, optimizer
 
@@ -180,7 +180,7 @@ def held_bytes(model, optimizer) -> dict:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
-    bank = trady_peft.find_tuner(model).channel_bank["default"].weight
+    bank = trady_peft.find_tuner(model).trady_bank["default"].weight
     state = [v for v in optimizer.state[bank].values() if torch.is_tensor(v) and v.shape == bank.shape]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return {

@@ -37,7 +37,7 @@ def model_and_batch():
 
 def test_helper_leaves_the_bank_whole_and_training_saving_work(tmp_path):
     model, ids = model_and_batch()
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     with world_of_one():
         ignored = trady_peft.fsdp_ignored_params(model)
         assert ignored == {bank}
@@ -45,14 +45,14 @@ def test_helper_leaves_the_bank_whole_and_training_saving_work(tmp_path):
             fully_shard(block, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
         assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, DTensor)
-        assert model.base_model.channel_bank["default"].weight is bank  # same Parameter, not sharded
+        assert model.base_model.trady_bank["default"].weight is bank  # same Parameter, not sharded
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         trady_peft.next_period(model, optimizer)
         model(input_ids=ids, labels=ids).loss.backward()
         model.save_pretrained(tmp_path)
-    assert all(bank.averages_gradients for bank in model.base_model.channel_bank.values())
+    assert all(bank.averages_gradients for bank in model.base_model.trady_bank.values())
     assert sum(layer.trady_indices["default"].numel() for _, layer in model.base_model.trady_layers("default"))
 
 
@@ -60,12 +60,14 @@ def test_a_bank_fsdp_sharded_is_refused_at_the_period_change():
     model, ids = model_and_batch()
     with world_of_one():
         fully_shard(model)  # no ignored_params
-        assert isinstance(model.base_model.channel_bank["default"].weight, DTensor)
+        assert isinstance(model.base_model.trady_bank["default"].weight, DTensor)
         model(input_ids=ids, labels=ids).loss.backward()
         with pytest.raises(RuntimeError, match=r"FSDP sharded adapter 'default'.*fsdp_ignored_params\(model\)"):
             trady_peft.next_period(model)
         with pytest.raises(RuntimeError, match="FSDP sharded adapter 'default'"):
             model.save_pretrained("/nonexistent/never-written")
+        with pytest.raises(RuntimeError, match=r"FSDP sharded adapter 'default'.*while taking a state dict"):
+            model.state_dict()
 
 
 def test_average_gradient_is_a_no_op_alone():

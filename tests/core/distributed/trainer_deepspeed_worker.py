@@ -94,7 +94,7 @@ def run(rank: int, world: int, mode: str, device: str, out: str) -> None:
     )
     trainer.train()
     tuner = trady_peft.find_tuner(model)
-    bank = tuner.channel_bank["default"].weight
+    bank = tuner.trady_bank["default"].weight
     info = {
         "engine": type(trainer.model_wrapped).__name__,
         "stage": trainer.deepspeed.zero_optimization_stage() if trainer.deepspeed is not None else None,

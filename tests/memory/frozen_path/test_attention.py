@@ -103,7 +103,7 @@ def _step(model, family: str, seed: int = 1):
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     labels = torch.tensor([0, 1, 2]) if family == "bert" else ids
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     bank.grad = None
     torch.manual_seed(seed)
     out = model(inputs_embeds=embeds, labels=labels)
@@ -234,7 +234,7 @@ def test_the_bank_hook_runs_once_per_backward():
             for m in _attention_twins(model):
                 m.__class__ = original_class(m)
         calls = []
-        model.base_model.channel_bank["default"].weight.register_hook(lambda g, calls=calls: calls.append(1))
+        model.base_model.trady_bank["default"].weight.register_hook(lambda g, calls=calls: calls.append(1))
         _step(model, "llama")
         counts.append(len(calls))
     assert counts == [1, 1]

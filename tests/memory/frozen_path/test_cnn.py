@@ -169,7 +169,7 @@ def test_frozen_path_cnn_with_trady_backward_under_autocast():
     )
     for module in model.modules():
         _randomise_bn(module)
-    bank = model.base_model.channel_bank["default"].weight
+    bank = model.base_model.trady_bank["default"].weight
     with torch.no_grad():
         bank.normal_(0, 0.3)
     x = torch.randn(4, 3, 16, 16)

@@ -258,7 +258,7 @@ def test_extra_code_trained_norms_and_empty_labels():
 
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
     model(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=0)["loss"].backward()
-    grad = model.base_model.channel_bank["default"].weight.grad
+    grad = model.base_model.trady_bank["default"].weight.grad
     assert grad is not None and torch.isfinite(grad).all()
 
 
