@@ -224,3 +224,25 @@ def test_autocast_adapter_dtype_false_keeps_the_bank_in_the_base_dtype_and_the_s
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=False)
     assert loaded.base_model.trady_bank["default"].weight.dtype == dtype
+
+
+def test_a_model_with_nothing_to_adapt_is_told_so_and_a_target_that_matches_nothing_lists_what_would():
+    import ast
+    import re
+
+    from torch import nn
+
+    class NoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = nn.Embedding(4, 4), nn.LayerNorm(4)
+
+    with pytest.raises(ValueError, match="has no layer TraDy can adapt") as error:
+        get_peft_model(NoLayers(), trady_peft.TraDyConfig(channels_per_layer=1))
+    assert "target_modules" not in str(error.value)  # no fix that cannot work
+    model = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="matches no layer of this model") as error:
+        get_peft_model(model(), trady_peft.TraDyConfig(channels_per_layer=1, target_modules=["nope"]))
+    listed = ast.literal_eval(re.search(r"include (\[[^\]]*\])", str(error.value)).group(1))
+    get_peft_model(model(), trady_peft.TraDyConfig(channels_per_layer=1, target_modules=listed))  # the fix works
+    get_peft_model(model(), trady_peft.TraDyConfig(channels_per_layer=1))  # and so does the default

@@ -18,7 +18,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, NoMatchingPeftModuleError
 from torch import nn
 
 from .checkpoint import adapter_file_entries, after_load, before_load, write_folded_stores, write_selection_states
@@ -38,6 +38,11 @@ from .selection.state import SelectionState
 from .selection.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
+
+
+def _supported_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` TraDy can wrap (Linear, Conv1d, Conv2d, transformers' Conv1D)."""
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYER_TYPES)]
 
 
 def find_tuner(model: nn.Module) -> TraDyModel:
@@ -145,9 +150,16 @@ class TraDyModel(BaseTuner):
             return
         names = default_targets(model, peft_config)
         if not names:
+            supported = _supported_layer_names(model)
+            if not supported:
+                raise ValueError(
+                    f"This {type(model).__name__} has no layer TraDy can adapt: TraDy trains input channels of "
+                    "nn.Linear, nn.Conv1d, nn.Conv2d and transformers' Conv1D layers, and the model has none."
+                )
             raise ValueError(
-                "TraDy found no nn.Linear, nn.Conv1d, nn.Conv2d or Conv1D layer to adapt in this model (after "
-                "layers_to_transform / modules_to_save); pass target_modules explicitly."
+                f"TraDy's default targets left no layer of this model to adapt (layers_to_transform, layers_pattern "
+                "and modules_to_save, and the output heads, leave out all of them). Name the layers to adapt, e.g. "
+                f"target_modules={supported[:3]}, or loosen layers_to_transform."
             )
         peft_config.target_modules = set(names)
 
@@ -167,7 +179,19 @@ class TraDyModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, **kwargs):
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, **kwargs)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, **kwargs)
+        except NoMatchingPeftModuleError as error:
+            supported = _supported_layer_names(model)
+            raise ValueError(
+                f"target_modules={self.peft_config[adapter_name].target_modules!r} matches no layer of this model. "
+                + (
+                    f"Layers TraDy can adapt here include {supported[:5]}; name some of them, or leave "
+                    "target_modules=None for TraDy's default."
+                    if supported
+                    else "The model has no nn.Linear, nn.Conv1d, nn.Conv2d or Conv1D layer, the layers TraDy adapts."
+                )
+            ) from error
         self._create_bank(adapter_name, on_meta=low_cpu_mem_usage)
         if self.peft_config[adapter_name].memory_saving_frozen_path:
             apply_memory_saving(self.model)

@@ -219,3 +219,18 @@ def test_byte_budget_prices_what_a_padded_network_keeps(size):
     priced = priced_bytes_by_layer(model)
     assert priced, "nothing was drawn"
     assert saved == priced
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "0.0", "1.5", "12", "1e3"])
+def test_every_fix_a_unitless_budget_error_suggests_works(value):
+    """The suggestions of the error (an int for values, a string with a unit) are themselves accepted."""
+    import re
+
+    with pytest.raises(ValueError) as error:
+        parse_budget(value)
+    message = str(error.value)
+    fixes = re.findall(r"memory_budget=(\d+)\)", message) + re.findall(r"'([^']*(?:B|KiB|MiB|GiB))'", message)
+    fixes = [int(f) if f.isdigit() else f for f in fixes]
+    assert fixes, message
+    for fix in fixes:
+        parse_budget(fix)  # raises if a suggested fix does not work

@@ -127,9 +127,16 @@ def parse_budget(value: int | str) -> Budget:
         )
     number, unit = float(match.group(1)), match.group(2)
     if not unit:
+        text = match.group(1).strip()
+        if number <= 0 or not math.isfinite(number):
+            raise ValueError(
+                f"memory_budget={value!r} must be a positive amount: an int for the paper's units (e.g. "
+                f"memory_budget=27946) or bytes with a unit ({_UNIT_LIST}), e.g. '256KiB'."
+            )
+        as_int = f"memory_budget={int(number)}" if number == int(number) else "e.g. memory_budget=27946"
         raise ValueError(
-            f"memory_budget={value!r} has no unit: pass an int for the paper's units (memory_budget="
-            f"{match.group(1).strip()}) or add a byte unit ({_UNIT_LIST}), e.g. '{match.group(1).strip()}KiB'."
+            f"memory_budget={value!r} has no unit: pass an int for the paper's units ({as_int}) or add a byte "
+            f"unit ({_UNIT_LIST}), e.g. '{text}KiB'."
         )
     if unit not in _BYTE_UNITS:
         meant = _MEANT.get(unit.lower())
