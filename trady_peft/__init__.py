@@ -5,6 +5,11 @@
 accept TraDy adapters.
 """
 
+from ._quiet_import import quiet_backend_import as _quiet_backend_import
+
+with _quiet_backend_import():  # peft loads bitsandbytes and torchao when installed; they log on import
+    import peft  # noqa: F401
+
 from . import _patches
 from .callback import TraDyCallback, next_period
 from .config import TraDyConfig

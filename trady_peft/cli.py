@@ -1,13 +1,14 @@
-"""The ``trady-peft`` command line.
+"""What the ``trady-peft`` commands do, once ``trady_peft_cli`` has read their arguments.
 
 ``trady-peft budget`` prints the per-layer memory accounting of a model (what one input channel
 of each layer costs in weights and activations, and the totals), so a budget can be chosen
-before training.
+before training; ``memory`` measures one training step three ways; ``rank-layers`` writes an
+importance table entry. The parser lives in ``trady_peft_cli`` (outside this package, so that
+``--help`` imports no torch); ``build_parser`` and ``main`` are the same functions here.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .memory.budget import memory_accounting, parse_budget
+from trady_peft_cli import build_parser, main  # noqa: F401  (the parser, importable from here too)
+
+from .memory.budget import memory_accounting
 
 
 def resolve_factory(spec: str, flag: str):
@@ -71,16 +74,6 @@ def example_inputs(model: nn.Module, shape: list[int], batch_size: int, with_lab
     return torch.randn(batch_size, *shape, generator=g)
 
 
-def _shape(text: str) -> list[int]:
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 3,128,128 or 128") from None
-    if not dims or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 3,128,128 or 128")
-    return dims
-
-
 def cmd_budget(args) -> int:
     model = load_model(args.model).eval()
     targets = None
@@ -98,25 +91,6 @@ def cmd_budget(args) -> int:
         ) from None
     print(acc.table())
     return 0
-
-
-def _budget(text: str) -> int | str:
-    budget = int(text) if text.isdigit() else text
-    try:
-        parse_budget(budget)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return budget
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int; pass e.g. 8")
-    return value
 
 
 def model_name(spec: str) -> str:
@@ -205,94 +179,8 @@ def cmd_rank_layers(args) -> int:
     return 0
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, input_shape: bool) -> None:
-    parser.add_argument("--model", required=True, help="file.py:factory, module:factory, or a Hugging Face id/path")
-    if input_shape:
-        parser.add_argument(
-            "--input-shape", type=_shape, required=True, help="one sample, e.g. 3,128,128 or 128 (tokens)"
-        )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trady-peft", description="TraDy memory-constrained fine-tuning tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    budget = sub.add_parser(
-        "budget",
-        help="per-layer memory accounting (cost of one input channel) and totals",
-        description="Print what one input channel of each layer costs (weights and input activations) and the "
-        "totals, in the paper's units (values per sample) or in bytes.",
-    )
-    _add_model_arguments(budget, input_shape=True)
-    budget.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (counts in bytes only)")
-    budget.add_argument("--unit", choices=["values", "bytes"], default="values")
-    budget.add_argument("--optimizer-state-bytes", type=int, default=8, help="per trained value, for --unit bytes")
-    budget.add_argument("--convs-only", action="store_true", help="count convolutions only (as the paper does)")
-    budget.set_defaults(func=cmd_budget)
-
-    memory = sub.add_parser(
-        "memory",
-        help="measure one training step: TraDy vs LoRA vs full fine-tuning",
-        description="Run one real training step of the model three ways (TraDy under the given budget, peft LoRA "
-        "on the same layers, full fine-tuning) and print what each keeps: weights, trainable parameters, "
-        "gradients, optimizer state and the activations autograd saves for backward (measured with "
-        "torch.autograd.graph.saved_tensors_hooks), split by part of the network.",
-    )
-    _add_model_arguments(memory, input_shape=True)
-    memory.add_argument("--batch-size", type=_positive_int, default=8)
-    memory.add_argument("--budget", type=_budget, default=None, help="memory_budget: 27946 (paper units) or '2MiB'")
-    memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
-    memory.add_argument(
-        "--strategy",
-        default="trady",
-        help="TraDyConfig.strategy; a model with no importance table falls back from 'trady' to 'd-full-random' "
-        "with a warning, so pass d-full-random (or a layer ranking via rank-layers) for such a model",
-    )
-    memory.add_argument("--modules-to-save", nargs="*", default=None, help="e.g. classifier (trained in full)")
-    memory.add_argument("--target-modules", nargs="*", default=None, help="default: every supported layer")
-    memory.add_argument(
-        "--max-depth",
-        type=int,
-        default=None,
-        help="TraDyConfig.max_depth: draw only from the N blocks nearest the output (backprop stops higher)",
-    )
-    memory.add_argument(
-        "--no-frozen-path-split",
-        action="store_true",
-        help="skip the extra TraDy step with the stock frozen path (the 'before' of the split by module type)",
-    )
-    memory.add_argument("--lora-r", type=int, default=8)
-    memory.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    memory.add_argument("--png", default=None, help="also save a bar chart to this PNG file")
-    memory.set_defaults(func=cmd_memory)
-
-    rank = sub.add_parser(
-        "rank-layers",
-        help="rank a model's layers by cumulative RGN or LaRa and write an importance table entry",
-        description="Fine-tune the model (all weights, AdamW) for a few steps on the given data, accumulate each "
-        "layer's reweighted gradient norm (RGN, TraDy) or LaRa (MeDyate), and write the ranking with its top-K "
-        "(97% of the total) and provenance as JSON, for TraDyConfig(layer_ranking=<file>).",
-    )
-    _add_model_arguments(rank, input_shape=False)
-    rank.add_argument(
-        "--data",
-        required=True,
-        help="file.py:factory returning a dataloader of dicts with labels (Hugging Face style) or of (inputs, labels) "
-        "pairs (any model called as model(inputs), cross-entropy loss)",
-    )
-    rank.add_argument("--steps", type=int, default=50)
-    rank.add_argument("--metric", choices=["rgn", "lara"], default="rgn")
-    rank.add_argument("--lr", type=float, default=1e-3)
-    rank.add_argument("--family", default=None, help="table key (default: model_type or backbone class name)")
-    rank.add_argument("--exclude", nargs="*", default=None, help="layers not to rank, e.g. the classifier head")
-    rank.add_argument("--output", default=None, help="JSON path (default: <family>.json)")
-    rank.set_defaults(func=cmd_rank_layers)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
+#: The function that runs each sub-command of ``trady_peft_cli.build_parser``, by name.
+COMMANDS = {"budget": cmd_budget, "memory": cmd_memory, "rank-layers": cmd_rank_layers}
 
 if __name__ == "__main__":
     raise SystemExit(main())
