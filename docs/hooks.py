@@ -1,24 +1,28 @@
-"""MkDocs hook: pages say `<!-- config-table -->` where the table of `TraDyConfig` fields goes.
+"""The table of `TraDyConfig` fields in docs/config.md, generated from the fields' `help` metadata.
 
-The table is generated from the dataclass fields' `help` metadata at build time, so the docs and
-the code have one source.
+docs/config.md holds the table between `<!-- config-table -->` and `<!-- /config-table -->`, so it reads
+the same on the repository host as on the built site. `python docs/hooks.py` rewrites it after a field
+changes (tests/test_docs_consistency.py fails while it is stale); as an MkDocs hook, the same function
+puts the current table into the built page.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
-MARKER = "<!-- config-table -->"
+BEGIN, END = "<!-- config-table -->", "<!-- /config-table -->"
+CONFIG_PAGE = Path(__file__).resolve().parent / "config.md"
 
 
 def config_table() -> str:
-    from peft.config import PeftConfig
+    import trady_peft  # before any peft import: it keeps the quantization backends' import-time logs out
 
-    import trady_peft
-
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    config = trady_peft.TraDyConfig
+    inherited = {f.name for f in dataclasses.fields(config.__base__)}  # peft's PeftConfig
     rows = ["| field | default | what it does |", "|---|---|---|"]
-    for f in dataclasses.fields(trady_peft.TraDyConfig):
+    for f in dataclasses.fields(config):
         help_text = f.metadata.get("help")
         if f.name in inherited and f.name not in ("target_modules",) or not help_text:
             continue
@@ -27,5 +31,16 @@ def config_table() -> str:
     return "\n".join(rows)
 
 
+def with_config_table(markdown: str) -> str:
+    """`markdown` with the current table between `BEGIN` and `END`."""
+    block = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    return block.sub(lambda _: f"{BEGIN}\n{config_table()}\n{END}", markdown)
+
+
 def on_page_markdown(markdown: str, **kwargs) -> str:
-    return markdown.replace(MARKER, config_table()) if MARKER in markdown else markdown
+    return with_config_table(markdown) if BEGIN in markdown else markdown
+
+
+if __name__ == "__main__":
+    CONFIG_PAGE.write_text(with_config_table(CONFIG_PAGE.read_text()))
+    print(f"wrote {CONFIG_PAGE}")

@@ -14,14 +14,23 @@ import argparse
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", default="2MiB", help="memory_budget: an int (paper units) or bytes, e.g. 2MiB")
-    parser.add_argument("--train-size", type=int, default=1000)
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--budget",
+        default="2MiB",
+        help="memory_budget: an int (paper units) or bytes, e.g. 2MiB."
+        " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
+        "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
+        "the selected channels.",
+    )
+    parser.add_argument("--train-size", type=int, default=1000, help="Fashion-MNIST training images")
+    parser.add_argument("--test-size", type=int, default=500, help="test images")
+    parser.add_argument("--image-size", type=int, default=64, help="side of the resized images")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs; each after the first starts a period")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     args = parser.parse_args(argv)
 
     import evaluate

@@ -17,16 +17,25 @@ import math
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", default="16MiB", help="memory_budget: int (paper units) or bytes such as 16MiB")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-steps", type=int, default=30)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--budget",
+        default="16MiB",
+        help="memory_budget: int (paper units) or bytes such as 16MiB."
+        " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
+        "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
+        "the selected channels.",
+    )
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per batch")
+    parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps in all")
     parser.add_argument("--resample-every", type=int, default=10, help="optimizer steps per TraDy period")
     parser.add_argument("--eval-every", type=int, default=10, help="optimizer steps between evaluations")
-    parser.add_argument("--eval-blocks", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--output-dir", default="runs/causal_lm")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks the perplexity is measured on")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--output-dir", default="runs/causal_lm", help="Trainer output and the saved adapter")
     args = parser.parse_args(argv)
 
     print("[trady-peft example] loading SmolLM2-135M-Instruct from its GGUF file (~15 s on 2 cores)", flush=True)

@@ -15,8 +15,14 @@ import time
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", default=None, help="directory written by save_pretrained (MiniLM classifier)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="directory written by save_pretrained (MiniLM classifier); None: train a small one first",
+    )
     args = parser.parse_args(argv)
     if args.adapter is not None:
         return run(args.adapter)

@@ -113,24 +113,30 @@ def kib(n: int | None) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--train-size", type=int, default=2000, help="Fashion-MNIST training images")
+    parser.add_argument("--test-size", type=int, default=1000, help="test images")
+    parser.add_argument("--image-size", type=int, default=64, help="side of the resized images")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs; TraDy redraws its channels every epoch")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine schedule)")
     parser.add_argument(
         "--budget",
         type=lambda t: int(t) if t.isdigit() else t,
         default="8MiB",
-        help="TraDy memory_budget: bytes such as 8MiB (weights + AdamW state + activations of the batch), or an "
-        "int in the paper's units",
+        help="TraDy memory_budget: bytes such as 8MiB, or an int in the paper's units (values per sample)."
+        " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
+        "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
+        "the selected channels.",
     )
     parser.add_argument("--methods", default="head only,TraDy,full fine-tuning", help="comma-separated subset")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--output-dir", default=None, help="where to keep the TraDy adapter (default: a temporary folder, removed)"
+        "--seed", type=int, default=0, help="seed of the data sample, the training order and TraDy's draws"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="where to keep the TraDy adapter; None: a temporary folder, removed"
     )
     args = parser.parse_args(argv)
 

@@ -16,15 +16,26 @@ import argparse
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", default="4MiB", help="memory_budget: int (paper units) or bytes such as 4MiB")
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--output-dir", default="runs/text_classification")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--budget",
+        default="4MiB",
+        help="memory_budget: int (paper units) or bytes such as 4MiB."
+        " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
+        "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
+        "the selected channels.",
+    )
+    parser.add_argument("--train-size", type=int, default=2000, help="Rotten Tomatoes training reviews")
+    parser.add_argument("--test-size", type=int, default=1000, help="test reviews")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens kept per review")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs; TraDy redraws its channels every epoch")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--output-dir", default="runs/text_classification", help="Trainer output and the saved adapter"
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -68,11 +68,13 @@ class TraDyConfig(PeftConfig):
     memory_budget: int | str | None = field(
         default=None,
         metadata={
-            "help": "Memory the selected channels may use per period: weights + input activations. An int is in "
-            "the paper's units (scalar values per sample, e.g. 27946); a string with a unit is in bytes "
-            "('256KiB', '2MB', '1500000B'; case-sensitive, a lowercase 'b' is refused as bits), counted for the "
-            "real batch and dtype. Costs come from a shape probe on the first forward pass (or "
-            "`model.base_model.probe(inputs)`)."
+            "help": "The adapter's memory allowance, in one of two units. An int is in the paper's units: values per "
+            "sample of the selected channels' weights and their slice of the layer inputs (e.g. 27946). A string "
+            "with a unit is in bytes ('256KiB', '2MB', '1500000B'; case-sensitive, a lowercase 'b' is refused as "
+            "bits), counted for the real batch and dtype. A byte budget bounds everything the adapter adds to a "
+            "training step: the bank parameter that holds the selected channels' trainable values, its gradient, "
+            "its optimizer state, and the saved inputs of the selected channels. Costs come from a shape probe on "
+            "the first forward pass (or `model.base_model.probe(inputs)`)."
         },
     )
     channels_per_layer: int | float | None = field(
