@@ -2,7 +2,7 @@
 
 docs/config.md holds the table between `<!-- config-table -->` and `<!-- /config-table -->`, so it reads
 the same on the repository host as on the built site. `python docs/hooks.py` rewrites it after a field
-changes (tests/test_docs_consistency.py fails while it is stale); as an MkDocs hook, the same function
+changes (tests/project/test_docs_consistency.py fails while it is stale); as an MkDocs hook, the same function
 puts the current table into the built page.
 """
 

@@ -19,7 +19,7 @@ import torch
 
 import trady_peft
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ["quickstart", "text_classification", "causal_lm", "accelerate_loop", "load_adapter"]
 BUDGET_EXAMPLES = ["quickstart", "text_classification", "causal_lm", "accelerate_loop"]
 #: Earlier descriptions of the byte budget, each different from the others.

@@ -20,7 +20,7 @@ from peft import get_peft_model
 import trady_peft
 from tests.tiny_models import tiny_gpt2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 LOAD = """
 import sys, traceback
