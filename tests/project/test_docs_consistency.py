@@ -136,3 +136,34 @@ def test_the_faq_says_how_to_compare_a_reload_with_a_model_trained_in_bf16(tmp_p
         exact, again = reloaded(pixel_values=x)["logits"], unwrapped(pixel_values=x)["logits"]
     assert (as_left - exact).abs().max() > 1e-4
     torch.testing.assert_close(again, exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite_pytorch") is None, reason="needs `make setup` (efficientnet packages)"
+)
+def test_the_readme_quickstart_figures_are_what_the_code_measures_with_the_threads_it_names():
+    """The quickstart's memory columns (of the first period) and its layer counts, measured on a batch of its
+    shape: what autograd keeps depends on shapes, not on pixel values."""
+    import quickstart
+
+    readme = (ROOT / "README.md").read_text()
+    intro, table = readme.split("Output of `make quickstart`")[1].split("```")[:2]
+    assert re.search(r"\b2 torch threads\b", flat(intro))
+    row = re.search(r"^TraDy +[\d.]+ +([\d,]+ KiB) +([\d,]+ KiB) +([\d,]+ KiB) +([\d,]+ KiB)", table, re.M).groups()
+    # the selection line is of the last period (each draws anew): its fixed parts are the layers and channels
+    layers = re.search(r"of (\d+) input channels train per epoch in the top (\d+) of (\d+) layers", table)
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 64, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    class Rows:  # the slice of a datasets.Dataset that `measure` takes
+        def __getitem__(self, rows):
+            return {"pixel_values": images[rows], "labels": labels[rows]}
+
+    model = quickstart.build("TraDy", "8MiB", seed=0)
+    memory = quickstart.measure(model, Rows(), batch_size=32, lr=3e-3)
+    measured = [memory.saved_activations, memory.trainable_parameters, memory.gradients, memory.optimizer_state]
+    assert tuple(quickstart.kib(n) for n in measured) == row
+    summary = model.base_model.selection_summary()
+    expected = tuple(int(n) for n in layers.groups())
+    assert (summary["total_channels"], summary["candidate_layers"], summary["layers"]) == expected
