@@ -22,7 +22,7 @@ def cnn_batch() -> dict:
 def test_next_period_refuses_an_optimizer_that_does_not_hold_the_bank():
     model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(channels_per_layer=0.25))
     stray = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-    with pytest.raises(ValueError, match="does not hold adapter 'default'"):
+    with pytest.raises(ValueError, match="does not hold the trainable bank of adapter 'default',"):
         trady_peft.next_period(model, stray)
     assert model.base_model.period() == 0  # nothing changed
 

@@ -369,6 +369,11 @@ class Periods:
         bank.set_layout(segments)
         return changed
 
+    def remember_optimizer(self, optimizer) -> None:
+        """Keep ``optimizer``, seen stepping a bank, for the redraws of a `next_period` called without one."""
+        if self._optimizer is None or self._optimizer() is None:
+            self._optimizer = weakref.ref(optimizer)
+
     def attach_optimizer(self, optimizer, name: str = "default") -> None:
         """Check that ``optimizer`` trains the adapter's bank and remember it for mid-period redraws."""
         bank = self.host.trady_bank[name].weight
@@ -381,8 +386,8 @@ class Periods:
             and not any(p is bank for g in groups for p in g["params"])
         ):
             raise ValueError(
-                f"The optimizer given to next_period ({type(optimizer).__name__}) does not hold adapter "
-                f"{name!r}'s trainable bank, so the adapter would never train. Build the optimizer after "
+                f"The optimizer given to next_period ({type(optimizer).__name__}) does not hold the trainable "
+                f"bank of adapter {name!r}, so the adapter would never train. Build the optimizer after "
                 "get_peft_model from model.parameters() (or pass the one that trains the model)."
             )
         self._optimizer = weakref.ref(optimizer)

@@ -126,7 +126,25 @@ class StepWatch:
                 bad = ~torch.isfinite(bank).all()
                 self._first_nonfinite[name] = torch.where(bad & (first < 0), step, first)
         if stepped:  # every process steps the optimizer that trains the bank
+            self.periods.remember_optimizer(optimizer)
             self.periods.prices.reprice_agreed()
+        else:
+            self._refuse_a_foreign_optimizer(optimizer, groups)
+
+    def _refuse_a_foreign_optimizer(self, optimizer, groups) -> None:
+        """An optimizer that steps the TraDy layers' frozen base weights but not the bank was built
+        before ``get_peft_model``: refuse it at its first step, not a period later."""
+        host = self.periods.host
+        if not any(bank.weight.requires_grad for bank in getattr(host, "trady_bank", {}).values()):
+            return
+        frozen = {id(layer.base_layer.weight) for _, layer in host.trady_layers()}
+        if not any(id(p) in frozen and not p.requires_grad for g in groups for p in g["params"]):
+            return
+        raise ValueError(
+            f"This {type(optimizer).__name__} steps the frozen base weights of the TraDy layers but not the "
+            "adapter's trainable bank, so the adapter would never train: it was built before get_peft_model. "
+            "Build the optimizer after get_peft_model, from model.parameters() (the parameters that require grad)."
+        )
 
     def check_finite(self, name: str, what: str) -> None:
         """Refuse to let adapter ``name``'s bank be ``what`` (folded, saved) when it holds NaN or infinite
