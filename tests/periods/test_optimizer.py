@@ -47,3 +47,13 @@ def test_an_optimizer_built_before_get_peft_model_is_refused_at_its_first_step()
         optimizer.step()
     good = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     _step(model, good)  # the fix the message gives works
+
+
+def test_a_model_whose_optimizer_was_seen_still_pickles_and_copies():
+    import copy
+    import pickle
+
+    model = get_peft_model(tiny_cnn(), trady_peft.TraDyConfig(channels_per_layer=2, modules_to_save=["classifier"]))
+    _step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        torch.testing.assert_close(clone(pixel_values=IMAGES)["logits"], model(pixel_values=IMAGES)["logits"])

@@ -71,6 +71,10 @@ class Periods:
         self.steps = StepWatch(self)  # what each optimizer step tells: MeDyate's norms, a finite bank
         self._optimizer, self._warned_stale = None, False
 
+    def __getstate__(self) -> dict:
+        # A copy (pickle, deepcopy) does not keep the optimizer: it trains the original's bank.
+        return {**self.__dict__, "_optimizer": None}
+
     # --------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> None:
         """Start ``name``'s lifecycle (its bank exists): statistics, prices measured so far, first draw."""
