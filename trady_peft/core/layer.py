@@ -22,10 +22,10 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..compat import BufferDict
 from ..files.format import check_layer_state
 from .autograd import SparseChannelDelta, frozen_conv
 from .bank import keeping_precision
