@@ -57,14 +57,16 @@ format: setup
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
 
-# Benchmarks (docs/benchmarks.md): every strategy vs LoRA, head-only and full fine-tuning on the
-# offline tasks; writes docs/benchmarks/*.json, plots and tables (bench-quick: reduced sizes).
+# Benchmarks (docs/benchmarks.md) on the offline tasks: the accuracy-memory front against LoRA (AdamW;
+# bench-quick: a reduced front, docs/benchmarks/front/), then for bench the paper's SGD protocol (every
+# strategy vs LoRA, head-only and full fine-tuning, speed, FLOPs, artifact; docs/benchmarks/full/).
 .PHONY: bench-quick bench
 bench-quick: setup data
-	$(BIN)/python benchmarks/bench.py --preset quick
+	$(BIN)/python benchmarks/bench.py --preset quick --protocol adamw
 
 bench: setup data
-	$(BIN)/python benchmarks/bench.py --preset full
+	$(BIN)/python benchmarks/bench.py --preset full --protocol adamw
+	$(BIN)/python benchmarks/bench.py --preset full --protocol sgd
 
 # What a session with a GPU runs once (benchmarks/gpu.sh; docs/distributed.md): the DeepSpeed tests incl.
 # the CUDA ones, peak CUDA memory TraDy vs LoRA; logs under $(OUT) (default build/gpu). Not `setup`: its

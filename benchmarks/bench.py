@@ -1,18 +1,25 @@
-"""What TraDy buys, measured: accuracy, memory, speed and artifact size against its baselines.
+"""What TraDy buys, measured, on three offline tasks: EfficientNet-Lite0 -> Fashion-MNIST,
+all-MiniLM-L6-v2 -> Rotten Tomatoes (accuracy), SmolLM2-135M-Instruct -> Hamlet (held-out
+perplexity). The harness is the `trady_bench` package next to this script (its docstring lists what
+each module measures).
 
-Every selection strategy at two memory budgets, peft LoRA, head-only and full fine-tuning, three
-seeds each, on three offline tasks: EfficientNet-Lite0 -> Fashion-MNIST, all-MiniLM-L6-v2 ->
-Rotten Tomatoes (accuracy), SmolLM2-135M-Instruct -> Hamlet (held-out perplexity). The harness is
-the `trady_bench` package next to this script (its docstring lists what each module measures).
+``--protocol adamw`` (the default): the accuracy-memory front. LoRA at several ranks (and r=8 with
+gradient checkpointing), TraDy and MeDyate at budgets that are fractions of LoRA r=8's measured step
+memory, head-only and full fine-tuning, each under AdamW at the best of three learning rates swept
+on one seed; per task a plot of the metric against measured step memory, and for every LoRA point
+the TraDy-family point at half its memory or less that is as good (or how far the front falls
+short). Writes docs/benchmarks/front/{front.json,front.md,front_<task>.png}.
 
-Writes docs/benchmarks/{accuracy,memory,speed,artifact}.json, PNG plots, and the generated
-docs/benchmarks/table.md that docs/benchmarks.md includes.
+``--protocol sgd``: the paper's protocol. Every selection strategy at two memory budgets, peft
+LoRA, head-only and full fine-tuning, plain SGD, three seeds, with memory, speed, FLOPs and
+artifact size. Writes docs/benchmarks/{accuracy,memory,speed,artifact}.json, PNG plots and the
+generated docs/benchmarks/table.md.
 
-Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``, about 18 minutes wall on
-an idle 2-core machine, all three tasks; results in docs/benchmarks/) or ``--preset full``
-(``make bench``, about 75 minutes; results in docs/benchmarks/full/). ``--tasks`` runs a subset;
-each task's results are kept in <output>/raw/ and the report covers every task found there
-(``--report-only`` rebuilds it).
+Run: ``python benchmarks/bench.py --preset quick`` (``make bench-quick``: the reduced front) or
+``--preset full`` (results in docs/benchmarks/full/; ``make bench`` runs both protocols). ``--tasks``
+runs a subset; each task's results are kept in <output>/raw/ and the report covers every task found
+there (``--report-only`` rebuilds it). Every generated block of docs/benchmarks.md names the
+command and machine that produced it.
 """
 
 from trady_bench.cli import main

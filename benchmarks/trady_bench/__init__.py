@@ -1,10 +1,14 @@
 """The benchmark harness behind ``python benchmarks/bench.py``: what TraDy buys against its baselines.
 
-Runs every selection strategy of `trady_peft` at two memory budgets, peft LoRA (r=8 on the same
+Two protocols. The accuracy-memory front (``--protocol adamw``, `front_run`): LoRA at several ranks
+and with gradient checkpointing, TraDy and MeDyate at budgets that are fractions of LoRA r=8's
+measured step memory, head-only and full fine-tuning, under AdamW at each point's best swept
+learning rate, and the verdict on every LoRA point. The paper's protocol (``--protocol sgd``, `run`):
+runs every selection strategy of `trady_peft` at two memory budgets, peft LoRA (r=8 on the same
 target layers), head-only and full fine-tuning, with three seeds each, on the three offline tasks
 of examples/offline_assets.py (`tasks`).
 
-Every method trains with the paper's optimizer and schedule (plain SGD, no momentum, no weight
+Under it every method trains with the paper's optimizer and schedule (plain SGD, no momentum, no weight
 decay, cosine decay with linear warm-up, the classifier always trained) for several epochs, so
 that the dynamic strategies redraw (`training`). Besides accuracy it measures, per (task, method,
 budget): the memory of one training step (`trady_peft.measure_training_step`: saved activations,
@@ -23,5 +27,8 @@ The modules, in the order the data flows:
 * `memory`, `speed`, `flops`, `artifact`: one measurement each; `resources`: peak RSS, CPU time;
 * `aggregate`: mean ± std over seeds, win/tie/loss, divergence, the rows worth their memory;
 * `report`, `plots`, `outputs`: table.md, the PNGs, the JSON files and the docs page's block;
-* `run`: the protocol on one task; `cli`: the command; `environment`: set-up and the run's record.
+* `run`: the paper's protocol on one task; `cli`: the command; `environment`: set-up and the run's record;
+* the front: `front` (its points, budgets and families), `sweep` (the learning rates tried and the one
+  chosen), `front_run` (the front on one task), `front_verdict` (which TraDy-family point answers each
+  LoRA point), `front_report` (``front.md``).
 """

@@ -1,4 +1,4 @@
-"""The accuracy grid: each ``(method, seed)`` trained for the task's epochs, in this process or in
+"""The accuracy grid: each ``(method, seed, learning rate)`` trained for the task's epochs, in this process or in
 worker processes, with its final metric and what the run cost."""
 
 from __future__ import annotations
@@ -16,16 +16,30 @@ from .environment import quiet
 from .methods import Method, build_method
 from .resources import PeakRSS
 from .tasks import TASKS, Task
-from .training import epoch_order, evaluate_model, make_optimizer, start_period, train_mode, train_step
+from .training import (
+    OPTIMIZER_STATE_BYTES,
+    epoch_order,
+    evaluate_model,
+    make_optimizer,
+    start_period,
+    train_mode,
+    train_step,
+)
 
 
-def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> dict:
-    """Train ``method`` with ``seed`` for ``task.epochs`` epochs; its final metric and run figures."""
+def run_one(
+    task: Task, method: Method, seed: int, lora_targets: list[str], lr: float | None = None, optimizer: str = "sgd"
+) -> dict:
+    """Train ``method`` with ``seed`` for ``task.epochs`` epochs with ``optimizer`` at learning rate
+    ``lr`` (None: ``task.lr``); its final metric and run figures."""
+    kind, lr = optimizer, task.lr if lr is None else lr
     with PeakRSS() as rss:
         start_cpu, start = time.process_time(), time.perf_counter()
-        model = train_mode(build_method(task, method, seed, lora_targets))
+        model = train_mode(
+            build_method(task, method, seed, lora_targets, optimizer_state_bytes=OPTIMIZER_STATE_BYTES[kind])
+        )
         total = task.epochs * task.steps_per_epoch
-        optimizer, scheduler = make_optimizer(task, model, total)
+        optimizer, scheduler = make_optimizer(task, model, total, kind, lr)
         losses = []
         for epoch in range(task.epochs):
             if method.is_trady:
@@ -36,9 +50,11 @@ def run_one(task: Task, method: Method, seed: int, lora_targets: list[str]) -> d
         seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     record = {
         "task": task.name,
-        "method": method.name,
+        "method": method.row_name,
         "budget_bytes": method.budget,
         "seed": seed,
+        "optimizer": kind,
+        "lr": lr,
         task.metric: value,
         "final_train_loss": losses[-1],
         "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),  # refined by run_task
@@ -68,19 +84,24 @@ def _start_worker(name: str, sizes: dict) -> None:
     _WORKER_TASK = TASKS[name](sizes)
 
 
-def _run_in_worker(method: Method, seed: int, lora_targets: list[str]) -> dict:
-    return run_one(_WORKER_TASK, method, seed, lora_targets)
+def _run_in_worker(method: Method, seed: int, lora_targets: list[str], lr: float | None, optimizer: str) -> dict:
+    return run_one(_WORKER_TASK, method, seed, lora_targets, lr, optimizer)
 
 
 def run_grid(
-    task: Task, runs: list[tuple[Method, int]], lora_targets: list[str], jobs: int, spec: tuple[str, dict] | None
+    task: Task,
+    runs: list[tuple[Method, int, float | None]],
+    lora_targets: list[str],
+    jobs: int,
+    spec: tuple[str, dict] | None,
+    optimizer: str = "sgd",
 ) -> list[dict]:
-    """`run_one` for every ``(method, seed)`` of ``runs``, in order: in this process, or spread
+    """`run_one` for every ``(method, seed, lr)`` of ``runs``, in order: in this process, or spread
     over ``jobs`` spawned processes that rebuild the task from ``spec`` (the same data and weights:
     the subsets and the pretrained model are fixed)."""
     if jobs <= 1 or spec is None:
-        return [run_one(task, m, seed, lora_targets) for m, seed in runs]
+        return [run_one(task, m, seed, lora_targets, lr, optimizer) for m, seed, lr in runs]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=spec) as pool:
-        futures = [pool.submit(_run_in_worker, m, seed, lora_targets) for m, seed in runs]
+        futures = [pool.submit(_run_in_worker, m, seed, lora_targets, lr, optimizer) for m, seed, lr in runs]
         return [f.result() for f in futures]

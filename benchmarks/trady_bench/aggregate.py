@@ -44,6 +44,11 @@ def verdict(
     return "win" if (diff > 0) == higher_is_better else "loss"
 
 
+def metric_name(record: dict) -> str:
+    """The metric a record holds: ``perplexity`` (lower is better) or ``accuracy``."""
+    return "perplexity" if "perplexity" in record else "accuracy"
+
+
 def summarize(records: list[dict]) -> dict:
     """(task, method, budget) -> mean/std of the metric over seeds, with the task's metric name."""
     groups: dict[tuple, list[dict]] = {}
@@ -51,7 +56,7 @@ def summarize(records: list[dict]) -> dict:
         groups.setdefault((r["task"], r["method"], r["budget_bytes"]), []).append(r)
     out = {}
     for key, rows in groups.items():
-        metric = "perplexity" if "perplexity" in rows[0] else "accuracy"
+        metric = metric_name(rows[0])
         values = [r[metric] for r in rows]
         diverged = sum(bool(r.get("diverged")) for r in rows)
         out[key] = {"metric": metric, "mean_std": mean_std(values), "seeds": len(values), "diverged": diverged}

@@ -7,17 +7,24 @@ import json
 import resource
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .environment import environment, quiet
-from .outputs import default_output, write_outputs
+from .front import FRONT_GRIDS
+from .front_report import verdicts
+from .front_run import run_front
+from .outputs import default_output, write_front_outputs, write_outputs
 from .resources import cpu_seconds
 from .run import recount_flops, run_task
-from .tasks import PRESETS, TASKS
+from .tasks import FRONT_PRESETS, PRESETS, TASKS
 
-DESCRIPTION = "What TraDy buys, measured: accuracy, memory, speed and artifact size against its baselines."
+DESCRIPTION = (
+    "What TraDy buys, measured: the accuracy-memory front against LoRA (AdamW), or accuracy, memory, speed and "
+    "artifact size against every baseline under the paper's SGD protocol."
+)
 
 
 def main(argv=None) -> dict:
@@ -25,6 +32,14 @@ def main(argv=None) -> dict:
     results of every task the report covers (task name -> `run_task`'s result)."""
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument(
+        "--protocol",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="adamw: the accuracy-memory front (LoRA ranks, TraDy-family budgets, head-only, full; AdamW at each "
+        "point's best swept learning rate); sgd: the paper's protocol (every strategy at two budgets, plain SGD "
+        "0.125, with speed, FLOPs and artifact)",
+    )
     parser.add_argument("--tasks", default="image,text,lm", help="comma-separated subset of image,text,lm")
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads of the measuring process (timings need an idle machine)"
@@ -55,7 +70,9 @@ def main(argv=None) -> dict:
     command = ("python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: needs at least 1 (1 runs everything in this process).")
-    out = Path(args.output_dir) if args.output_dir else default_output(args.preset)
+    if args.protocol == "adamw" and args.recount_flops:
+        raise SystemExit("--recount-flops: the front counts no FLOPs; add --protocol sgd.")
+    out = Path(args.output_dir) if args.output_dir else default_output(args.preset, args.protocol)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), cpu_seconds()
@@ -65,30 +82,41 @@ def main(argv=None) -> dict:
         if args.recount_flops and not (raw / f"{name}.json").exists():
             raise SystemExit(f"--recount-flops: no results of task {name!r} in {raw}; run the benchmark first.")
         t0 = time.perf_counter()
-        task = TASKS[name](preset[name])
+        sizes = FRONT_PRESETS[args.preset][name] if args.protocol == "adamw" else preset[name]
+        task = TASKS[name](sizes)
         print(f"[{name}] data and model loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.recount_flops:
             recount_flops(raw / f"{name}.json", task, command)
             print(f"[{name}] FLOPs recounted ({time.perf_counter() - t0:.0f} s)", flush=True)
             continue
         log = lambda s: print(s, flush=True)  # noqa: E731
-        result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, preset[name]))
+        if args.protocol == "adamw":
+            result = run_front(task, FRONT_GRIDS[args.preset], log=log, jobs=args.jobs, spec=(name, sizes))
+        else:
+            result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, sizes))
         result["run"] = {
             **environment(command, args.threads),
             "preset": args.preset,
-            "sizes": preset[name],
+            "protocol": args.protocol,
+            "sizes": sizes,
             "jobs": args.jobs,
         }
         (raw / f"{name}.json").write_text(json.dumps(result, default=float) + "\n")
     # The report covers every task with results in raw/ (this run's, and earlier runs' of other tasks).
     results = {n: json.loads((raw / f"{n}.json").read_text()) for n in TASKS if (raw / f"{n}.json").exists()}
     env = environment(command, args.threads)
-    env["preset"] = {"name": args.preset, **preset}
+    env["preset"] = {"name": args.preset, **(FRONT_PRESETS[args.preset] if args.protocol == "adamw" else preset)}
     env["total"] = {
         "wall_seconds": round(time.perf_counter() - start, 1),
         "cpu_seconds": round(cpu_seconds() - cpu, 1),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    write_outputs(results, env, out)
+    if args.protocol == "adamw":
+        env["grid"] = asdict(FRONT_GRIDS[args.preset])
+        write_front_outputs(results, env, out)
+        for name, lines in verdicts(results).items():
+            print(f"[{name}] verdict on each LoRA point:", *lines, sep="\n  ", flush=True)
+    else:
+        write_outputs(results, env, out)
     print(f"done: {env['total']}", flush=True)
     return results

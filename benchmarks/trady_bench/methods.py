@@ -22,18 +22,31 @@ LORA_RANK = 8
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the grid: a strategy at a budget, or a budget-free baseline."""
+    """A row of the grid: a strategy at a budget, or a budget-free baseline.
+
+    ``rank`` and ``checkpointing`` set LoRA's rank (None: `LORA_RANK`) and turn gradient
+    checkpointing on; a LoRA row with either is recorded under its own name (`row_name`)."""
 
     name: str
     budget: int | None = None  # bytes
+    rank: int | None = None
+    checkpointing: bool = False
 
     @property
     def is_trady(self) -> bool:
         return self.name not in BASELINES
 
     @property
+    def row_name(self) -> str:
+        """What records, tables and plots call this row: the strategy or baseline name, and for a
+        LoRA row with an explicit rank ``lora-r<rank>`` (``-gc`` with checkpointing)."""
+        if self.name != "lora" or (self.rank is None and not self.checkpointing):
+            return self.name
+        return f"lora-r{self.rank or LORA_RANK}" + ("-gc" if self.checkpointing else "")
+
+    @property
     def key(self) -> str:
-        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+        return self.row_name if self.budget is None else f"{self.row_name}@{self.budget}"
 
 
 def grid(budgets: Sequence[int]) -> list[Method]:
@@ -44,6 +57,7 @@ def grid(budgets: Sequence[int]) -> list[Method]:
 def order_of(method: str) -> int:
     """Where ``method`` sorts in tables and plots: the strategies, then the baselines."""
     names = list(STRATEGIES) + list(BASELINES)
+    method = "lora" if method.startswith("lora-") else method
     return names.index(method) if method in names else len(names)
 
 
@@ -94,11 +108,35 @@ def lora_targets_of(task: Task, n_targets: int | None = None) -> list[str]:
     return plain
 
 
+def lora_targets_at(model: nn.Module, targets: list[str], rank: int) -> list[str]:
+    """The layers of ``targets`` that peft LoRA can wrap at ``rank``: a grouped convolution only
+    when its groups divide the rank (`lora_targets_of` chose ``targets`` at `LORA_RANK`)."""
+    return [n for n in targets if rank % getattr(model.get_submodule(n), "groups", 1) == 0]
+
+
+def checkpointable(model: nn.Module) -> nn.Module | None:
+    """The outermost module of ``model`` that supports transformers' gradient checkpointing (the
+    model itself, or an encoder inside a task's wrapper), or None."""
+    for module in model.modules():
+        if getattr(module, "supports_gradient_checkpointing", False) and hasattr(
+            module, "gradient_checkpointing_enable"
+        ):
+            return module
+    return None
+
+
 def build_method(
-    task: Task, method: Method, seed: int, lora_targets: list[str], frozen_path: bool = True
+    task: Task,
+    method: Method,
+    seed: int,
+    lora_targets: list[str],
+    frozen_path: bool = True,
+    optimizer_state_bytes: int = 0,
 ) -> nn.Module:
     """A fresh model set up for ``method`` (its trainable parameters marked). ``frozen_path=False``
-    turns TraDy's memory-saving frozen path off (`count_flops`: its twins recompute inside backward)."""
+    turns TraDy's memory-saving frozen path off (`count_flops`: its twins recompute inside backward).
+    ``optimizer_state_bytes`` is what the optimizer keeps per trained value, counted in TraDy's byte
+    budget (0 for plain SGD, 8 for AdamW)."""
     model = task.build()
     torch.manual_seed(seed)
     if task.head:  # the seed draws the fresh head, as well as the channels and the data order
@@ -110,14 +148,24 @@ def build_method(
             strategy=method.name,
             modules_to_save=heads,
             seed=seed,
-            optimizer_state_bytes=0,  # plain SGD
+            optimizer_state_bytes=optimizer_state_bytes,
             gradient_batches=task.gradient_batches,
             exclude_modules=task.exclude,
             memory_saving_frozen_path=frozen_path,
         )
         return get_peft_model(model, config)
     if method.name == "lora":
-        config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=lora_targets, modules_to_save=heads)
+        rank = method.rank or LORA_RANK
+        if method.checkpointing:
+            inner = checkpointable(model)
+            if inner is None:
+                raise ValueError(
+                    f"{method.row_name}: the {task.name} model holds no transformers model that supports gradient "
+                    f"checkpointing; use Method('lora', rank={rank}) without checkpointing."
+                )
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = lora_targets_at(model, lora_targets, rank)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, modules_to_save=heads)
         return get_peft_model(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(method.name == "full" or name.startswith(task.head_only))

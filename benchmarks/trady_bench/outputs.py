@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .environment import ROOT
-from .plots import artifact_plot, pareto_plot
+from .front_report import front_markdown
+from .plots import artifact_plot, front_plot, pareto_plot
 from .report import report_markdown
 
 #: Where the quick preset's results go (the other presets: a folder inside it).
@@ -17,9 +19,11 @@ OUT = ROOT / "docs" / "benchmarks"
 DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
-def default_output(preset: str) -> Path:
-    """Where a preset's results go: docs/benchmarks (quick), docs/benchmarks/<preset> (the others)."""
-    return OUT if preset == "quick" else OUT / preset
+def default_output(preset: str, protocol: str = "sgd") -> Path:
+    """Where a preset's results go: docs/benchmarks (quick), docs/benchmarks/<preset> (the others);
+    the front (``protocol="adamw"``) in a ``front`` folder inside."""
+    out = OUT if preset == "quick" else OUT / preset
+    return out / "front" if protocol == "adamw" else out
 
 
 def write_json(path: Path, env: dict, key: str, rows: Any) -> None:
@@ -67,22 +71,37 @@ def write_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
         update_docs_page(DOCS_PAGE, table, preset, out)
 
 
-def markers(preset: str) -> tuple[str, str]:
-    """The docs page's markers around a preset's generated tables."""
+def markers(preset: str, protocol: str = "sgd") -> tuple[str, str]:
+    """The docs page's markers around a preset's generated tables (``front`` in them for the front)."""
     name = "bench.py" if preset == "quick" else f"bench.py {preset}"
+    name += " front" if protocol == "adamw" else ""
     return f"<!-- {name} -->", f"<!-- /{name} -->"
 
 
-def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = OUT) -> None:
-    """Put the generated tables (``<out>/table.md``) between the page's markers for ``preset``."""
-    begin, end = markers(preset)
+def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = OUT, protocol: str = "sgd") -> None:
+    """Put the generated tables (``<out>/table.md`` or ``front.md``) between the page's markers for
+    ``preset`` and ``protocol``; the plots they name are linked from the page's folder."""
+    begin, end = markers(preset, protocol)
     text = page.read_text()
     if begin not in text or end not in text:
         raise SystemExit(f"{page} lacks the {begin} ... {end} markers that bench.py fills.")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     folder = Path(os.path.relpath(out, page.parent)).as_posix()  # table.md sits next to its plots
-    table = table.replace("](pareto.png)", f"]({folder}/pareto.png)").replace(
-        "](artifact.png)", f"]({folder}/artifact.png)"
-    )
+    table = re.sub(r"\]\(([\w-]+\.png)\)", lambda m: f"]({folder}/{m.group(1)})", table)
     page.write_text(f"{head}{begin}\n{table}{end}{tail}")
+
+
+def write_front_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
+    """The front's outputs under ``out``: ``front.json`` (every task's points, memory, sweep and
+    records, with ``env``), one plot per task (``front_<task>.png``) and ``front.md``; the docs
+    page's block too when ``out`` is the preset's default folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "front.json", env, "tasks", results)
+    for name, result in results.items():
+        front_plot(result, out / f"front_{name}.png")
+    table = front_markdown(results, env)
+    (out / "front.md").write_text(table)
+    preset = env.get("preset", {}).get("name", "quick")
+    if out.resolve() == default_output(preset, "adamw").resolve():
+        update_docs_page(DOCS_PAGE, table, preset, out, "adamw")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .aggregate import summarize
+from .front import family
 from .methods import order_of
 from .report import label, statements
 
@@ -80,3 +81,54 @@ def artifact_plot(artifacts: list[dict], path: Path, titles: dict[str, str]) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def front_plot(result: dict, path: Path) -> None:
+    """One task's front: the metric against measured step memory (log scale), one line per method
+    family (LoRA over its ranks, each strategy over its budgets), error bars = one std over seeds;
+    the dotted line is half of LoRA r=8's step memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    summary = summarize(result["records"])
+    mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in result["memory"]}
+    lines: dict[str, list[tuple]] = {}
+    for key in summary:
+        lines.setdefault(family(key[1]), []).append(key)
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    markers = "os^vD<>PX*h"
+    for i, (name, keys) in enumerate(sorted(lines.items(), key=lambda kv: order_of(kv[1][0][1]))):
+        keys.sort(key=lambda k: mem[k])
+        ax.errorbar(
+            [mem[k] / 2**20 for k in keys],
+            [summary[k]["mean_std"][0] for k in keys],
+            yerr=[summary[k]["mean_std"][1] for k in keys],
+            marker=markers[i % len(markers)],
+            capsize=3,
+            label=FAMILY_LABELS.get(name, name),
+            linestyle="-" if len(keys) > 1 else "none",
+        )
+    ax.axvline(result["reference_step_bytes"] / 2**21, color="grey", linestyle=":", linewidth=1, label="0.5x LoRA r=8")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("step memory, MiB (measured: saved activations, trainable, grads, AdamW state)")
+    metric = summary[next(iter(summary))]["metric"]
+    ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
+    ax.set_title(result["title"], fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: What the front's plot calls each family.
+FAMILY_LABELS = {
+    "lora": "LoRA, by rank",
+    "lora-gc": "LoRA r=8 + checkpointing",
+    "head": "head only",
+    "full": "full fine-tuning",
+}

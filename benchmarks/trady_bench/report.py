@@ -11,7 +11,11 @@ LABELS = {"lora": f"LoRA r={LORA_RANK}", "head": "head only", "full": "full fine
 
 
 def label(method: str) -> str:
-    """What the report calls ``method`` (a strategy keeps its own name)."""
+    """What the report calls ``method`` (a strategy keeps its own name; ``lora-r4-gc``: "LoRA r=4 +
+    checkpointing")."""
+    if method.startswith("lora-r"):
+        rank, _, gc = method.removeprefix("lora-r").partition("-")
+        return f"LoRA r={rank}" + (" + checkpointing" if gc else "")
     return LABELS.get(method, method)
 
 

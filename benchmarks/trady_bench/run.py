@@ -58,8 +58,8 @@ def run_task(
     mem = {(r["method"], r["budget_bytes"]): r for r in memory}
     spd = {(r["method"], r["budget_bytes"]): r for r in speed}
     untrained = evaluate_model(task, train_mode(task.build()))  # the reference a diverged run ends far above
-    runs = [(m, seed) for m in methods for seed in seeds]
-    for (m, seed), r in zip(runs, run_grid(task, runs, lora, jobs, spec)):
+    runs = [(m, seed, None) for m in methods for seed in seeds]
+    for (m, seed, _), r in zip(runs, run_grid(task, runs, lora, jobs, spec)):
         k = (m.name, m.budget)
         r["diverged"] = r["diverged"] or diverged(r, untrained)
         r.update(

@@ -106,6 +106,22 @@ PRESETS = {
 }
 
 
+FRONT_PRESETS = {
+    # sizes per task for the front (--protocol adamw); quick is sized for about 20 minutes on 2 idle cores
+    # (all three tasks, with FRONT_GRIDS["quick"]), full trains SmolLM2 for 40 steps of 4 x 64 tokens
+    "quick": {
+        "image": {"train": 192, "test": 400, "size": 32, "epochs": 3, "batch": 32},
+        "text": {"train": 64, "test": 400, "length": 24, "epochs": 3, "batch": 16},
+        "lm": {"train": 8, "test": 8, "length": 32, "epochs": 4, "batch": 2},
+    },
+    "full": {
+        "image": {"train": 768, "test": 1000, "size": 32, "epochs": 5, "batch": 32},
+        "text": {"train": 256, "test": 1000, "length": 32, "epochs": 4, "batch": 16},
+        "lm": {"train": 32, "test": 32, "length": 64, "epochs": 5, "batch": 4},
+    },
+}
+
+
 def image_task(sizes: dict) -> Task:
     """EfficientNet-Lite0 (ImageNet weights) -> Fashion-MNIST at ``sizes`` (train/test images, size, epochs, batch)."""
     from offline_assets import Classifier, fashion_mnist

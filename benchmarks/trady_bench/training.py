@@ -27,11 +27,23 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_optimizer(task: Task, model: nn.Module, total_steps: int):
-    """The paper's optimizer over the trainable parameters: plain SGD (no momentum, no weight decay),
-    cosine decay with a linear warm-up over ``task.warmup`` of ``total_steps``."""
+#: The optimizers a protocol trains with, and the state each keeps per trained value (bytes), which
+#: TraDy's byte budget counts (`TraDyConfig.optimizer_state_bytes`).
+OPTIMIZER_STATE_BYTES = {"sgd": 0, "adamw": 8}
+
+
+def make_optimizer(task: Task, model: nn.Module, total_steps: int, optimizer: str = "sgd", lr: float | None = None):
+    """The optimizer over the trainable parameters, with cosine decay and a linear warm-up over
+    ``task.warmup`` of ``total_steps``: the paper's plain SGD (no momentum, no weight decay), or
+    AdamW (torch's defaults); the learning rate ``lr`` (None: ``task.lr``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=task.lr, momentum=0.0, weight_decay=0.0)
+    lr = task.lr if lr is None else lr
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    elif optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr)
+    else:
+        raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZER_STATE_BYTES)}.")
     warmup = max(1, round(task.warmup * total_steps))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 

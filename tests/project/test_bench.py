@@ -15,16 +15,22 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_models import tiny_cnn  # noqa: E402
+from tiny_models import tiny_cnn, tiny_llama  # noqa: E402
 from trady_bench import resources  # noqa: E402
 from trady_bench.accuracy import run_grid  # noqa: E402
-from trady_bench.aggregate import diverged, picks, verdict  # noqa: E402
+from trady_bench.aggregate import diverged, picks, summarize, verdict  # noqa: E402
 from trady_bench.environment import environment, quiet  # noqa: E402
 from trady_bench.flops import flop_counter_without_module_tracking  # noqa: E402
-from trady_bench.methods import BASELINES, Method, grid, task_budgets  # noqa: E402
-from trady_bench.outputs import OUT, default_output, update_docs_page, write_outputs  # noqa: E402
-from trady_bench.report import markdown_tables, recommendations, statements  # noqa: E402
+from trady_bench.front import REFERENCE, FrontGrid  # noqa: E402
+from trady_bench.front_report import verdict_line  # noqa: E402
+from trady_bench.front_run import front_memory, run_front  # noqa: E402
+from trady_bench.front_verdict import answer_lora_points  # noqa: E402
+from trady_bench.memory import largest_block, measure_memory  # noqa: E402
+from trady_bench.methods import BASELINES, Method, build_method, grid, lora_targets_of, task_budgets  # noqa: E402
+from trady_bench.outputs import OUT, default_output, update_docs_page, write_front_outputs, write_outputs  # noqa: E402
+from trady_bench.report import label, markdown_tables, recommendations, statements  # noqa: E402
 from trady_bench.run import recount_flops, run_task  # noqa: E402
+from trady_bench.sweep import best_lr, lr_grid  # noqa: E402
 from trady_bench.tasks import Task, image_task  # noqa: E402
 
 
@@ -239,7 +245,7 @@ def test_worker_processes_reproduce_the_in_process_runs():
     quiet()
     task = image_task(sizes)
     budget = task_budgets(task)[0]
-    runs = [(Method("trady", budget), 0), (Method("head"), 42)]
+    runs = [(Method("trady", budget), 0, None), (Method("head"), 42, None)]
     here = run_grid(task, runs, [], jobs=1, spec=None)
     there = run_grid(task, runs, [], jobs=2, spec=("image", sizes))
     for a, b in zip(here, there):
@@ -294,3 +300,190 @@ def test_flops_are_recounted_into_finished_results(tiny_run, tmp_path):
     assert counted[("full", None)]["weight_gradient_flops_vs_full"] == 0.0
     assert all(r["weight_gradient_flops"] >= 0 for r in again["speed"])
     assert again["records"] == stale["records"]  # only the FLOP columns change
+
+
+# ---------------------------------------------------------------- the accuracy-memory front (--protocol adamw)
+
+TINY_FRONT = FrontGrid(ranks=(1, 8), fractions=(0.05, 0.15, 0.4, 1.0), seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def tiny_front(tmp_path_factory):
+    resources.COLLECT_BETWEEN_RUNS = False
+    task = tiny_image_task()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_front(task, TINY_FRONT, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("front")
+    env = {**environment("pytest tiny front", 1), "preset": {"name": "tiny"}}
+    write_front_outputs({"image": result}, env, out)
+    return task, result, out
+
+
+def test_front_budgets_are_the_asked_fractions_of_lora_r8_measured_step_memory(tiny_front):
+    _, result, _ = tiny_front
+    memory = {(r["method"], r["budget_bytes"]): r for r in result["memory"]}
+    lora8 = memory[("lora-r8", None)]["step_total_bytes"]
+    assert result["reference_step_bytes"] == lora8 > 0
+    assert result["budgets"] == [int(f * lora8) for f in TINY_FRONT.fractions]
+    assert result["budgets"][0] < 0.06 * lora8 and result["budgets"][-1] > 0.99 * lora8
+    for strategy in TINY_FRONT.strategies:
+        for budget in result["budgets"]:
+            row = memory.get((strategy, budget))
+            if row is None:  # the whole LoRA step's memory buys every channel of the tiny CNN
+                assert (
+                    f"{strategy} at {budget:,} B left out: the budget covers every candidate channel"
+                    in result["notes"]
+                )
+                continue
+            assert row["adapter_footprint_within_budget"], (strategy, budget)
+            assert row["optimizer_state_bytes"] >= 2 * row["trainable_bytes"]  # AdamW: two moments per value
+    assert sum((s, b) in memory for s in TINY_FRONT.strategies for b in result["budgets"]) >= 4
+
+
+def test_front_sweeps_three_learning_rates_on_the_first_seed_and_trains_every_seed_at_the_best(tiny_front):
+    _, result, out = tiny_front
+    sweep = {(s["method"], s["budget_bytes"]): s for s in result["sweep"]}
+    points = {(r["method"], r["budget_bytes"]) for r in result["memory"]}
+    assert set(sweep) == points  # no checkpointing on the tiny CNN: every point trains
+    for key, s in sweep.items():
+        tried = [r for r in result["sweep_records"] if (r["method"], r["budget_bytes"]) == key]
+        assert sorted(r["lr"] for r in tried) == sorted(lr_grid(key[0])) and {r["seed"] for r in tried} == {0}
+        assert s.items() >= best_lr(tried).items()
+        runs = [r for r in result["records"] if (r["method"], r["budget_bytes"]) == key]
+        assert sorted(r["seed"] for r in runs) == [0, 1] and {r["lr"] for r in runs} == {s["lr"]}
+        assert all(r["optimizer"] == "adamw" for r in runs)
+    saved = json.loads((out / "front.json").read_text())
+    assert saved["tasks"]["image"]["sweep"] == json.loads(json.dumps(result["sweep"]))
+    assert (out / "front_image.png").stat().st_size > 0
+    table = (out / "front.md").read_text()
+    assert table.count("answered") >= 2 and "LoRA r=1" in table and "What to pick" in table
+
+
+def test_the_sweep_picks_the_best_learning_rate():
+    def runs(metric, values, diverged=()):
+        return [{"lr": lr, metric: v, "diverged": lr in diverged} for lr, v in zip((1e-3, 3e-3, 1e-2), values)]
+
+    best = best_lr(runs("accuracy", [0.5, 0.7, 0.6]))
+    assert best["lr"] == 3e-3 and not best["at_edge"] and best["tried"] == {"0.001": 0.5, "0.003": 0.7, "0.01": 0.6}
+    assert best_lr(runs("perplexity", [40.0, 30.0, 35.0]))["lr"] == 3e-3  # lower is better
+    assert best_lr(runs("perplexity", [20.0, 30.0, 35.0]))["at_edge"]  # the best may lie below the range
+    # A diverged run is never picked, whatever its metric; all diverged: the smallest rate.
+    assert best_lr(runs("accuracy", [0.5, 0.7, 0.9], diverged=(1e-2,)))["lr"] == 3e-3
+    fallback = best_lr(runs("perplexity", [1e9, 1e9, 1e9], diverged=(1e-3, 3e-3, 1e-2)))
+    assert fallback["lr"] == 1e-3 and fallback["all_diverged"]
+    with pytest.raises(ValueError, match="got none"):
+        best_lr([])
+
+
+def front_rows(points):
+    """Records (three seeds: mean ± 0.01) and memory rows of synthetic front points
+    ``(method, budget, mean accuracy, step bytes, diverged)``."""
+    records, memory = [], []
+    for method, budget, mean, step, bad in points:
+        for seed, d in zip((0, 42, 100), (-0.01, 0.0, 0.01)):
+            records.append(
+                {"task": "image", "method": method, "budget_bytes": budget, "seed": seed, "accuracy": mean + d}
+            )
+            records[-1]["diverged"] = bad and seed == 42
+        memory.append({"task": "image", "method": method, "budget_bytes": budget, "step_total_bytes": step})
+    return records, memory
+
+
+def test_the_verdict_names_the_cheapest_point_at_half_the_memory_that_is_as_good():
+    records, memory = front_rows(
+        [
+            ("lora-r8", None, 0.80, 1000, False),
+            ("trady", 10, 0.70, 300, False),  # cheap, but worse beyond one std
+            ("trady", 20, 0.795, 400, False),  # within one std, 0.4x: answers
+            ("medyate", 20, 0.805, 450, False),  # answers too, but costs more
+            ("medyate", 60, 0.90, 600, False),  # better, but above 0.5x
+        ]
+    )
+    (answer,) = answer_lora_points(records, memory, ("trady", "medyate"))["image"]
+    assert answer.by == ("image", "trady", 20) and answer.ratio == pytest.approx(0.4)
+
+
+def test_the_verdict_refuses_points_too_large_worse_or_diverged_and_says_how_close_the_front_came():
+    records, memory = front_rows(
+        [
+            ("lora-r8", None, 0.80, 1000, False),
+            ("lora-r8-gc", None, 0.80, 400, False),
+            ("trady", 10, 0.70, 300, False),  # worse beyond one std
+            ("trady", 20, 0.85, 450, True),  # better on average, but diverged for a seed
+            ("medyate", 60, 0.81, 600, False),  # as good, but 0.6x of LoRA r=8
+            ("head", None, 0.81, 100, False),  # not of the TraDy family
+        ]
+    )
+    answers = {a.lora[1]: a for a in answer_lora_points(records, memory, ("trady", "medyate"))["image"]}
+    lora8, gc = answers["lora-r8"], answers["lora-r8-gc"]
+    assert lora8.by is None and gc.by is None
+    assert lora8.best_within == ("image", "trady", 10)  # the diverged point is not the best
+    assert lora8.cheapest_match == ("image", "medyate", 60)
+    assert gc.best_within is None and gc.cheapest_match == ("image", "medyate", 60)
+    summary = summarize(records)
+    mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
+    line = verdict_line(gc, summary, mem)
+    assert "**not answered**" in line and "no TraDy-family point needs as little as 0.5x" in line
+    assert "medyate at 60 B (accuracy 0.810 ± 0.010, 1.50x its step memory)" in line
+
+
+def tiny_lm_task() -> Task:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    return Task(
+        "lm",
+        "tiny Llama -> random tokens",
+        lambda: tiny_llama(0, num_hidden_layers=3),
+        {"input_ids": ids, "labels": ids},
+        {"input_ids": ids, "labels": ids},
+        head=None,
+        head_only=("lm_head.",),
+        metric="perplexity",
+        budget_fractions=(0.2, 0.5),
+        epochs=1,
+        batch_size=4,
+        lr=1e-3,
+        gradient_batches=1,
+    )
+
+
+def test_lora_with_checkpointing_keeps_block_inputs_and_pays_the_largest_block_recomputed():
+    task = tiny_lm_task()
+    lora = lora_targets_of(task)
+    plain = measure_memory(task, REFERENCE, lora, "adamw")
+    checkpointed = Method("lora", rank=8, checkpointing=True)
+    (row,) = front_memory(task, [checkpointed], lora, plain)
+    assert row["method"] == "lora-r8-gc" and label(row["method"]) == "LoRA r=8 + checkpointing"
+    # Checkpointing drops every block's inner activations, but one block is recomputed at a time.
+    assert row["saved_activation_bytes"] < plain["saved_activation_bytes"]
+    assert 0 < row["checkpoint_recompute_bytes"] == plain["largest_block_saved_bytes"]
+    assert row["step_total_bytes"] == (
+        row["saved_activation_bytes"] + row["trainable_state_bytes"] + row["checkpoint_recompute_bytes"]
+    )
+    assert row["trainable_state_bytes"] == plain["trainable_state_bytes"]
+    with pytest.raises(
+        ValueError, match=r"no transformers model that supports gradient checkpointing; use Method\('lora', rank=8\)"
+    ):
+        build_method(tiny_image_task(), checkpointed, 0, [])
+
+
+def test_largest_block_groups_saved_bytes_by_numbered_block():
+    saved = {"model.embed": 5, "model.layers.0.attn": 3, "model.layers.0.mlp": 4, "model.layers.1.mlp": 6, "": 100}
+    assert largest_block(saved) == 7  # the unnumbered entries are not blocks that checkpointing recomputes
+
+
+def test_the_front_fills_its_own_block_of_the_docs_page(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(
+        "<!-- bench.py -->\nsgd\n<!-- /bench.py -->\n<!-- bench.py front -->\nold\n<!-- /bench.py front -->\n"
+    )
+    update_docs_page(page, "front ![f](front_lm.png)\n", "quick", tmp_path / "benchmarks" / "front", "adamw")
+    text = page.read_text()
+    assert "sgd" in text and "old" not in text and "![f](benchmarks/front/front_lm.png)" in text
+    assert (
+        default_output("quick", "adamw") == OUT / "front" and default_output("full", "adamw") == OUT / "full" / "front"
+    )

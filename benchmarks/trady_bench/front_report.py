@@ -1,0 +1,130 @@
+"""The front's report (``front.md``, which the docs page includes): per task, every point with its
+learning rate, metric and measured step memory; the learning-rate sweep; the verdict on each LoRA
+point; what to pick at each memory level."""
+
+from __future__ import annotations
+
+from .aggregate import metric_name, summarize
+from .front_verdict import MAX_RATIO, Answer, answer_lora_points
+from .report import fmt_bytes, fmt_metric, label, recommendations, took
+
+
+def point_name(key: tuple) -> str:
+    """A point as the report names it: the method, and for a strategy its budget."""
+    return label(key[1]) + ("" if key[2] is None else f" at {fmt_bytes(key[2])}")
+
+
+def verdict_line(a: Answer, summary: dict, mem: dict) -> str:
+    """One LoRA point's verdict as a sentence: the point that answers it, or how far the front falls short."""
+    s = summary[a.lora]
+    metric = s["metric"]
+
+    def described(key, ratio=True) -> str:
+        text = f"{point_name(key)} ({metric} {fmt_metric(*summary[key]['mean_std'], metric)}"
+        return text + (f", {mem[key] / mem[a.lora]:.2f}x its step memory)" if ratio else ")")
+
+    head = f"{label(a.lora[1])} ({fmt_bytes(mem[a.lora])} per step, {metric} {fmt_metric(*s['mean_std'], metric)}): "
+    if a.by is not None:
+        return head + f"**answered** by {described(a.by)}."
+    parts = [f"**not answered** (no TraDy-family point within {MAX_RATIO}x its step memory is as good within one std)"]
+    if a.best_within is not None:
+        parts.append(f"the best within {MAX_RATIO}x is {described(a.best_within)}")
+    else:
+        parts.append(f"no TraDy-family point needs as little as {MAX_RATIO}x its step memory")
+    if a.cheapest_match is not None:
+        parts.append(f"the cheapest one as good is {described(a.cheapest_match)}")
+    else:
+        parts.append("none is as good at any memory")
+    return head + "; ".join(parts) + "."
+
+
+def verdicts(results: dict[str, dict]) -> dict[str, list[str]]:
+    """Per task, the verdict on each LoRA point (cheapest first), as sentences."""
+    out = {}
+    for task, t in results.items():
+        summary = summarize(t["records"])
+        mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in t["memory"]}
+        answers = answer_lora_points(t["records"], t["memory"], tuple(t["strategies"])).get(task, [])
+        out[task] = [verdict_line(a, summary, mem) for a in answers]
+    return out
+
+
+def points_table(t: dict) -> list[str]:
+    """The table of one task's points, by measured step memory."""
+    summary = summarize(t["records"])
+    mem = {(r["task"], r["method"], r["budget_bytes"]): r for r in t["memory"]}
+    lrs = {(s["method"], s["budget_bytes"]): s for s in t["sweep"]}
+    keys = sorted(summary, key=lambda k: mem[k]["step_total_bytes"])
+    metric = summary[keys[0]]["metric"]
+    reference = t["reference_step_bytes"]
+    lines = [
+        f"| point | budget / LoRA r=8 step | learning rate | {metric} (mean ± std, {len(t['seeds'])} seeds) "
+        "| saved activations | trainable + grad + optimizer | step memory | / LoRA r=8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    trained_as = {(r["task"], r["method"], r["budget_bytes"]): r.get("trained_as", r["method"]) for r in t["records"]}
+    for k in keys:
+        m, s = mem[k], summary[k]
+        sweep = lrs[(trained_as[k], k[2])]  # a checkpointed point trains at its twin's rate
+        lr = f"{sweep['lr']:g}" + (" (edge)" if sweep["at_edge"] else "")
+        value = fmt_metric(*s["mean_std"], metric) + (
+            f" (diverged: {s['diverged']}/{s['seeds']})" if s["diverged"] else ""
+        )
+        share = "-" if k[2] is None else f"{k[2] / reference:.2f}"
+        lines.append(
+            f"| {label(k[1])} | {share} | {lr} | {value} | {fmt_bytes(m['saved_activation_bytes'])} "
+            f"| {fmt_bytes(m['trainable_state_bytes'])} | {fmt_bytes(m['step_total_bytes'])} "
+            f"| {m['step_total_bytes'] / reference:.2f} |"
+        )
+    return lines
+
+
+def sweep_table(t: dict) -> list[str]:
+    """The learning-rate sweep of one task (first seed): every rate's metric, the chosen one in bold."""
+    lines = ["| point | learning rates tried (metric, first seed) |", "|---|---|"]
+    for s in t["sweep"]:
+        metric_of = s["tried"]
+        tried = ", ".join(
+            (f"**{float(lr):g}: {v:.4g}**" if float(lr) == s["lr"] else f"{float(lr):g}: {v:.4g}")
+            for lr, v in metric_of.items()
+        )
+        key = (t["records"][0]["task"], s["method"], s["budget_bytes"])
+        lines.append(f"| {point_name(key)} | {tried}{' (all diverged)' if s['all_diverged'] else ''} |")
+    return lines
+
+
+def front_markdown(results: dict[str, dict], env: dict) -> str:
+    """The whole ``front.md``: the runs, per task the points, the sweep and the verdicts, then what
+    to pick and the plots."""
+    lines = [
+        "<!-- generated by benchmarks/bench.py; do not edit -->",
+        f"Report built by `{env['command']}` on {env['date']} (torch {env['versions']['torch']}, transformers "
+        f"{env['versions']['transformers']}, peft {env['versions']['peft']}){took(env)} from these runs:",
+        "",
+    ]
+    for k, t in results.items():
+        run = t.get("run", {})
+        lines.append(
+            f"* {k}: `{run.get('command')}` on {run.get('date')}, {t['elapsed']['wall_seconds'] / 60:.1f} minutes "
+            f"wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes); before training: "
+            f"{metric_name(t['records'][0])} {t['untrained']:.4g}"
+        )
+    answers = verdicts(results)
+    for k, t in results.items():
+        lines += ["", f"### {t['title']}", "", *points_table(t), ""]
+        lines += [f"Verdict (a TraDy-family point at <= {MAX_RATIO}x the step memory, as good within one std):", ""]
+        lines += [f"* {line}" for line in answers[k]]
+        lines += ["", f"![{k}: the front](front_{k}.png)", "", "Learning-rate sweep:", "", *sweep_table(t)]
+        lines += ["", "Notes:", "", *[f"* {note}" for note in t["notes"]]] if t["notes"] else []
+    records = [r for t in results.values() for r in t["records"]]
+    memory = [r for t in results.values() for r in t["memory"]]
+    lines += [
+        "",
+        "### What to pick, from the front",
+        "",
+        "Per task, the point with the least step memory, then each cheapest point that beats the previous pick "
+        "by more than one std (points that diverged for some seed are left out):",
+        "",
+        *[f"* {line}" for line in recommendations(records, memory)],
+    ]
+    return "\n".join(lines) + "\n"
