@@ -25,7 +25,7 @@ def front_memory(task: Task, methods: Sequence[Method], lora: list[str], referen
     backward pass recomputes a block, that block's activations: its ``step_total_bytes`` adds the
     largest block's saved activations of the same method without checkpointing (``reference``,
     LoRA r=8), as ``checkpoint_recompute_bytes``. A budget that covers every candidate channel of a
-    strategy (which trady_peft refuses: that is full fine-tuning of those layers) leaves its point
+    strategy (trady_peft then trains them all: full fine-tuning of those layers) leaves its point
     out, with a note on the task."""
     rows = []
     for m in methods:

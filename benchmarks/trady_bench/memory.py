@@ -56,6 +56,8 @@ def measure_memory(task: Task, method: Method, lora_targets: list[str], optimize
             parts += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
             bank += sum(t.numel() * t.element_size() for t in parts)
         summary = tuner.selection_summary()
+        if summary["selected_channels"] == sum(m.geometry.in_channels for _, m in tuner.periods.candidate_layers()):
+            raise ValueError(f"memory_budget={method.budget} covers every candidate channel")  # trady_peft warns
         row.update(
             adapter_bank_bytes=bank,
             adapter_saved_input_bytes=saved,

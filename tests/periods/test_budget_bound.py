@@ -4,11 +4,15 @@ batch and reprices for larger ones)."""
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from peft import get_peft_model
 
 import trady_peft
+from trady_peft.periods import lifecycle
 from tests.references import measured_footprint
 from tests.tiny_models import conv_names, paper_mobilenet_v2, tiny_llama
 
@@ -179,11 +183,61 @@ def test_top_k_strategies_draw_only_inside_the_ranked_layers():
     assert tuner.selection_summary()["candidate_layers"] == 10
 
 
-def test_budget_too_small_or_too_large_is_reported():
+def test_budget_too_small_is_refused():
     with pytest.raises(ValueError, match="too small for a single channel"):
         budget_model(10)(IMAGE)
-    with pytest.raises(ValueError, match="covers every candidate channel"):
-        budget_model(2_000_000)(IMAGE)
+
+
+def _suggested_budget(text: str):
+    found = re.findall(r"memory_budget=('[0-9]+KiB'|[0-9]+), for TraDy to choose", text)
+    assert found, text
+    return eval(found[-1])  # the literal the message suggests: '123KiB' or 123
+
+
+def _all_candidates(tuner) -> int:
+    return sum(m.geometry.in_channels for _, m in tuner.periods.candidate_layers())
+
+
+@pytest.mark.parametrize("budget", [2_000_000, "1.5GiB", "16 MB"])
+def test_a_budget_above_every_channel_warns_at_creation_and_trains_them_all(budget, caplog):
+    """A budget above what every candidate channel costs is told at get_peft_model (the trainable state, known
+    then) and at the first forward (with the saved inputs), with the cost; every candidate channel trains; the
+    budget the message suggests makes TraDy choose."""
+    lifecycle._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        model = budget_model(budget)
+        created = caplog.text
+        tuner = model.base_model
+        weights = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in tuner.periods.candidate_layers())
+        per_value = 1 if isinstance(budget, int) else 16  # values, or fp32 param + grad + AdamW's two moments
+        assert "leaves the bank more than the trainable state of every candidate channel" in created
+        assert f"{weights * per_value:,}" in created
+        model(IMAGE)
+    drawn = caplog.text[len(created) :]
+    assert "covers every candidate channel" in drawn
+    cost = int(re.search(r"candidate layers cost ([0-9,]+)", drawn).group(1).replace(",", ""))
+    assert cost == tuner.selected_cost()  # the cost named is what the selection spends
+    assert tuner.selection_summary()["selected_channels"] == _all_candidates(tuner)
+    fix = _suggested_budget(drawn)
+    lifecycle._warn_once.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        fixed = budget_model(fix)
+        fixed(IMAGE)
+    assert "covers every candidate channel" not in caplog.text
+    assert 0 < fixed.base_model.selection_summary()["selected_channels"] < _all_candidates(fixed.base_model)
+
+
+def test_the_creation_warning_suggests_a_budget_that_leaves_the_bank_short(caplog):
+    lifecycle._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        budget_model("1.5GiB")
+    fix = _suggested_budget(caplog.text)
+    lifecycle._warn_once.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        budget_model(fix)
+    assert "trainable state of every candidate channel" not in caplog.text
 
 
 def test_trainable_state_never_exceeds_the_budget_whatever_the_draw():

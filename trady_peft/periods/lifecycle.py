@@ -29,13 +29,13 @@ from ..core.distributed import bank_numel, gathered, zero_bank
 from ..core.layer import TraDyLayer
 from ..core.optim import reset_optimizer_state
 from ..core.targets import depth_blocks, names_match
-from ..memory.budget import Budget, bank_capacity, draw_limits
+from ..memory.budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits
 from ..selection.draws import Candidate
 from ..selection.importance import builtin_entry, family_of
 from ..selection.state import Phase, SelectionState
 from ..selection.statistics import ChannelNormStatistics, full_gradient_norms
 from ..selection.strategies import alpha_top_k, get_strategy
-from .prices import Prices, check_budget
+from .prices import Prices, check_budget, covering_message
 from .steps import StepWatch
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,25 @@ class Periods:
         if config.budget is None:
             return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
         total = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in layers)
-        return bank_capacity(config.budget, total, config.optimizer_state_bytes, config.bank_share)
+        capacity = bank_capacity(config.budget, total, config.optimizer_state_bytes, config.bank_share)
+        if capacity == total and not config.inference_mode:
+            per_value = 1 if config.budget.unit == "values" else bytes_per_trained_value(config.optimizer_state_bytes)
+            unit = "values" if config.budget.unit == "values" else "bytes"
+            smaller = total // 2 if unit == "values" else f"{max(1, total * per_value // 1024)}KiB"
+            _warn_once(
+                "TraDy: memory_budget=%r (%s) leaves the bank more than the trainable state of every candidate "
+                "channel of adapter %r: all %s weight values cost %s %s, so the bank holds them all; whether every "
+                "channel also trains is known once the first forward pass prices the saved inputs. Pass a smaller "
+                "budget, e.g. memory_budget=%r, for TraDy to choose channels.",
+                config.memory_budget,
+                config.budget,
+                name,
+                f"{total:,}",
+                f"{total * per_value:,}",
+                unit,
+                smaller,
+            )
+        return capacity
 
     # ------------------------------------------------------------------------------ periods
     def period(self, adapter_name: str = "default") -> int:
@@ -346,9 +364,11 @@ class Periods:
         limits = draw_limits(
             config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
-        check_budget(config, priced, limits)
-        norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
+        if check_budget(config, priced, limits):
+            _warn_once(covering_message(config, priced, total))
+            return {p.name: torch.arange(p.in_channels) for p in priced}
+        norms = state.statistics.weights([p.name for p in priced]) if state.statistics else None
         return strategy.select(priced, limits, config.seed, period, scores=state.scores, norms=norms, total_cost=total)
 
     def install(self, name: str, selection: dict[str, torch.Tensor]) -> list[tuple[int, int]]:

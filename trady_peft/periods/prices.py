@@ -187,7 +187,9 @@ class Prices:
         return bank + sum(state.costs[n].saved_bytes * c.numel() for n, c in selection.items())
 
 
-def check_budget(config, priced: list[PricedLayer], limits: tuple[int, ...]) -> None:
+def check_budget(config, priced: list[PricedLayer], limits: tuple[int, ...]) -> bool:
+    """Refuse a budget too small for any channel; return whether it covers every candidate channel
+    (then the draw takes them all, see `covering_message`)."""
     budget = config.budget
     fits = [p for p in priced if all(c <= limit for c, limit in zip(p.costs, limits))]
     if not fits:
@@ -198,11 +200,22 @@ def check_budget(config, priced: list[PricedLayer], limits: tuple[int, ...]) -> 
             f"({'values' if budget.unit == 'values' else 'bank values, saved-input bytes'}). Raise the budget"
             + ("." if budget.unit == "values" else ", or move bank_share towards the part that does not fit.")
         )
-    if all(sum(p.costs[i] * p.in_channels for p in priced) <= limit for i, limit in enumerate(limits)):
-        raise ValueError(
-            f"memory_budget={config.memory_budget!r} ({budget}) covers every candidate channel: nothing would be "
-            "left out. Use a smaller budget, or full fine-tuning."
-        )
+    return all(sum(p.costs[i] * p.in_channels for p in priced) <= limit for i, limit in enumerate(limits))
+
+
+def covering_message(config, priced: list[PricedLayer], total_cost: list[int]) -> str:
+    """The warning for a budget that covers every candidate channel: what they all cost, and a budget
+    (half of it) under which TraDy chooses."""
+    cost = sum(c * p.in_channels for c, p in zip(total_cost, priced))
+    channels = sum(p.in_channels for p in priced)
+    unit = "values" if config.budget.unit == "values" else "bytes"
+    smaller = cost // 2 if unit == "values" else f"{max(1, cost // 2048)}KiB"
+    return (
+        f"TraDy: memory_budget={config.memory_budget!r} ({config.budget}) covers every candidate channel at the "
+        f"inputs seen so far: all {channels:,} input channels of the {len(priced)} candidate layers cost {cost:,} "
+        f"{unit}. Every one of them trains, every period (full fine-tuning of those layers). Pass a smaller budget, "
+        f"e.g. memory_budget={smaller!r}, for TraDy to choose channels."
+    )
 
 
 def _input_dims(args, kwargs) -> dict:
