@@ -14,3 +14,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def library_log_levels():
+    """Each test starts with trady_peft's and transformers' log levels as the one before found them (a
+    benchmark's `quiet()` silences both for a whole process)."""
+    import logging
+
+    import transformers
+
+    level, verbosity = logging.getLogger("trady_peft").level, transformers.logging.get_verbosity()
+    yield
+    logging.getLogger("trady_peft").setLevel(level)
+    transformers.logging.set_verbosity(verbosity)
