@@ -56,6 +56,7 @@ def test_accelerate_loop_example_trains_under_a_byte_budget():
     assert 0 < summary["selected_cost"] <= summary["budget"] == 1024 * 1024
 
 
+@pytest.mark.slow  # about 9 s on 2 CPU cores: the oracle's full gradient of EfficientNet-Lite0
 def test_accelerate_loop_example_runs_the_det_rgn_oracle():
     import accelerate_loop
 
