@@ -65,13 +65,14 @@ class PeriodHost(Protocol):
 class Periods:
     """Every adapter's periods (see the module docstring). Owned by the tuner, ``host``."""
 
+    _scoring = False  # `score_channels` is running (a class default: also for a copy pickled before it existed)
+
     def __init__(self, host: PeriodHost):
         self.host = host
         self.states: dict[str, SelectionState] = {}
         self.prices = Prices(self)  # what channels cost: the probe, repricing
         self.steps = StepWatch(self)  # what each optimizer step tells: MeDyate's norms, a finite bank
         self._optimizer, self._warned_stale = None, False
-        self._scoring = False  # `score_channels` is running
 
     def __getstate__(self) -> dict:
         # A copy (pickle, deepcopy) does not keep the optimizer: it trains the original's bank.
@@ -445,7 +446,7 @@ class Periods:
             name
             for name in self.host.active_adapters
             if name in self.states
-            and self.states[name].selection is None  # the cheap test first: it holds at every forward once drawn
+            and self.states[name].selection is None  # cheap, and false at every forward once drawn
             and get_strategy(self.host.peft_config[name].strategy).needs_scores
             and not self.host.peft_config[name].inference_mode
             and self.phase(name) is Phase.WAITING_FOR_SCORES
