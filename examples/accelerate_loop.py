@@ -25,6 +25,12 @@ def main(argv=None) -> dict:
         "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
         "the selected channels.",
     )
+    parser.add_argument(
+        "--strategy",
+        default="trady",
+        help="TraDyConfig strategy, e.g. trady, d-full-random, medyate, or the oracle d-det-rgn (which scores "
+        "channels on the full gradient of the first training batch, then at each new epoch)",
+    )
     parser.add_argument("--train-size", type=int, default=1000, help="Fashion-MNIST training images")
     parser.add_argument("--test-size", type=int, default=500, help="test images")
     parser.add_argument("--image-size", type=int, default=64, help="side of the resized images")
@@ -45,7 +51,7 @@ def main(argv=None) -> dict:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
-    config = trady_peft.TraDyConfig(memory_budget=args.budget, modules_to_save=["_fc"])
+    config = trady_peft.TraDyConfig(memory_budget=args.budget, strategy=args.strategy, modules_to_save=["_fc"])
     say("loading EfficientNet-Lite0 and Fashion-MNIST")
     model = get_peft_model(Classifier(), config)
     train = fashion_mnist("train", args.train_size, args.image_size)
@@ -57,12 +63,13 @@ def main(argv=None) -> dict:
 
     for epoch in range(args.epochs):
         if epoch:
-            trady_peft.next_period(model, optimizer)  # fold, redraw, reset re-targeted moments
+            # fold, redraw, reset re-targeted moments (batches: for the strategies that score channels)
+            trady_peft.next_period(model, optimizer, batches=loader)
         model.train()
         for batch in tqdm(
             loader, desc=f"TraDy ({args.budget}), epoch {epoch}", disable=not accelerator.is_main_process
         ):
-            loss = model(**batch)["loss"]  # the very first call probes sizes and draws channels
+            loss = model(**batch)["loss"]  # the very first call probes sizes (d-det-rgn: scores) and draws
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()

@@ -190,7 +190,9 @@ def next_period(
 
     Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s state
     for re-targeted entries (see `TraDyModel.advance`). The Det-RGN oracles first score
-    channels on up to ``gradient_batches`` of ``batches`` (e.g. the training dataloader).
+    channels on up to ``gradient_batches`` of ``batches`` (e.g. the training dataloader). Called
+    with ``period=0`` before the loop, it scores their first period; without that call they score
+    the first training batch, which must then carry labels (docs/strategies.md).
 
     Example:
         ```python

@@ -54,3 +54,12 @@ def test_accelerate_loop_example_trains_under_a_byte_budget():
     summary = result["summary"]
     assert summary["period"] == 1
     assert 0 < summary["selected_cost"] <= summary["budget"] == 1024 * 1024
+
+
+@pytest.mark.slow  # about 9 s on 2 CPU cores: the oracle's full gradient of EfficientNet-Lite0
+def test_accelerate_loop_example_runs_the_det_rgn_oracle():
+    import accelerate_loop
+
+    argv = ["--train-size", "32", "--test-size", "32", "--epochs", "2", "--image-size", "32", "--budget", "1MiB"]
+    summary = accelerate_loop.main([*argv, "--strategy", "d-det-rgn"])["summary"]
+    assert summary["period"] == 1 and 0 < summary["selected_cost"] <= summary["budget"]

@@ -64,9 +64,25 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+@dataclass
+class ForwardCall:
+    """The positional and keyword arguments of one forward call, as one batch for `call_model`."""
+
+    args: tuple
+    kwargs: dict
+
+
+def forward_batch(args: tuple, kwargs: dict) -> Any:
+    """A forward call's arguments as one batch that `call_model` runs the same way again: the keyword
+    arguments (a dict), the positional ones (a tuple), or a `ForwardCall` when it has both."""
+    if not args:
+        return kwargs
+    return args if not kwargs else ForwardCall(args, kwargs)
+
+
 def call_model(model: nn.Module, inputs: Any):
     """Run ``model`` on one batch as the Trainer would: a tensor positionally, a dict as keyword
-    arguments, a tuple as positional arguments (or a probe's recorded ``args``/``kwargs``)."""
+    arguments, a tuple as positional arguments (or a recorded call's ``args``/``kwargs``)."""
     if hasattr(inputs, "args") and hasattr(inputs, "kwargs"):
         return model(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, torch.Tensor):
@@ -76,11 +92,15 @@ def call_model(model: nn.Module, inputs: Any):
     return model(*inputs)
 
 
+class MissingLossError(ValueError):
+    """A model output without a loss, where one was needed (`required_loss`)."""
+
+
 def required_loss(output: Any, purpose: str) -> torch.Tensor:
-    """``output.loss`` (or ``output["loss"]``), or a clear error saying labels are needed for ``purpose``."""
+    """``output.loss`` (or ``output["loss"]``), or a `MissingLossError` saying labels are needed for ``purpose``."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if loss is None:
-        raise ValueError(f"{purpose} needs batches with labels, so that the model returns a loss.")
+        raise MissingLossError(f"{purpose} needs batches with labels, so that the model returns a loss.")
     return loss
 
 

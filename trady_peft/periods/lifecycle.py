@@ -30,6 +30,7 @@ from ..core.layer import TraDyLayer
 from ..core.optim import reset_optimizer_state
 from ..core.targets import depth_blocks, names_match
 from ..memory.budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits
+from ..memory.measure import MissingLossError, forward_batch
 from ..selection.draws import Candidate
 from ..selection.importance import builtin_entry, family_of
 from ..selection.state import Phase, SelectionState
@@ -63,6 +64,8 @@ class PeriodHost(Protocol):
 
 class Periods:
     """Every adapter's periods (see the module docstring). Owned by the tuner, ``host``."""
+
+    _scoring = False  # `score_channels` is running (a class default: also for a copy pickled before it existed)
 
     def __init__(self, host: PeriodHost):
         self.host = host
@@ -433,7 +436,11 @@ class Periods:
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
-            norms = full_gradient_norms(self.host.model, layers, batches, self.host.trady_bank.parameters())
+            self._scoring = True  # its forwards are not training forwards (`score_first_batch`)
+            try:
+                norms = full_gradient_norms(self.host.model, layers, batches, self.host.trady_bank.parameters())
+            finally:
+                self._scoring = False
         for name in names:
             state = self.states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}
@@ -442,6 +449,42 @@ class Periods:
             if not drawn:
                 self.draw_if_ready(name)
         return norms
+
+    def score_first_batch(self, args: tuple, kwargs: dict) -> None:
+        """Score, on this forward's inputs, the active adapters whose strategy needs channel scores
+        before it can draw (the Det-RGN oracles in a loop that did not score them), so that their
+        first training batch trains. Called by the tuner before each outermost grad-enabled forward,
+        after the probe (`trady_peft.periods.prices.Prices.before_forward`).
+
+        Raises:
+            ValueError: the model returns no loss for these inputs (no labels, or a loss computed
+                outside the model), so they cannot be scored; the message says what to call instead.
+        """
+        if self._scoring:
+            return  # a forward of the scoring itself
+        waiting = [
+            name
+            for name in self.host.active_adapters
+            if name in self.states
+            and self.states[name].selection is None  # cheap, and false at every forward once drawn
+            and get_strategy(self.host.peft_config[name].strategy).needs_scores
+            and not self.host.peft_config[name].inference_mode
+            and self.phase(name) is Phase.WAITING_FOR_SCORES
+        ]
+        for name in waiting:
+            try:
+                self.score_channels([forward_batch(args, kwargs)], name)
+            except MissingLossError as error:
+                config = self.host.peft_config[name]
+                raise ValueError(
+                    f"strategy={config.strategy!r} (adapter {name!r}) scores channels before it draws any, on "
+                    "the first training batch, but the model returned no loss for this batch (no labels in "
+                    "it, or a loss computed outside the model), so nothing could be scored or trained. Score "
+                    "before the training loop: trady_peft.next_period(model, optimizer, "
+                    "batches=train_loader, period=0) (or model.base_model.next_period(0, optimizer, "
+                    f"batches=train_loader)) scores on gradient_batches={config.gradient_batches} batches that "
+                    "carry labels; or pass the labels to the model so that it returns a loss."
+                ) from error
 
     # ------------------------------------------------------------------------------ summary
     def selection_summary(self, adapter_name: str = "default") -> dict:

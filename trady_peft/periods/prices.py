@@ -23,6 +23,7 @@ from ..memory.budget import (
     layer_cost,
     probe_input_shapes,
 )
+from ..memory.measure import forward_batch
 from ..selection.draws import PricedLayer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Prices:
             old = self._input_dims.get(key, d)
             self._input_dims[key] = tuple(max(a, b) for a, b in zip(d, old)) if len(d) == len(old) else d
         if waiting or not several_ranks():
-            self.probe(kwargs if not args else (args if not kwargs else _Call(args, kwargs)))
+            self.probe(forward_batch(args, kwargs))
         elif self._recording is None:
             self._recording = InputShapes(self.periods.host.trady_layers())
 
@@ -225,10 +226,3 @@ def _input_dims(args, kwargs) -> dict:
 
 def _larger(dims: tuple, seen: tuple) -> bool:
     return len(dims) != len(seen) or any(a > b for a, b in zip(dims, seen))
-
-
-class _Call:
-    """Positional and keyword arguments of one forward call, for the probe."""
-
-    def __init__(self, args, kwargs):
-        self.args, self.kwargs = args, kwargs
