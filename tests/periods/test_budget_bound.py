@@ -12,9 +12,9 @@ import torch
 from peft import get_peft_model
 
 import trady_peft
-from trady_peft.periods import lifecycle
 from tests.references import measured_footprint
 from tests.tiny_models import conv_names, paper_mobilenet_v2, tiny_llama
+from trady_peft.periods import lifecycle
 
 BUDGET = 24 * 1024
 IMAGE = torch.zeros(1, 3, 128, 128)
