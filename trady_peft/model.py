@@ -35,7 +35,6 @@ from .memory.backprop import BackpropStop
 from .memory.frozen_path import apply_memory_saving, restore
 from .periods import Periods
 from .selection.state import SelectionState
-from .selection.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -214,14 +213,6 @@ class TraDyModel(BaseTuner):
         self.trady_bank[name] = bank
         self.trady_state[name] = torch.zeros(0, dtype=torch.uint8, device=device)
         bank.weight.requires_grad_(name in self.active_adapters and not config.inference_mode)
-        strategy = get_strategy(config.strategy)
-        quantized = [f"{n} ({m.quantization})" for n, m in layers if m.quantization is not None]
-        if strategy.needs_scores and quantized:
-            raise ValueError(
-                f"strategy={config.strategy!r} scores channels with the full gradient of every base weight, which a "
-                f"quantized weight cannot have ({quantized[0]}{' and others' if len(quantized) > 1 else ''}). Use a "
-                "strategy that needs no scores on a quantized base: 'trady', 'd-full-random' or 'medyate'."
-            )
         if any(other.averages_gradients for other in self.trady_bank.values() if other is not bank):
             bank.average_gradients()  # FSDP2 was prepared for the adapters before this one
         self.periods.add_adapter(name)
