@@ -163,3 +163,68 @@ def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
 def folded_adapter(model) -> dict:
     """Each TraDy layer's folded ``(indices, values)`` of the default adapter, to compare two runs."""
     return {name: layer.fold("default") for name, layer in model.base_model.trady_layers("default")}
+
+
+# ------------------------------------------------------------- Det-RGN scores, densely
+def dense_gradient_norms(model, batches) -> dict[str, torch.Tensor]:
+    """Det-RGN's scores the dense way: every TraDy layer's base weight made trainable, its ``.grad``
+    summed over ``batches`` (model inputs with labels), each channel's slice (`channel_slices`)
+    normed in float64. The gradients of every parameter are dropped afterwards."""
+    tuner = model.base_model
+    layers = dict(tuner.trady_layers("default"))
+    for layer in layers.values():
+        layer.base_layer.weight.requires_grad_(True)
+    try:
+        for batch in batches:
+            tuner.model(**batch)["loss"].backward()
+        return {
+            name: channel_slices(
+                layer.base_layer, layer.base_layer.weight.grad, torch.arange(layer.geometry.in_channels)
+            )
+            .double()
+            .flatten(1)
+            .norm(dim=1)
+            for name, layer in layers.items()
+        }
+    finally:
+        for layer in layers.values():
+            layer.base_layer.weight.requires_grad_(False)
+        for p in [*model.parameters(), *(w.base_layer.weight for w in layers.values())]:
+            p.grad = None
+
+
+class SavedBytesPeak:
+    """What autograd keeps, counted independently of the library: the distinct storages packed
+    (``saved_tensors_hooks``) during each grad-enabled forward of ``root`` (a forward pre-hook
+    starts a new pass, counted in ``passes``; a backward frees the pass before the next forward),
+    those of ``resident`` tensors (parameters, buffers) left out. ``peak`` is the largest pass
+    total plus ``extra()`` taken at the start of that pass (e.g. accumulators held meanwhile)."""
+
+    def __init__(self, root: nn.Module, resident=(), extra=lambda: 0):
+        self.root, self.extra = root, extra
+        self.resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.peak, self.passes = 0, 0
+        self._pass: dict[int, int] = {}
+        self._extra = 0
+
+    def _start(self, *_):
+        if torch.is_grad_enabled():  # not a probe's shape-only forward
+            self._pass, self._extra = {}, self.extra()
+            self.passes += 1
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.resident:
+            self._pass[storage.data_ptr()] = storage.nbytes()
+            self.peak = max(self.peak, sum(self._pass.values()) + self._extra)
+        return t
+
+    def __enter__(self) -> SavedBytesPeak:
+        self._handle = self.root.register_forward_pre_hook(self._start)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self._handle.remove()
