@@ -20,6 +20,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .compat import move_callback_first
+from .core.distributed import fsdp_managed
 from .model import find_tuner
 from .selection.draws import period_generator
 from .selection.state import Phase
@@ -205,7 +206,8 @@ def next_period(
         The new period index.
     """
     tuner = find_tuner(model)
-    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter)
+    root = model if fsdp_managed(model) else None  # FSDP2: scoring runs the root, which gathers its parameters
+    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter, root=root)
     for name in [adapter] if adapter else tuner.active_adapters:
         logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
     return new_period

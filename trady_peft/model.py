@@ -256,9 +256,11 @@ class TraDyModel(BaseTuner):
                     bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
     # ------------------------------------------------------------------------------ periods
-    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+    def next_period(
+        self, period=None, optimizer=None, batches=None, adapter_name: str | None = None, root: nn.Module | None = None
+    ) -> int:
         """Move to ``period`` (default: the next one): fold, draw, reset (`trady_peft.periods.Periods.next_period`)."""
-        return self.periods.next_period(period, optimizer, batches=batches, adapter_name=adapter_name)
+        return self.periods.next_period(period, optimizer, batches=batches, adapter_name=adapter_name, root=root)
 
     def advance(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
         """Deprecated name of `next_period`."""
@@ -278,9 +280,11 @@ class TraDyModel(BaseTuner):
         """Check that ``optimizer`` trains the adapter's bank and reset its state at every redraw."""
         self.periods.attach_optimizer(optimizer, adapter_name)
 
-    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
+    def score_channels(
+        self, batches, adapter_name: str | None = None, period: int | None = None, root: nn.Module | None = None
+    ) -> dict:
         """Det-RGN's channel scores on ``batches`` (`trady_peft.periods.Periods.score_channels`)."""
-        return self.periods.score_channels(batches, adapter_name, period)
+        return self.periods.score_channels(batches, adapter_name, period, root)
 
     @property
     def selection_states(self) -> dict[str, SelectionState]:

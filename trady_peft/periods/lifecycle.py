@@ -204,7 +204,9 @@ class Periods:
         needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budget is not None else []
         return state.phase(needs_costs, get_strategy(config.strategy).scores_due(state.period, state.scored_period))
 
-    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+    def next_period(
+        self, period=None, optimizer=None, batches=None, adapter_name: str | None = None, root: nn.Module | None = None
+    ) -> int:
         """Move to ``period`` (default: the next one); the one way TraDy's periods change.
 
         1. fold the deltas trained so far into each layer's accumulated store;
@@ -219,6 +221,7 @@ class Periods:
             optimizer: the optimizer training the adapter (it must hold the bank).
             batches: training batches, for the strategies that score channels.
             adapter_name: the adapter (default: every active adapter).
+            root: the module scoring runs the batches through (`score_channels`).
 
         Returns:
             The new period index.
@@ -247,7 +250,7 @@ class Periods:
                     raise ValueError(
                         f"strategy={config.strategy!r} scores channels on data: pass batches=train_loader."
                     )
-                self.score_channels(itertools.islice(batches, config.gradient_batches), name, new_period)
+                self.score_channels(itertools.islice(batches, config.gradient_batches), name, new_period, root)
             if config.inference_mode:
                 state.period = new_period
                 continue
@@ -397,14 +400,18 @@ class Periods:
         self._optimizer = weakref.ref(optimizer)
 
     # ------------------------------------------------------------------ gradient statistics
-    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
+    def score_channels(
+        self, batches, adapter_name: str | None = None, period: int | None = None, root: nn.Module | None = None
+    ) -> dict:
         """Det-RGN's scores: the full-gradient norm of every input channel of the candidate layers.
 
         Stores ``||dL/dW[:, c]||_2``, the gradient summed over ``batches`` (dicts of model inputs
         with labels, or tensors), for the draw of ``period`` (default: the adapter's next draw),
         without forming a dense weight gradient (`trady_peft.selection.statistics.gradient_norms`):
         the channels are scored in chunks that each hold no more than a draw may (`scoring_chunks`),
-        one forward and backward per chunk and batch. Returns the norms per layer.
+        one forward and backward per chunk and batch. ``root``: the module to run the batches
+        through (default: the wrapped model); under FSDP2, the ``fully_shard``-ed ``PeftModel``.
+        Returns the norms per layer.
         """
         names = [adapter_name] if adapter_name else list(self.host.active_adapters)
         device = self.host.trady_bank[names[0]].weight.device
@@ -417,7 +424,7 @@ class Periods:
                 layers = {n: m for n, m in self.candidate_layers(name) if n not in norms}
                 chunks = self._scoring_chunks(name, layers, batches)
                 bank = self.host.trady_bank.parameters()
-                norms.update(gradient_norms(self.host.model, layers, batches, chunks, bank) if layers else {})
+                norms.update(gradient_norms(self.host.model, layers, batches, chunks, bank, root) if layers else {})
         for name in names:
             state = self.states[name]
             state.scores = {n: norms[n] for n, _ in self.candidate_layers(name)}

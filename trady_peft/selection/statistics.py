@@ -89,6 +89,7 @@ def gradient_norms(
     batches: Iterable[Any],
     chunks: Sequence[Mapping[str, range]],
     other_parameters=(),
+    root: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """``||dL/dW[:, c]||_2`` of every input channel of ``layers`` (TraDy layers), the gradient summed over
     ``batches``: float64, on the CPU, averaged over the processes of a distributed run.
@@ -105,6 +106,9 @@ def gradient_norms(
     statistics, those of the first, which are left as one pass over ``batches`` leaves them. The
     adapter's bank (``other_parameters``: it lives outside ``model``) does not train for the
     duration; the gradients that other trainable parameters receive are set aside and restored.
+    The batches run through ``root`` (default: ``model``), a module around ``model`` whose forward
+    must run too, e.g. the ``fully_shard``-ed ``PeftModel`` of FSDP2, which gathers its own
+    parameters (the embeddings) in its forward.
     """
     batches = list(batches)
     norms = {n: torch.zeros(m.geometry.in_channels, dtype=torch.float64) for n, m in layers.items()}
@@ -123,7 +127,7 @@ def gradient_norms(
                 for buffer, value in running:
                     buffer.copy_(value)
             with torch.random.fork_rng(devices=devices):
-                for name, accumulator in _chunk_gradients(model, layers, batches, chunk).items():
+                for name, accumulator in _chunk_gradients(root or model, layers, batches, chunk).items():
                     norms[name][chunk[name].start : chunk[name].stop] = channel_norms(accumulator).cpu()
     finally:
         for p in frozen:
