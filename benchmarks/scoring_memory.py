@@ -14,12 +14,15 @@ built from config) under a byte budget that needs several chunks, ``strategy="d-
 The saved bytes are counted independently of the library (`tests.references.SavedBytesPeak`:
 distinct storages packed by autograd per forward, parameters and buffers left out).
 
-Run: ``python benchmarks/scoring_memory.py`` (seconds on 2 CPU cores).
+Run: ``python benchmarks/scoring_memory.py`` (seconds on 2 CPU cores). It prints the table and
+rewrites the block of ``docs/strategies.md`` between ``<!-- scoring_memory.py -->`` and
+``<!-- /scoring_memory.py -->``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import sys
 import time
@@ -59,6 +62,7 @@ def scoring_batches(kind: str, count: int, dtype: torch.dtype = torch.float32) -
 def det_rgn_model(kind: str, dtype: torch.dtype = torch.float32, budget: str | None = None):
     """The tiny model of ``kind`` in ``dtype`` under a Det-RGN adapter (the kind's budget by default)."""
     builder, default = KINDS[kind]
+    torch.manual_seed(0)  # the encoder's builder draws its weights from the global generator
     config = trady_peft.TraDyConfig(memory_budget=budget or default, strategy="d-det-rgn")
     return get_peft_model(builder().to(dtype), config)
 
@@ -110,19 +114,29 @@ def measure(kind: str, batches: int = 2, dtype: torch.dtype = torch.float32) -> 
     }
 
 
+def table(batches: int = 2) -> str:
+    """The measured figures of every model kind, as a markdown table."""
+    rows = [
+        "| model | budget | dense scoring (B) | chunked scoring (B) | training step (B) | chunks | time / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, (_, budget) in KINDS.items():
+        f = measure(kind, batches)
+        figures = f"{f['dense']:,} | {f['scoring']:,} | {f['step']:,} | {f['chunks']} | {f['time']:.1f}"
+        rows.append(f"| {kind} | {budget} | {figures} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    batches = 2
-    print(f"Det-RGN scoring on {batches} batches, float32; bytes = peak saved + held gradients/state")
-    print(f"{'model':<6} {'budget':>7} {'dense':>9} {'scoring':>9} {'step':>9} {'chunks':>7} {'time/step':>10}")
-    for kind, (_, budget) in KINDS.items():
-        f = measure(kind, batches)
-        print(
-            f"{kind:<6} {budget:>7} {f['dense']:>9,} {f['scoring']:>9,} {f['step']:>9,} {f['chunks']:>7} "
-            f"{f['time']:>10.1f}"
-        )
+    text = table()
+    print(text)
+    page = ROOT / "docs" / "strategies.md"
+    begin, end = "<!-- scoring_memory.py -->", "<!-- /scoring_memory.py -->"
+    block = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    page.write_text(block.sub(lambda _: f"{begin}\n{text}\n{end}", page.read_text()))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class TraDyCallback(TrainerCallback):
 
 
 def _scoring_batches(dataloader, config, period: int):
-    """The batches the Det-RGN oracles score period ``period`` on: drawn from the dataset with the
+    """The batches the Det-RGN strategies score period ``period`` on: drawn from the dataset with the
     period's own generator, so that a resumed run scores on what the uninterrupted run scored on
     (iterating the training dataloader would depend on where its sampler stands)."""
     dataset = getattr(dataloader, "dataset", None)
@@ -190,7 +190,7 @@ def next_period(
     """Start the next TraDy period in a plain PyTorch / Accelerate loop (what the callback does).
 
     Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s state
-    for re-targeted entries (see `TraDyModel.advance`). The Det-RGN oracles first score
+    for re-targeted entries (see `TraDyModel.advance`). The Det-RGN strategies first score
     channels on up to ``gradient_batches`` of ``batches`` (e.g. the training dataloader).
 
     Example:

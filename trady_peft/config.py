@@ -109,7 +109,7 @@ class TraDyConfig(PeftConfig):
     )
     gradient_batches: int = field(
         default=8,
-        metadata={"help": "Batches of full gradient the Det-RGN oracles score channels on at each selection."},
+        metadata={"help": "Batches the Det-RGN strategies score channels on (full-gradient norms) at each selection."},
     )
     medyate_alpha: float = field(
         default=0.2,
@@ -139,8 +139,8 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "Channel selection strategy: 'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
-            "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient: "
-            "an oracle that needs memory the budget does not allow), 'medyate' (top-K layers with K from the "
+            "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
+            "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
             f"{tuple(STRATEGIES)}. All but the random ones need memory_budget."
         },
