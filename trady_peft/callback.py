@@ -74,7 +74,13 @@ class TraDyCallback(TrainerCallback):
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it (the checkpoint carried the selection).
                 batches = _scoring_batches(dataloader, tuner.peft_config[name], target)
-                tuner.next_period(target, None if restoring else optimizer, batches=batches, adapter_name=name)
+                tuner.next_period(
+                    target,
+                    None if restoring else optimizer,
+                    batches=batches,
+                    adapter_name=name,
+                    root=_scoring_root(model),
+                )
                 if tuner.phase(name) is Phase.DRAWN:  # else drawn at the first training forward (the probe)
                     logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
             if optimizer is not None:
@@ -180,6 +186,12 @@ class PeriodWatchdog(TrainerCallback):
                 self.warned = True
 
 
+def _scoring_root(model: nn.Module) -> nn.Module | None:
+    """What Det-RGN's scoring runs the batches through: under FSDP2 the model given (its root's forward
+    gathers the root's own parameters), else the wrapped model (a DDP wrapper would wait for gradients)."""
+    return model if fsdp_managed(model) else None
+
+
 def next_period(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -206,8 +218,7 @@ def next_period(
         The new period index.
     """
     tuner = find_tuner(model)
-    root = model if fsdp_managed(model) else None  # FSDP2: scoring runs the root, which gathers its parameters
-    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter, root=root)
+    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter, root=_scoring_root(model))
     for name in [adapter] if adapter else tuner.active_adapters:
         logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
     return new_period

@@ -99,8 +99,8 @@ def gradient_norms(
     model runs forward and backward on every batch with a `trady_peft.core.autograd.ChannelProbe`
     on the chunk's layers: each keeps ``x[:, chunk channels]`` and sums its channels' weight-slice
     gradients into an accumulator ``[k, *slice_shape]``. So a scoring pass costs
-    ``len(chunks) * len(batches)`` forwards and backwards, and holds at any time what a training step
-    holds for its frozen layers plus the chunk's inputs and accumulators.
+    ``len(chunks) * len(batches)`` forwards and backwards, and holds at any time what the frozen
+    path saves for backward plus the chunk's inputs and accumulators.
 
     Every chunk sees the same random streams (dropout masks) and the same batch-norm running
     statistics, those of the first, which are left as one pass over ``batches`` leaves them. The
