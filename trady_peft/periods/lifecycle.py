@@ -422,7 +422,7 @@ class Periods:
             norms = {}
             for name in names:
                 layers = {n: m for n, m in self.candidate_layers(name) if n not in norms}
-                chunks = self._scoring_chunks(name, layers, batches)
+                chunks = self._scoring_chunks(name, layers, batches, root)
                 bank = self.host.trady_bank.parameters()
                 norms.update(gradient_norms(self.host.model, layers, batches, chunks, bank, root) if layers else {})
         for name in names:
@@ -434,7 +434,9 @@ class Periods:
                 self.draw_if_ready(name)
         return norms
 
-    def _scoring_chunks(self, name: str, layers: dict[str, TraDyLayer], batches: list) -> list[dict[str, range]]:
+    def _scoring_chunks(
+        self, name: str, layers: dict[str, TraDyLayer], batches: list, root: nn.Module | None
+    ) -> list[dict[str, range]]:
         """The channels of ``layers`` in chunks that hold no more than adapter ``name``'s draws may."""
         config = self.host.peft_config[name]
         if config.budget is None:
@@ -442,7 +444,7 @@ class Periods:
                 {n: (m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers.items()}
             )
         if any(n not in self.states[name].costs for n in layers) and batches:
-            self.prices.probe(batches[0])  # the prices, which a draw needs anyway
+            self.prices.probe(batches[0], root)  # the prices, which a draw needs anyway
         limits = draw_limits(
             config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
         )
