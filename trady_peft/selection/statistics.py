@@ -115,7 +115,7 @@ def gradient_norms(
     frozen = [p for p in other_parameters if p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [(p, p.grad) for p in trainable]
-    devices = sorted({str(m.base_layer.weight.device) for m in layers.values()} - {"cpu"})
+    devices = sorted({str(d) for d in (m.base_layer.weight.device for m in layers.values()) if d.type == "cuda"})
     running = _running_statistics(model)
     for p in trainable:
         p.grad = None

@@ -119,8 +119,8 @@ STRATEGIES: dict[str, Strategy] = {
 DYNAMIC_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.redraws)
 #: Strategies that draw inside a layer ranking (the importance table when none is given).
 TOP_K_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.layers != "all")
-#: Strategies that score channels with the full gradient of every candidate base weight (Det-RGN).
-ORACLE_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
+#: Strategies that score channels by the full-gradient norm of every candidate channel (Det-RGN).
+SCORING_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
 
 
 def get_strategy(name: str) -> Strategy:
