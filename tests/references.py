@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -193,35 +194,61 @@ def dense_gradient_norms(model, batches) -> dict[str, torch.Tensor]:
             p.grad = None
 
 
+class _Packed:
+    """A saved tensor as `SavedBytesPeak` packs it: released when autograd frees the saved tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class SavedBytesPeak:
-    """What autograd keeps, counted independently of the library: the distinct storages packed
-    (``saved_tensors_hooks``) during each grad-enabled forward of ``root`` (a forward pre-hook
-    starts a new pass, counted in ``passes``; a backward frees the pass before the next forward),
-    those of ``resident`` tensors (parameters, buffers) left out. ``peak`` is the largest pass
-    total plus ``extra()`` taken at the start of that pass (e.g. accumulators held meanwhile)."""
+    """What autograd keeps, counted independently of the library: the bytes of the distinct storages
+    that saved tensors (``saved_tensors_hooks``) hold alive at any moment, those of ``resident``
+    tensors (parameters, buffers) left out. ``peak`` is the largest such total plus ``extra()`` (e.g.
+    accumulators held meanwhile), taken at the start of each grad-enabled forward of ``root`` (a
+    forward pre-hook, which also counts ``passes``)."""
 
     def __init__(self, root: nn.Module, resident=(), extra=lambda: 0):
         self.root, self.extra = root, extra
         self.resident = {t.untyped_storage().data_ptr() for t in resident}
         self.peak, self.passes = 0, 0
-        self._pass: dict[int, int] = {}
-        self._extra = 0
+        self._live, self._extra = 0, 0
+        self._holders: dict[int, int] = {}  # storage -> saved tensors alive on it
+        self._sizes: dict[int, int] = {}
 
     def _start(self, *_):
         if torch.is_grad_enabled():  # not a probe's shape-only forward
-            self._pass, self._extra = {}, self.extra()
+            self._extra = self.extra()
             self.passes += 1
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.resident:
-            self._pass[storage.data_ptr()] = storage.nbytes()
-            self.peak = max(self.peak, sum(self._pass.values()) + self._extra)
-        return t
+    def _pack(self, t: torch.Tensor):
+        key = t.untyped_storage().data_ptr()
+        if key in self.resident:
+            return t
+        self._holders[key] = self._holders.get(key, 0) + 1
+        if self._holders[key] == 1:
+            self._sizes[key] = t.untyped_storage().nbytes()
+            self._live += self._sizes[key]
+            self.peak = max(self.peak, self._live + self._extra)
+        packed = _Packed(t)
+        weakref.finalize(packed, self._release, key)
+        return packed
+
+    def _release(self, key: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self._live -= self._sizes.pop(key)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
 
     def __enter__(self) -> SavedBytesPeak:
         self._handle = self.root.register_forward_pre_hook(self._start)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
