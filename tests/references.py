@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -163,3 +164,94 @@ def measured_footprint(model, batch, optimizer) -> tuple[int, int]:
 def folded_adapter(model) -> dict:
     """Each TraDy layer's folded ``(indices, values)`` of the default adapter, to compare two runs."""
     return {name: layer.fold("default") for name, layer in model.base_model.trady_layers("default")}
+
+
+# ------------------------------------------------------------- Det-RGN scores, densely
+def dense_gradient_norms(model, batches) -> dict[str, torch.Tensor]:
+    """Det-RGN's scores the dense way: every TraDy layer's base weight made trainable, its ``.grad``
+    summed over ``batches`` (model inputs with labels), each channel's slice (`channel_slices`)
+    normed in float64. The gradients of every parameter are dropped afterwards."""
+    tuner = model.base_model
+    layers = dict(tuner.trady_layers("default"))
+    for layer in layers.values():
+        layer.base_layer.weight.requires_grad_(True)
+    try:
+        for batch in batches:
+            tuner.model(**batch)["loss"].backward()
+        return {
+            name: channel_slices(
+                layer.base_layer, layer.base_layer.weight.grad, torch.arange(layer.geometry.in_channels)
+            )
+            .double()
+            .flatten(1)
+            .norm(dim=1)
+            for name, layer in layers.items()
+        }
+    finally:
+        for layer in layers.values():
+            layer.base_layer.weight.requires_grad_(False)
+        for p in [*model.parameters(), *(w.base_layer.weight for w in layers.values())]:
+            p.grad = None
+
+
+class _Packed:
+    """A saved tensor as `SavedBytesPeak` packs it: released when autograd frees the saved tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class SavedBytesPeak:
+    """What autograd keeps, counted independently of the library: the bytes of the distinct storages
+    that saved tensors (``saved_tensors_hooks``) hold alive at any moment, those of ``resident``
+    tensors (parameters, buffers) left out. ``peak`` is the largest such total plus ``extra()`` (e.g.
+    accumulators held meanwhile), taken at the start of each grad-enabled forward of ``root`` (a
+    forward pre-hook, which also counts ``passes``)."""
+
+    def __init__(self, root: nn.Module, resident=(), extra=lambda: 0):
+        self.root, self.extra = root, extra
+        self.resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.peak, self.passes = 0, 0
+        self._live, self._extra = 0, 0
+        self._holders: dict[int, int] = {}  # storage -> saved tensors alive on it
+        self._sizes: dict[int, int] = {}
+
+    def _start(self, *_):
+        if torch.is_grad_enabled():  # not a probe's shape-only forward
+            self._extra = self.extra()
+            self.passes += 1
+
+    def _pack(self, t: torch.Tensor):
+        key = t.untyped_storage().data_ptr()
+        if key in self.resident:
+            return t
+        self._holders[key] = self._holders.get(key, 0) + 1
+        if self._holders[key] == 1:
+            self._sizes[key] = t.untyped_storage().nbytes()
+            self._live += self._sizes[key]
+            self.peak = max(self.peak, self._live + self._extra)
+        packed = _Packed(t)
+        weakref.finalize(packed, self._release, key)
+        return packed
+
+    def _release(self, key: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self._live -= self._sizes.pop(key)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    def __enter__(self) -> SavedBytesPeak:
+        self._handle = self.root.register_forward_pre_hook(self._start)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self._handle.remove()

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .compat import move_callback_first
+from .core.distributed import fsdp_managed
 from .model import find_tuner
 from .selection.draws import period_generator
 from .selection.state import Phase
@@ -73,7 +74,13 @@ class TraDyCallback(TrainerCallback):
                 # When restoring, the optimizer state just loaded belongs to the target
                 # period's layout already: keep it (the checkpoint carried the selection).
                 batches = _scoring_batches(dataloader, tuner.peft_config[name], target)
-                tuner.next_period(target, None if restoring else optimizer, batches=batches, adapter_name=name)
+                tuner.next_period(
+                    target,
+                    None if restoring else optimizer,
+                    batches=batches,
+                    adapter_name=name,
+                    root=_scoring_root(model),
+                )
                 if tuner.phase(name) is Phase.DRAWN:  # else drawn at the first training forward (the probe)
                     logger.warning("TraDy period %d (%s): %s", target, name, tuner.selection_summary(name))
             if optimizer is not None:
@@ -132,7 +139,7 @@ class TraDyCallback(TrainerCallback):
 
 
 def _scoring_batches(dataloader, config, period: int):
-    """The batches the Det-RGN oracles score period ``period`` on: drawn from the dataset with the
+    """The batches the Det-RGN strategies score period ``period`` on: drawn from the dataset with the
     period's own generator, so that a resumed run scores on what the uninterrupted run scored on
     (iterating the training dataloader would depend on where its sampler stands)."""
     dataset = getattr(dataloader, "dataset", None)
@@ -179,6 +186,12 @@ class PeriodWatchdog(TrainerCallback):
                 self.warned = True
 
 
+def _scoring_root(model: nn.Module) -> nn.Module | None:
+    """What Det-RGN's scoring runs the batches through: under FSDP2 the model given (its root's forward
+    gathers the root's own parameters), else the wrapped model (a DDP wrapper would wait for gradients)."""
+    return model if fsdp_managed(model) else None
+
+
 def next_period(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -189,7 +202,7 @@ def next_period(
     """Start the next TraDy period in a plain PyTorch / Accelerate loop (what the callback does).
 
     Folds the deltas trained so far, draws the next channels and resets ``optimizer``'s state
-    for re-targeted entries (see `TraDyModel.advance`). The Det-RGN oracles first score
+    for re-targeted entries (see `TraDyModel.advance`). The Det-RGN strategies first score
     channels on up to ``gradient_batches`` of ``batches`` (e.g. the training dataloader). Called
     with ``period=0`` before the loop, it scores their first period; without that call they score
     the first training batch, which must then carry labels (docs/strategies.md).
@@ -207,7 +220,7 @@ def next_period(
         The new period index.
     """
     tuner = find_tuner(model)
-    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter)
+    new_period = tuner.next_period(period, optimizer, batches=batches, adapter_name=adapter, root=_scoring_root(model))
     for name in [adapter] if adapter else tuner.active_adapters:
         logger.info("TraDy period %d (%s): %s", new_period, name, tuner.selection_summary(name))
     return new_period

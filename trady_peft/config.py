@@ -16,7 +16,7 @@ from .compat import ensure_peft_type
 from .memory.budget import parse_budget
 from .selection.draws import MAX_SEED, PERIOD_STRIDE
 from .selection.importance import ImportanceEntry
-from .selection.strategies import DYNAMIC_STRATEGIES, ORACLE_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
+from .selection.strategies import DYNAMIC_STRATEGIES, SCORING_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
 
 #: The method's name in peft's registry (``PeftType.TRADY``).
 NAME = "trady"
@@ -109,7 +109,7 @@ class TraDyConfig(PeftConfig):
     )
     gradient_batches: int = field(
         default=8,
-        metadata={"help": "Batches of full gradient the Det-RGN oracles score channels on at each selection."},
+        metadata={"help": "Batches the Det-RGN strategies score channels on (full-gradient norms) at each selection."},
     )
     medyate_alpha: float = field(
         default=0.2,
@@ -139,8 +139,8 @@ class TraDyConfig(PeftConfig):
         metadata={
             "help": "Channel selection strategy: 'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
-            "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient: "
-            "an oracle that needs memory the budget does not allow), 'medyate' (top-K layers with K from the "
+            "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
+            "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
             f"{tuple(STRATEGIES)}. All but the random ones need memory_budget."
         },
@@ -221,7 +221,7 @@ class TraDyConfig(PeftConfig):
             close = difflib.get_close_matches(str(self.strategy).lower(), list(STRATEGIES), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {tuple(STRATEGIES)}.")
-        if self.strategy in (*ORACLE_STRATEGIES, "medyate") and self.memory_budget is None:
+        if self.strategy in (*SCORING_STRATEGIES, "medyate") and self.memory_budget is None:
             raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
         if self.strategy not in TOP_K_STRATEGIES and (self.layer_ranking is not None or self.top_k is not None):
             warnings.warn(

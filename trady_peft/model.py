@@ -35,7 +35,6 @@ from .memory.backprop import BackpropStop
 from .memory.frozen_path import apply_memory_saving, restore
 from .periods import Periods
 from .selection.state import SelectionState
-from .selection.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -214,14 +213,6 @@ class TraDyModel(BaseTuner):
         self.trady_bank[name] = bank
         self.trady_state[name] = torch.zeros(0, dtype=torch.uint8, device=device)
         bank.weight.requires_grad_(name in self.active_adapters and not config.inference_mode)
-        strategy = get_strategy(config.strategy)
-        quantized = [f"{n} ({m.quantization})" for n, m in layers if m.quantization is not None]
-        if strategy.needs_scores and quantized:
-            raise ValueError(
-                f"strategy={config.strategy!r} scores channels with the full gradient of every base weight, which a "
-                f"quantized weight cannot have ({quantized[0]}{' and others' if len(quantized) > 1 else ''}). Use a "
-                "strategy that needs no scores on a quantized base: 'trady', 'd-full-random' or 'medyate'."
-            )
         if any(other.averages_gradients for other in self.trady_bank.values() if other is not bank):
             bank.average_gradients()  # FSDP2 was prepared for the adapters before this one
         self.periods.add_adapter(name)
@@ -266,9 +257,11 @@ class TraDyModel(BaseTuner):
                     bank.weight.data = bank.weight.data.to(device)  # same Parameter: the optimizer keeps it
 
     # ------------------------------------------------------------------------------ periods
-    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+    def next_period(
+        self, period=None, optimizer=None, batches=None, adapter_name: str | None = None, root: nn.Module | None = None
+    ) -> int:
         """Move to ``period`` (default: the next one): fold, draw, reset (`trady_peft.periods.Periods.next_period`)."""
-        return self.periods.next_period(period, optimizer, batches=batches, adapter_name=adapter_name)
+        return self.periods.next_period(period, optimizer, batches=batches, adapter_name=adapter_name, root=root)
 
     def advance(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
         """Deprecated name of `next_period`."""
@@ -288,9 +281,11 @@ class TraDyModel(BaseTuner):
         """Check that ``optimizer`` trains the adapter's bank and reset its state at every redraw."""
         self.periods.attach_optimizer(optimizer, adapter_name)
 
-    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
+    def score_channels(
+        self, batches, adapter_name: str | None = None, period: int | None = None, root: nn.Module | None = None
+    ) -> dict:
         """Det-RGN's channel scores on ``batches`` (`trady_peft.periods.Periods.score_channels`)."""
-        return self.periods.score_channels(batches, adapter_name, period)
+        return self.periods.score_channels(batches, adapter_name, period, root)
 
     @property
     def selection_states(self) -> dict[str, SelectionState]:

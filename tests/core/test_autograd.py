@@ -1,6 +1,6 @@
-"""The custom autograd functions: `SparseChannelDelta` and `FrozenConv` against a dense stock-torch
-reference (property tests), and what a sparse layer keeps for backward (only its selected input
-channels; LoRA on the same layer keeps the whole input).
+"""The custom autograd functions: `SparseChannelDelta`, `FrozenConv` and `ChannelGradientProbe`
+against a dense stock-torch reference (property tests), and what a sparse layer keeps for backward
+(only its selected input channels; LoRA on the same layer keeps the whole input).
 
 Over random layer shapes, groups, kernel sizes, strides, paddings (incl. padding modes and
 ``"same"``), dilations, channel selections and dtypes, the output, the input gradient and the
@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 import trady_peft
 from tests.references import PROPERTY_MODES, PROPERTY_SETTINGS, assert_bounded, dense_from_slices, seeded_randn
 from tests.tiny_models import Holder
-from trady_peft.core.autograd import FrozenConv, SparseChannelDelta
+from trady_peft.core.autograd import ChannelProbe, FrozenConv, SparseChannelDelta
 from trady_peft.core.geometry import ChannelGeometry
 
 
@@ -144,6 +144,38 @@ def test_sparse_channel_delta_matches_dense_reference(case):
     assert_bounded(x.grad, gx_ref, gx_bound, tol, "input gradient")
     if k:
         assert_bounded(delta.grad, gd_ref, gd_bound, tol, "delta gradient")
+
+
+@PROPERTY_SETTINGS
+@given(cases())
+def test_channel_probe_adds_nothing_and_sums_the_dense_weight_gradient_of_its_channels(case):
+    module, x_shape, geometry, idx, _, mode, seed = case
+    idx = idx or [0]
+    dtype, autocast, tol = PROPERTY_MODES[mode]
+    delta_dtype = torch.promote_types(torch.float32, dtype)  # the accumulator's, as TraDyLayer.delta_dtype
+    k, ref = len(idx), _reference_module(module)
+    x = seeded_randn(x_shape, seed, dtype)
+    empty = torch.zeros(0, *geometry.slice_shape, dtype=torch.float64)
+    shape = _reference(module, ref, x.double(), idx, empty.new_zeros(k, *geometry.slice_shape), [], empty).shape
+    output = seeded_randn(shape, seed + 1, autocast or dtype)  # stands in for the layer's output
+    anchor = torch.zeros((), requires_grad=True)
+    probe = ChannelProbe(torch.tensor(idx), torch.zeros(k, *geometry.slice_shape, dtype=delta_dtype), anchor)
+    upstream = [seeded_randn(shape, seed + 2 + i, autocast or dtype) for i in range(2)]
+    for grad in upstream:  # two backwards: the accumulator sums them, as a dense .grad does
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = probe(x, output, geometry)
+        assert out.dtype == output.dtype and torch.equal(out, output)
+        (out * grad).sum().backward()
+    assert probe.backwards == 2 and probe.accumulator.dtype == delta_dtype
+
+    results = []
+    for absolute in (False, True):  # the dense weight gradient of the channels, then its bound
+        f = torch.abs if absolute else (lambda t: t)
+        slices = empty.new_zeros(k, *geometry.slice_shape).requires_grad_(True)
+        for grad in upstream:
+            (_reference(module, ref, f(x.double()), idx, slices, [], empty) * f(grad.double())).sum().backward()
+        results.append(slices.grad)
+    assert_bounded(probe.accumulator, results[0], results[1], tol, "weight-slice gradient")
 
 
 @PROPERTY_SETTINGS

@@ -4,11 +4,15 @@
   channels trained this period, and the accumulated deltas of channels trained earlier). For the
   weight gradient it keeps ``x[:, idx]`` and nothing else of the input ``x``: that is where
   TraDy's activation memory saving comes from. The input gradient is exact.
+* `ChannelGradientProbe` adds nothing to a layer's output; its backward adds the gradient that
+  the weight slices of a few input channels would get (``dL/dW[:, c]``) into an accumulator, from
+  ``x[:, channels]`` (all it keeps) and the output gradient. Channel scoring
+  (`trady_peft.selection.statistics.gradient_norms`) runs it on frozen base weights.
 * `FrozenConv` is a convolution whose weight is frozen. PyTorch's own convolution keeps
   its input for the backward pass even when no weight gradient is needed
   (pytorch/pytorch#133566); this one keeps only the (resident) weight.
 
-Mixed precision: under ``torch.autocast`` both compute in the dtype autocast gives a
+Mixed precision: under ``torch.autocast`` all three compute in the dtype autocast gives a
 convolution or matmul (`compute_dtype`), with autocast switched off inside and every
 operand cast explicitly, in forward and in backward. So the saved ``x[idx]`` is kept in that
 (narrow) dtype, the input gradient comes back in the input's dtype and the delta gradient in the
@@ -106,6 +110,64 @@ class SparseChannelDelta(torch.autograd.Function):
             if ctx.needs_input_grad[1] and idx.numel():
                 grad_delta = geometry.slice_grad(grad_out, x_sel, delta.to(dtype), idx).to(delta.dtype)
         return grad_x, grad_delta, None, None, None, None
+
+
+class ChannelGradientProbe(torch.autograd.Function):
+    """``y = 0`` (shaped like the layer's output), whose backward adds ``dL/dW`` of the weight slices
+    of ``channels`` into ``probe.accumulator``, with only ``x[:, channels]`` saved.
+
+    Adding ``y`` to the layer's output changes nothing, and the output gradient reaches the backward
+    unchanged: the slices' gradient is `ChannelGeometry.slice_grad` of that gradient and the
+    selected inputs, as for a trained delta (`SparseChannelDelta`) at zero. Successive backwards sum
+    into the accumulator, as a dense ``.grad`` does. ``anchor`` (a scalar leaf that requires grad)
+    makes the output require grad when nothing before the layer does.
+
+    Args (of ``apply``):
+        x: layer input.
+        anchor: scalar leaf with ``requires_grad=True``; it gets a zero gradient.
+        probe: the `ChannelProbe` (its ``channels``, ``accumulator`` ``[k, *slice_shape]``, and the
+            count of backwards that reached it).
+        geometry: the layer's `trady_peft.core.geometry.ChannelGeometry`.
+        out_shape, out_dtype: the layer output's shape and dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, probe, geometry: ChannelGeometry, out_shape, out_dtype):
+        dim = geometry.channel_dim % x.dim()
+        dtype = compute_dtype(x)
+        with _no_autocast(x.device.type):
+            x_sel = _gather(x, dim, probe.channels).to(dtype)
+        ctx.geometry, ctx.dtype, ctx.probe = geometry, dtype, probe
+        ctx.save_for_backward(x_sel)
+        return x.new_zeros((), dtype=out_dtype).expand(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x_sel,) = ctx.saved_tensors
+        probe, dtype = ctx.probe, ctx.dtype
+        accumulator = probe.accumulator
+        with _no_autocast(grad_out.device.type):
+            # Only the shape of the slices matters to the weight gradient: a zero-stride stand-in.
+            shape_of_slices = x_sel.new_zeros(()).expand(accumulator.shape)
+            grad = ctx.geometry.slice_grad(grad_out.to(dtype), x_sel, shape_of_slices, probe.channels)
+            accumulator += grad.reshape(accumulator.shape).to(accumulator.dtype)
+        probe.backwards += 1
+        return None, torch.zeros_like(probe.anchor), None, None, None, None
+
+
+class ChannelProbe:
+    """What channel scoring asks of one TraDy layer: the gradient of the weight slices of
+    ``channels``, summed into ``accumulator`` (``[k, *slice_shape]``, zero to start) by every
+    backward (`ChannelGradientProbe`). ``anchor`` is the scalar leaf shared by a scoring pass's
+    probes; ``backwards`` counts the backwards that reached this one."""
+
+    def __init__(self, channels: torch.Tensor, accumulator: torch.Tensor, anchor: torch.Tensor):
+        self.channels, self.accumulator, self.anchor = channels, accumulator, anchor
+        self.backwards = 0
+
+    def __call__(self, x: torch.Tensor, output: torch.Tensor, geometry: ChannelGeometry) -> torch.Tensor:
+        """``output`` plus the probe's zero: the layer's output, unchanged, seen by the probe's backward."""
+        return output + ChannelGradientProbe.apply(x, self.anchor, self, geometry, output.shape, output.dtype)
 
 
 class FrozenConv(torch.autograd.Function):

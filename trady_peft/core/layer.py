@@ -14,6 +14,9 @@ For each adapter a `TraDyLayer` holds
 
 Forward: ``base(x) + delta(x[idx]) + acc(x[acc_idx])``. The delta path keeps ``x[idx]`` for the
 backward pass and nothing else of ``x``; a convolution's frozen base path keeps no input at all.
+While channels are scored (`trady_peft.selection.statistics.gradient_norms`), a layer's
+``channel_probe`` (a `trady_peft.core.autograd.ChannelProbe`) adds nothing to the output and
+collects the gradient of a few channels' weight slices.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 
 from ..compat import BufferDict
 from ..files.format import check_layer_state
-from .autograd import SparseChannelDelta, frozen_conv
+from .autograd import ChannelProbe, SparseChannelDelta, frozen_conv
 from .bank import keeping_precision
 from .geometry import ChannelGeometry
 from .quantized import (
@@ -109,6 +112,8 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("trady_delta",)
     other_param_names = ("trady_idx", "trady_indices", "trady_values")
+    #: set only while channels are scored: the probe that collects weight-slice gradients
+    channel_probe: ChannelProbe | None = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         super().__init__()
@@ -296,6 +301,11 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         return self.base_layer(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self._adapted_forward(x, *args, **kwargs)
+        probe = self.channel_probe
+        return result if probe is None else probe(x, result, self.geometry)
+
+    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # A conv's `static_padding` module (EfficientNet ports) is part of its geometry: both paths
         # below pad inside their autograd functions, so only the unpadded input is ever kept.
         if self.disable_adapters:

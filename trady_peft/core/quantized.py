@@ -12,7 +12,7 @@ trains, with ``Δ`` kept in fp32 in the adapter's bank. So a layer quantized by
 
 is wrapped like any ``nn.Linear``; only what reads the weight itself needs this module:
 
-* `dequantize` gives the dense fp32 ``[out, in]`` weight (merging, the Det-RGN oracle refuses);
+* `dequantize` gives the dense fp32 ``[out, in]`` weight (merging);
 * `requantize` stores a new dense weight in the layer's own format (merging);
 * `weight_snapshot` / `restore_weight` keep and put back the quantized weight exactly (unmerging);
 * `FrozenQuantizedLinear` runs a torchao layer keeping nothing for backward (torchao's own

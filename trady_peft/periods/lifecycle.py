@@ -34,7 +34,7 @@ from ..memory.measure import MissingLossError, forward_batch
 from ..selection.draws import Candidate
 from ..selection.importance import builtin_entry, family_of
 from ..selection.state import Phase, SelectionState
-from ..selection.statistics import ChannelNormStatistics, full_gradient_norms
+from ..selection.statistics import ChannelNormStatistics, gradient_norms, per_layer_chunks, scoring_chunks
 from ..selection.strategies import alpha_top_k, get_strategy
 from .prices import Prices, check_budget, covering_message
 from .steps import StepWatch
@@ -225,11 +225,13 @@ class Periods:
         needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budget is not None else []
         return state.phase(needs_costs, get_strategy(config.strategy).scores_due(state.period, state.scored_period))
 
-    def next_period(self, period=None, optimizer=None, batches=None, adapter_name: str | None = None) -> int:
+    def next_period(
+        self, period=None, optimizer=None, batches=None, adapter_name: str | None = None, root: nn.Module | None = None
+    ) -> int:
         """Move to ``period`` (default: the next one); the one way TraDy's periods change.
 
         1. fold the deltas trained so far into each layer's accumulated store;
-        2. for the Det-RGN oracles, score channels on up to ``gradient_batches`` of ``batches``;
+        2. for the Det-RGN strategies, score channels on up to ``gradient_batches`` of ``batches``;
         3. draw the period's channels (a pure function of the selection state) and install them;
         4. zero the bank in place (same parameter object, so the optimizer keeps tracking it) and
            reset ``optimizer``'s state for the entries whose channel changed, so that they train
@@ -240,6 +242,7 @@ class Periods:
             optimizer: the optimizer training the adapter (it must hold the bank).
             batches: training batches, for the strategies that score channels.
             adapter_name: the adapter (default: every active adapter).
+            root: the module scoring runs the batches through (`score_channels`).
 
         Returns:
             The new period index.
@@ -268,7 +271,7 @@ class Periods:
                     raise ValueError(
                         f"strategy={config.strategy!r} scores channels on data: pass batches=train_loader."
                     )
-                self.score_channels(itertools.islice(batches, config.gradient_batches), name, new_period)
+                self.score_channels(itertools.islice(batches, config.gradient_batches), name, new_period, root)
             if config.inference_mode:
                 state.period = new_period
                 continue
@@ -321,7 +324,7 @@ class Periods:
     def draw_if_ready(self, name: str, optimizer=None) -> None:
         """Draw and install adapter ``name``'s channels once its prices (and scores) are known."""
         if self.phase(name) is not Phase.READY:
-            return  # drawn once the probe (and, for the oracles, the scoring) has run
+            return  # drawn once the probe (and, for Det-RGN, the scoring) has run
         if self.host.trady_bank[name].weight.device.type == "meta":
             return  # low_cpu_mem_usage: drawn once a load made the bank real (`bank_replaced`)
         state, config = self.states[name], self.host.peft_config[name]
@@ -420,25 +423,34 @@ class Periods:
         self._optimizer = weakref.ref(optimizer)
 
     # ------------------------------------------------------------------ gradient statistics
-    def score_channels(self, batches, adapter_name: str | None = None, period: int | None = None) -> dict:
-        """Det-RGN oracle: the full-gradient norm of every input channel of the candidate layers.
+    def score_channels(
+        self, batches, adapter_name: str | None = None, period: int | None = None, root: nn.Module | None = None
+    ) -> dict:
+        """Det-RGN's scores: the full-gradient norm of every input channel of the candidate layers.
 
-        Runs forward and backward on ``batches`` (dicts of model inputs with labels, or tensors)
-        with the candidate layers' dense base weights temporarily trainable, and stores
-        ``||dL/dW[:, c]||_2`` for the draw of ``period`` (default: the adapter's next draw). This
-        needs the dense gradients the budget is meant to avoid: it is the paper's upper-bound
-        baseline, not something to deploy. Returns the norms per layer.
+        Stores ``||dL/dW[:, c]||_2``, the gradient summed over ``batches`` (dicts of model inputs
+        with labels, or tensors), for the draw of ``period`` (default: the adapter's next draw),
+        without forming a dense weight gradient (`trady_peft.selection.statistics.gradient_norms`):
+        the channels are scored in chunks that each hold no more than a draw may (`scoring_chunks`),
+        one forward and backward per chunk and batch. ``root``: the module to run the batches
+        through (default: the wrapped model); under FSDP2, the ``fully_shard``-ed ``PeftModel``.
+        Returns the norms per layer.
         """
         names = [adapter_name] if adapter_name else list(self.host.active_adapters)
         device = self.host.trady_bank[names[0]].weight.device
-        layers = {n: m for name in names for n, m in self.candidate_layers(name)}
         # Scoring must not move the training's random streams (data order, dropout): a resumed
         # run, which does not rescore, would otherwise diverge from the uninterrupted one.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             batches = [send_to_device(b, device) for b in batches]  # dicts, BatchEncoding, tuples
             self._scoring = True  # its forwards are not training forwards (`score_first_batch`)
             try:
-                norms = full_gradient_norms(self.host.model, layers, batches, self.host.trady_bank.parameters())
+                norms = {}
+                for name in names:
+                    layers = {n: m for n, m in self.candidate_layers(name) if n not in norms}
+                    chunks = self._scoring_chunks(name, layers, batches, root)
+                    bank = self.host.trady_bank.parameters()
+                    if layers:
+                        norms.update(gradient_norms(self.host.model, layers, batches, chunks, bank, root))
             finally:
                 self._scoring = False
         for name in names:
@@ -452,7 +464,7 @@ class Periods:
 
     def score_first_batch(self, args: tuple, kwargs: dict) -> None:
         """Score, on this forward's inputs, the active adapters whose strategy needs channel scores
-        before it can draw (the Det-RGN oracles in a loop that did not score them), so that their
+        before it can draw (the Det-RGN strategies in a loop that did not score them), so that their
         first training batch trains. Called by the tuner before each outermost grad-enabled forward,
         after the probe (`trady_peft.periods.prices.Prices.before_forward`).
 
@@ -485,6 +497,22 @@ class Periods:
                     f"batches=train_loader)) scores on gradient_batches={config.gradient_batches} batches that "
                     "carry labels; or pass the labels to the model so that it returns a loss."
                 ) from error
+
+    def _scoring_chunks(
+        self, name: str, layers: dict[str, TraDyLayer], batches: list, root: nn.Module | None
+    ) -> list[dict[str, range]]:
+        """The channels of ``layers`` in chunks that hold no more than adapter ``name``'s draws may."""
+        config = self.host.peft_config[name]
+        if config.budget is None:
+            return per_layer_chunks(
+                {n: (m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers.items()}
+            )
+        if any(n not in self.states[name].costs for n in layers) and batches:
+            self.prices.probe(batches[0], root)  # the prices, which a draw needs anyway
+        limits = draw_limits(
+            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
+        )
+        return scoring_chunks([p for p in self.prices.priced_layers(name) if p.name in layers], limits)
 
     # ------------------------------------------------------------------------------ summary
     def selection_summary(self, adapter_name: str = "default") -> dict:

@@ -48,14 +48,15 @@ class Prices:
             priced.append(PricedLayer(n, m.geometry.in_channels, price if len(price) > 1 else price[0]))
         return priced
 
-    def probe(self, example_inputs) -> None:
+    def probe(self, example_inputs, root=None) -> None:
         """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
         (or redraw) the adapters whose prices changed.
 
         Runs automatically on the first grad-enabled forward and whenever a grad-enabled forward
         has a larger input than any seen before (a longer sequence, a bigger batch), so that the
         byte budget stays a bound. Call it with your largest batch to price for it from the start
-        (in a distributed run, on every process: it is a collective call).
+        (in a distributed run, on every process: it is a collective call). ``root``: the module to
+        run (default: the wrapped model), e.g. the ``fully_shard``-ed ``PeftModel`` of FSDP2.
         """
         self.probing = True
         layers = self.periods.host.trady_layers()
@@ -65,7 +66,7 @@ class Prices:
             # Shapes only: no dropout draw, no batch-norm statistics, no trace in the random streams.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.periods.host.model.eval()
-                shapes = probe_input_shapes(self.periods.host.model, example_inputs, layers)
+                shapes = probe_input_shapes(root or self.periods.host.model, example_inputs, layers)
         finally:
             for m, training in modes.items():
                 m.training = training

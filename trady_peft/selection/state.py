@@ -4,7 +4,7 @@ An adapter's channels for period ``e`` are a pure function of its `SelectionStat
 seed and strategy (in the config), the period, the measured per-channel prices, and the
 strategy's statistics (Det-RGN scores, MeDyate norms). The state moves through
 
-``waiting for shapes`` (a budget needs the probe's prices) -> ``waiting for scores`` (an oracle
+``waiting for shapes`` (a budget needs the probe's prices) -> ``waiting for scores`` (Det-RGN
 needs full-gradient scores for this period) -> ``ready`` -> ``drawn`` (channels installed).
 
 `SelectionState.to_tensor` turns the state into a small ``uint8`` tensor (UTF-8 JSON) that

@@ -1,8 +1,9 @@
 """Gradient statistics the gradient-informed strategies draw from.
 
 * `channel_norms` -- the L2 norm of each channel's slice of a gradient, in float64.
-* `full_gradient_norms` -- Det-RGN's oracle: the norm of the full weight gradient of every
-  input channel of the candidate layers (needs the dense gradients the budget avoids).
+* `gradient_norms` -- Det-RGN's scores: the norm of the full weight gradient of every input
+  channel of the candidate layers, computed chunk by chunk (`scoring_chunks`, `per_layer_chunks`)
+  without a dense weight gradient.
 * `ChannelNormStatistics` -- MeDyate's running statistics N: the last-seen gradient norm
   of every channel (MeDyate Alg. 1).
 
@@ -12,12 +13,14 @@ alike, and both serialise to plain data for checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.autograd import ChannelProbe
 from ..core.collectives import all_reduce_mean
 from ..files.codec import pack_tensor, unpack_tensor
 from ..memory.measure import call_model, required_loss
@@ -34,52 +37,145 @@ def channel_norms(slices: torch.Tensor, dtype: torch.dtype | None = torch.float6
     return (flat if dtype is None else flat.to(dtype)).norm(dim=1)
 
 
-def full_gradient_norms(
-    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any], other_parameters=()
-) -> dict[str, torch.Tensor]:
-    """``||dL/dW[:, c]||_2`` of every input channel of ``layers`` (TraDy layers), summed over ``batches``.
+def scoring_chunks(layers: Sequence[Any], limits: int | Sequence[int]) -> list[dict[str, range]]:
+    """Every channel of ``layers`` (`trady_peft.selection.draws.PricedLayer`: ``name``, ``in_channels``
+    and ``costs``), in order, split into chunks that each fit ``limits`` as a draw does: the costs
+    of a chunk's channels (`PricedLayer.costs`) sum to at most each limit
+    (`trady_peft.memory.budget.draw_limits`). A chunk maps layer names to ranges of channels; a
+    channel that alone exceeds a limit gets a chunk of its own.
 
-    The layers' dense base weights are made trainable for the duration, every other gradient is
-    set aside and restored (also those of ``other_parameters``, e.g. the adapter's bank, which
-    lives outside ``model``).
-
-    Raises:
-        TypeError: a layer's base weight is quantized (it cannot have a gradient).
+    >>> from trady_peft.selection.draws import PricedLayer
+    >>> scoring_chunks([PricedLayer("a", 3, 2), PricedLayer("b", 2, 3)], 5)
+    [{'a': range(0, 2)}, {'a': range(2, 3), 'b': range(0, 1)}, {'b': range(1, 2)}]
     """
-    quantized = [f"{n} ({m.quantization})" for n, m in layers.items() if m.quantization is not None]
-    if quantized:
-        raise TypeError(
-            "The Det-RGN strategies score channels with the full gradient of every base weight, which a quantized "
-            f"weight cannot have: {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. Use a strategy "
-            "that needs no scores on a quantized base (strategy='trady', 'd-full-random', 'medyate', ...)."
-        )
-    flags = {n: m.base_layer.weight.requires_grad for n, m in layers.items()}
-    params = [p for p in [*model.parameters(), *other_parameters] if p.requires_grad]
-    saved_grads = {id(p): (p, p.grad) for p in params}
-    for p in params:
+    limit = [float(v) for v in (limits if isinstance(limits, (tuple, list)) else (limits,))]
+    chunks: list[dict[str, range]] = [{}]
+    spent = [0.0] * len(limit)
+    for layer in layers:
+        start = 0
+        while start < layer.in_channels:
+            fit = [math.inf if c <= 0 else (room - used) // c for c, room, used in zip(layer.costs, limit, spent)]
+            take = int(min(layer.in_channels - start, max(0, min(fit))))
+            if not take:
+                if chunks[-1]:  # full: a new chunk
+                    chunks.append({})
+                    spent = [0.0] * len(limit)
+                    continue
+                take = 1  # one channel larger than a limit: alone
+            chunks[-1][layer.name] = range(start, start + take)
+            spent = [used + c * take for used, c in zip(spent, layer.costs)]
+            start += take
+    return [c for c in chunks if c]
+
+
+def per_layer_chunks(counts: Mapping[str, tuple[int, int]]) -> list[dict[str, range]]:
+    """Chunks of ``k`` channels of every layer at a time, for ``counts`` (name -> ``(in_channels, k)``):
+    what a ``channels_per_layer`` draw holds.
+
+    >>> per_layer_chunks({"a": (3, 2), "b": (2, 1)})
+    [{'a': range(0, 2), 'b': range(0, 1)}, {'a': range(2, 3), 'b': range(1, 2)}]
+    """
+    rounds = max((math.ceil(c / max(k, 1)) for c, k in counts.values()), default=0)
+    chunks = []
+    for i in range(rounds):
+        chunk = {n: range(i * k, min(c, (i + 1) * k)) for n, (c, k) in counts.items() if i * k < c}
+        chunks.append(chunk)
+    return chunks
+
+
+def gradient_norms(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    chunks: Sequence[Mapping[str, range]],
+    other_parameters=(),
+    root: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """``||dL/dW[:, c]||_2`` of every input channel of ``layers`` (TraDy layers), the gradient summed over
+    ``batches``: float64, on the CPU, averaged over the processes of a distributed run.
+
+    No dense weight gradient is formed and the base weights stay frozen. For each of ``chunks``
+    (layer name -> channel range; together they must cover every channel, see `scoring_chunks`) the
+    model runs forward and backward on every batch with a `trady_peft.core.autograd.ChannelProbe`
+    on the chunk's layers: each keeps ``x[:, chunk channels]`` and sums its channels' weight-slice
+    gradients into an accumulator ``[k, *slice_shape]``. So a scoring pass costs
+    ``len(chunks) * len(batches)`` forwards and backwards, and holds at any time what the frozen
+    path saves for backward plus the chunk's inputs and accumulators.
+
+    Every chunk sees the same random streams (dropout masks) and the same batch-norm running
+    statistics, those of the first, which are left as one pass over ``batches`` leaves them. The
+    adapter's bank (``other_parameters``: it lives outside ``model``) does not train for the
+    duration; the gradients that other trainable parameters receive are set aside and restored.
+    The batches run through ``root`` (default: ``model``), a module around ``model`` whose forward
+    must run too, e.g. the ``fully_shard``-ed ``PeftModel`` of FSDP2, which gathers its own
+    parameters (the embeddings) in its forward.
+    """
+    batches = list(batches)
+    norms = {n: torch.zeros(m.geometry.in_channels, dtype=torch.float64) for n, m in layers.items()}
+    frozen = [p for p in other_parameters if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved_grads = [(p, p.grad) for p in trainable]
+    devices = sorted({str(d) for d in (m.base_layer.weight.device for m in layers.values()) if d.type == "cuda"})
+    running = _running_statistics(model)
+    for p in trainable:
         p.grad = None
-    for m in layers.values():
-        m.base_layer.weight.requires_grad_(True)
+    for p in frozen:
+        p.requires_grad_(False)
     try:
-        for batch in batches:
-            with torch.enable_grad():
-                required_loss(call_model(model, batch), "Scoring channels").backward()
-        norms = {}
-        for n, m in layers.items():
-            grad = m.base_layer.weight.grad
-            if grad is None:
-                raise RuntimeError(f"Layer {n!r} received no gradient from the scoring batches.")
-            channels = torch.arange(m.geometry.in_channels, device=grad.device)
-            slices = m.geometry.read_slices(grad, channels)
-            norms[n] = channel_norms(slices).cpu()
+        for i, chunk in enumerate(chunks):
+            if i:
+                for buffer, value in running:
+                    buffer.copy_(value)
+            with torch.random.fork_rng(devices=devices):
+                for name, accumulator in _chunk_gradients(root or model, layers, batches, chunk).items():
+                    norms[name][chunk[name].start : chunk[name].stop] = channel_norms(accumulator).cpu()
     finally:
-        for n, m in layers.items():
-            m.base_layer.weight.grad = None
-            m.base_layer.weight.requires_grad_(flags[n])
-        for p, grad in saved_grads.values():
+        for p in frozen:
+            p.requires_grad_(True)
+        for p, grad in saved_grads:
             p.grad = grad
     all_reduce_mean(norms)
     return norms
+
+
+def _running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The running statistics a forward updates (batch norms in training mode), with a copy of each."""
+    return [
+        (b, b.clone())
+        for m in model.modules()
+        if m.training and getattr(m, "track_running_stats", False)
+        for b in m.buffers(recurse=False)
+    ]
+
+
+def _chunk_gradients(
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: list, chunk: Mapping[str, range]
+) -> dict[str, torch.Tensor]:
+    """The weight-slice gradients ``[k, *slice_shape]`` of ``chunk``'s channels, summed over ``batches``."""
+    device = next(iter(layers.values())).base_layer.weight.device
+    anchor = torch.zeros((), device=device, requires_grad=True)
+    probes = {}
+    for name, channels in chunk.items():
+        layer = layers[name]
+        weight = layer.base_layer.weight
+        accumulator = torch.zeros(
+            len(channels), *layer.geometry.slice_shape, dtype=layer.delta_dtype, device=weight.device
+        )
+        channel_index = torch.arange(channels.start, channels.stop, device=weight.device)
+        probes[name] = layer.channel_probe = ChannelProbe(channel_index, accumulator, anchor)
+    try:
+        for batch in batches:
+            with torch.enable_grad():
+                loss = required_loss(call_model(model, batch), "Scoring channels")
+                if loss.requires_grad:
+                    loss.backward()
+    finally:
+        for name in chunk:
+            del layers[name].channel_probe
+    missing = [n for n, p in probes.items() if not p.backwards]
+    if missing:
+        raise RuntimeError(f"Layer {missing[0]!r} received no gradient from the scoring batches.")
+    return {n: p.accumulator for n, p in probes.items()}
 
 
 class ChannelNormStatistics:

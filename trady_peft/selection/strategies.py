@@ -11,7 +11,7 @@ the statistics it uses (Det-RGN scores, MeDyate norms). The draws themselves are
 | ``trady`` (D-Top-K Random) | top-K of the importance ranking | uniform until the budget is full | every period |
 | ``s-top-k-random`` | top-K | uniform | once |
 | ``d-full-random`` / ``s-full-random`` (≈ PaCA) | all target layers | uniform | every period / once |
-| ``d-det-rgn`` / ``s-det-rgn`` (oracle) | all | greedy by reweighted gradient norm | every period / once |
+| ``d-det-rgn`` / ``s-det-rgn`` | all | greedy by reweighted gradient norm | every period / once |
 | ``medyate`` | ranking, K from the budget (α) | ∝ last-seen channel gradient norm | every period |
 """
 
@@ -52,7 +52,7 @@ class Strategy:
 
     @property
     def needs_scores(self) -> bool:
-        """Whether the strategy needs the full gradient of every candidate channel (an oracle)."""
+        """Whether the strategy needs the full-gradient norm of every candidate channel (Det-RGN)."""
         return self.channels == "greedy"
 
     def scores_due(self, period: int, scored_period: int | None) -> bool:
@@ -119,8 +119,8 @@ STRATEGIES: dict[str, Strategy] = {
 DYNAMIC_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.redraws)
 #: Strategies that draw inside a layer ranking (the importance table when none is given).
 TOP_K_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.layers != "all")
-#: Strategies that score channels with the full gradient of every candidate base weight (Det-RGN).
-ORACLE_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
+#: Strategies that score channels by the full-gradient norm of every candidate channel (Det-RGN).
+SCORING_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
 
 
 def get_strategy(name: str) -> Strategy:

@@ -78,3 +78,23 @@ def test_average_gradient_is_a_no_op_alone():
     with world_of_one():
         average_gradient(p)
     assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_det_rgn_scores_under_fsdp2_as_without_it():
+    config = trady_peft.TraDyConfig(memory_budget="32KiB", strategy="d-det-rgn")
+    ids = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    batches = [{"input_ids": i, "labels": i} for i in ids]
+    plain = get_peft_model(tiny_llama(), config).base_model.score_channels(batches)
+    model = get_peft_model(tiny_llama(), config)
+    with world_of_one():
+        ignored = trady_peft.fsdp_ignored_params(model)
+        for block in model.base_model.model.model.layers:
+            fully_shard(block, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, DTensor)
+        trady_peft.next_period(model, batches=batches)  # prices and scores through the FSDP root
+        sharded = model.base_model.selection_states["default"].scores
+        assert model.base_model.selection_summary()["selected_channels"] > 0
+    assert sharded.keys() == plain.keys()
+    for name, norms in plain.items():
+        torch.testing.assert_close(sharded[name], norms, rtol=1e-5, atol=1e-7)

@@ -33,6 +33,21 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
         torch.testing.assert_close(a[name][1], b[name][1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # two processes, and one
+@pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
+def test_det_rgn_scores_on_two_ranks_are_the_mean_of_each_ranks_scores(mode, tmp_path):
+    """Each rank scores its own batches (FSDP2: through the sharded root, no weight gradient); both
+    draw from the mean of the two ranks' scores, which one process computes batch set by batch set."""
+    run_two_ranks("tests.core.distributed.scoring_worker", mode, str(tmp_path))
+    run_processes("tests.core.distributed.scoring_worker", 1, "single", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"{mode}{r}.json").read_text()) for r in range(2)]
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert ranks[0] == ranks[1]
+    for name, norms in ranks[0].items():
+        mean = (torch.tensor(single["0"][name]) + torch.tensor(single["1"][name])) / 2
+        torch.testing.assert_close(torch.tensor(norms), mean, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------ FSDP2
 def run_ranks(mode: str, phase: str, out: Path) -> None:
     """Run the two ranks of tests/core/distributed/fsdp_worker.py and fail with their stderr if one fails."""
