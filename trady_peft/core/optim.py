@@ -149,6 +149,17 @@ def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tup
     return touched
 
 
+def forget_optimizer_state(optimizer, parameter: torch.Tensor) -> bool:
+    """Drop ``optimizer``'s state for ``parameter`` if it no longer matches the parameter's shape (a
+    resized bank), so that its next step starts it afresh. Returns whether state was dropped."""
+    optimizer = _unwrap(optimizer)
+    state = optimizer.state.get(parameter) if hasattr(optimizer, "state") else None
+    if not state or all(v.shape == parameter.shape for v in state.values() if isinstance(v, torch.Tensor) and v.dim()):
+        return False
+    del optimizer.state[parameter]
+    return True
+
+
 def _warn_once(cls: type, what: str) -> None:
     if cls not in _warned:
         _warned.add(cls)
