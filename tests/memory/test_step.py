@@ -227,3 +227,18 @@ def test_step_memory_survives_the_adapter_config_file(tmp_path):
     loaded = TraDyConfig.from_pretrained(tmp_path)
     assert loaded.step_memory == "48KiB" and loaded.memory_budget is None and loaded.channels_per_layer is None
     assert loaded.step_budget.amount == 48 * 1024
+
+
+def test_a_loaded_adapter_measures_its_step_again_and_trains_within_it():
+    model, optimizer, batches = build("llama")
+    batch = batches[0]()
+    measured_step(model, batch, optimizer)
+    state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    loaded, loaded_optimizer, _ = build("llama")
+    assert loaded.base_model.trady_bank["default"].weight.numel() == 0  # sized by the probe, not yet run
+    loaded.load_state_dict(state, strict=False)
+    loaded_optimizer.load_state_dict(optimizer_state)  # moments of the saved bank's size
+    step = measured_step(loaded, batch, loaded_optimizer)
+    summary = loaded.base_model.selection_summary()
+    assert step["step"] <= summary["step_memory"] and step["adapter"] <= summary["budget"]
+    assert summary["period"] == 0 and summary["selected_channels"] >= 1

@@ -114,6 +114,13 @@ class Prices:
                 if capacity is not None:
                     self.periods.resize_bank(adapter, capacity)
                 self.periods.draw_if_ready(adapter)
+            elif capacity is not None and adapter not in self.sized:  # a loaded selection, not sized here yet
+                logger.info(
+                    "TraDy: adapter %r measured its training step; period %d is redrawn to fit it.",
+                    adapter,
+                    state.period,
+                )
+                self.periods.redraw(adapter)
             elif capacity is not None or not self.fits(adapter, state.selection):
                 bound = "step_memory" if config.step_memory is not None else "memory_budget"
                 logger.warning(
