@@ -93,7 +93,8 @@ class TraDyConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Instead of a memory budget: how many input channels train in each target layer per period, "
-            "an int (count) or a float in (0, 1] (fraction). Default when no memory_budget is set: 0.1."
+            "an int (count) or a float in (0, 1] (fraction). Default when neither memory_budget nor step_memory is "
+            "set: 0.1."
         },
     )
     layer_ranking: list[str] | None = field(
@@ -155,7 +156,7 @@ class TraDyConfig(PeftConfig):
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient: "
             "an oracle that needs memory the budget does not allow), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
-            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget."
+            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget or step_memory."
         },
     )
     seed: int = field(

@@ -40,16 +40,19 @@ class StepRest:
         trainable_state: gradients and optimizer state of the trainable tensors outside the adapters'
             banks (``modules_to_save`` heads, ...), and every trainable tensor's scalar optimizer state.
         input_shapes: the shapes of the input the activations were measured on.
+        channel_indices: the indices of a selection as large as every TraDy layer's input channels
+            (int32 each; a draw's own are left out of ``weights``).
     """
 
     weights: int
     saved_activations: int
     trainable_state: int
     input_shapes: tuple = ()
+    channel_indices: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.saved_activations + self.trainable_state
+        return self.weights + self.saved_activations + self.trainable_state + self.channel_indices
 
     def share(self, step_memory: int) -> int:
         """Bytes ``step_memory`` leaves the adapter (negative when the rest alone does not fit)."""
@@ -57,8 +60,8 @@ class StepRest:
 
     def describe(self) -> str:
         return (
-            f"{self.total:,} bytes: model weights and buffers {self.weights:,}, saved activations "
-            f"{self.saved_activations:,} (input {', '.join(str(list(s)) for s in self.input_shapes) or '?'}), "
+            f"{self.total:,} bytes: model weights and buffers {self.weights + self.channel_indices:,}, saved "
+            f"activations {self.saved_activations:,} (input {', '.join(str(list(s)) for s in self.input_shapes) or '?'}), "
             f"gradients and optimizer state outside the adapter {self.trainable_state:,}"
         )
 

@@ -233,7 +233,13 @@ class Prices:
             return None
         model, banks = self.periods.host.model, [b.weight for b in self.periods.host.trady_bank.values()]
         opt = self.periods.host.peft_config[name].optimizer_state_bytes
-        return StepRest(resident_bytes(model, banks), saved, trainable_state_bytes(model, banks, opt), shapes)
+        layers = [layer for _, layer in self.periods.host.trady_layers()]
+        # A draw's channel indices (int32 buffers) are priced for the largest selection, not as drawn.
+        indices = [i for layer in layers for i in layer.trady_idx.values()]
+        weights = resident_bytes(model, [*banks, *indices])
+        reserve = 4 * sum(layer.geometry.in_channels * len(layer.trady_idx) for layer in layers)
+        trainable = trainable_state_bytes(model, banks, opt)
+        return StepRest(weights, saved, trainable, shapes, channel_indices=reserve)
 
     def _step_adapters(self) -> list[str]:
         configs = self.periods.host.peft_config
