@@ -59,10 +59,11 @@ class StepRest:
         return step_memory - self.total
 
     def describe(self) -> str:
+        shapes = ", ".join(str(list(s)) for s in self.input_shapes) or "?"
         return (
             f"{self.total:,} bytes: model weights and buffers {self.weights + self.channel_indices:,}, saved "
-            f"activations {self.saved_activations:,} (input {', '.join(str(list(s)) for s in self.input_shapes) or '?'}), "
-            f"gradients and optimizer state outside the adapter {self.trainable_state:,}"
+            f"activations {self.saved_activations:,} (input {shapes}), gradients and optimizer state outside the "
+            f"adapter {self.trainable_state:,}"
         )
 
 
