@@ -306,7 +306,7 @@ class Prices:
             f"step_memory={config.step_memory!r} ({config.step_budget.amount:,} bytes) does not hold this training "
             f"step: the rest of the step needs {rest.describe()}, which leaves the adapter {share:,} bytes, less "
             f"than one channel needs (its trainable values with gradient and optimizer state, and its saved input). "
-            f"Pass step_memory='{needed}B' ({needed / 2**30:.3g} GiB) or more, or train on smaller batches (the "
+            f"Pass step_memory='{needed}B' ({_readable(needed)}) or more, or train on smaller batches (the "
             "saved activations grow with the batch and the sequence length)."
         )
 
@@ -340,6 +340,14 @@ def check_budget(config, priced: list[PricedLayer], limits: tuple[int, ...]) -> 
             f"memory_budget={config.memory_budget!r} ({budget}) covers every candidate channel: nothing would be "
             "left out. Use a smaller budget, or full fine-tuning."
         )
+
+
+def _readable(n: int) -> str:
+    """``n`` bytes in the largest binary unit under it, e.g. '1.5 GiB'."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 2**power:
+            return f"{n / 2**power:.3g} {unit}"
+    return f"{n:,} B"
 
 
 def _input_dims(args, kwargs) -> dict:
