@@ -242,3 +242,14 @@ def test_a_loaded_adapter_measures_its_step_again_and_trains_within_it():
     summary = loaded.base_model.selection_summary()
     assert step["step"] <= summary["step_memory"] and step["adapter"] <= summary["budget"]
     assert summary["period"] == 0 and summary["selected_channels"] >= 1
+
+
+def test_an_input_no_measured_one_covers_is_measured_though_no_dimension_grew():
+    model, optimizer, _ = build("llama")
+    for batch, length in ((2, 32), (8, 8)):  # each side's largest is seen: (8, 32) is the largest of each
+        measured_step(model, tokens(batch, length, "tokens"), optimizer)
+    before = model.base_model.selection_summary()["step_rest"]
+    step = measured_step(model, tokens(4, 24, "tokens"), optimizer)  # 96 tokens: more than either
+    summary = model.base_model.selection_summary()
+    assert summary["step_rest"] > before
+    assert step["step"] <= summary["step_memory"] and step["adapter"] <= summary["budget"]

@@ -252,7 +252,7 @@ class Prices:
         if not adapters:
             return
         tree = (example_inputs.args, example_inputs.kwargs) if isinstance(example_inputs, _Call) else example_inputs
-        shapes = tuple(tuple(t.shape) for t in tensor_leaves(tree))
+        shapes = measured_on = tuple(tuple(t.shape) for t in tensor_leaves(tree))
         candidates = {id(m): m for n in adapters for _, m in self.periods.candidate_layers(n)}
         self.probing = True  # the measuring forward is not a training forward
         try:
@@ -269,18 +269,13 @@ class Prices:
         for name in adapters:
             self.step_capacity(name, costs, self.rest(name, saved, shapes))  # raises if it does not fit
         self._saved_activations, self._rest_shapes = saved, shapes
-        self._rest_inputs.append(tuple(tuple(t.shape) for t in tensor_leaves(tree)))
+        self._rest_inputs = [seen for seen in self._rest_inputs if not _covers(measured_on, seen)] + [measured_on]
 
     def _uncovered(self, shapes: list) -> bool:
-        """Whether a step_memory adapter meets an input no measured input covers (each tensor at most as
-        large in every dimension)."""
+        """Whether a step_memory adapter meets an input no measured input covers."""
         if not self._step_adapters():
             return False
-        return not any(
-            len(seen) == len(shapes)
-            and all(len(a) == len(b) and all(x <= y for x, y in zip(a, b)) for a, b in zip(shapes, seen))
-            for seen in self._rest_inputs
-        )
+        return not any(_covers(seen, shapes) for seen in self._rest_inputs)
 
     def step_capacity(self, name: str, costs: dict | None = None, rest: StepRest | None = None) -> int:
         """The bank capacity (trainable values) adapter ``name``'s share of step_memory allows: its
@@ -292,6 +287,8 @@ class Prices:
         per_value = bytes_per_trained_value(config.optimizer_state_bytes)
         share = rest.share(config.step_budget.amount)
         layers = [(costs[n], m.geometry.in_channels) for n, m in self.periods.candidate_layers(name) if n in costs]
+        if not layers:
+            return 0  # the probe reached no candidate layer: `_set_prices` says so
         total = sum(c.weights * k for c, k in layers)
         capacity = min(total, max(0, math.floor(share * config.bank_share)) // per_value)
         if any(c.weights <= capacity and c.saved_bytes <= share - capacity * per_value for c, _ in layers):
@@ -340,6 +337,13 @@ def check_budget(config, priced: list[PricedLayer], limits: tuple[int, ...]) -> 
             f"memory_budget={config.memory_budget!r} ({budget}) covers every candidate channel: nothing would be "
             "left out. Use a smaller budget, or full fine-tuning."
         )
+
+
+def _covers(seen, shapes) -> bool:
+    """Whether the input tensor shapes ``seen`` are each at least as large as ``shapes`` in every dimension."""
+    return len(seen) == len(shapes) and all(
+        len(a) == len(b) and all(x <= y for x, y in zip(a, b)) for a, b in zip(shapes, seen)
+    )
 
 
 def _readable(n: int) -> str:
