@@ -253,3 +253,17 @@ def test_an_input_no_measured_one_covers_is_measured_though_no_dimension_grew():
     summary = model.base_model.selection_summary()
     assert summary["step_rest"] > before
     assert step["step"] <= summary["step_memory"] and step["adapter"] <= summary["budget"]
+
+
+def test_measuring_the_rest_leaves_no_trace_in_batch_norm_statistics_or_random_streams():
+    from trady_peft.memory.step import measure_saved_activations
+
+    model = get_peft_model(tiny_cnn(), TraDyConfig(channels_per_layer=2, memory_saving_frozen_path=False)).train()
+    norm, batch = model.base_model.model.bn1, images(4)
+    mean, count, rng = norm.running_mean.clone(), int(norm.num_batches_tracked), torch.get_rng_state()
+    saved = measure_saved_activations(model, batch, [m for _, m in model.base_model.trady_layers()])
+    assert saved > 0  # the batch norms of this model keep their inputs (no memory-saving twins)
+    assert torch.equal(norm.running_mean, mean) and int(norm.num_batches_tracked) == count
+    assert torch.equal(torch.get_rng_state(), rng)
+    model(**batch)  # a real forward does move them: the test would see a trace
+    assert not torch.equal(norm.running_mean, mean)
