@@ -135,10 +135,9 @@ class TraDyConfig(PeftConfig):
         default=0.5,
         metadata={
             "help": "Byte budgets only (memory_budget in bytes, or the adapter's share of step_memory): the share "
-            "given to the trainable bank (parameter, "
-            "gradient and optimizer state of the selected channels' weights, a fixed cost for the whole run); the "
-            "rest bounds the saved inputs of the selected channels. The per-period summary suggests a better share "
-            "when one part stays unused."
+            "given to the trainable bank (parameter, gradient and optimizer state of the selected channels' weights, "
+            "a fixed cost for the whole run); the rest bounds the saved inputs of the selected channels. The "
+            "per-period summary suggests a better share when one part stays unused."
         },
     )
     optimizer_state_bytes: int = field(

@@ -81,12 +81,14 @@ def resident_bytes(model: nn.Module, leave_out: Iterable[torch.Tensor] = ()) -> 
 
 def trainable_state_bytes(model: nn.Module, banks: Iterable[torch.Tensor], optimizer_state_bytes: int) -> int:
     """Gradient and optimizer state (``optimizer_state_bytes`` per fp32 value, scaled to the
-    parameter's dtype) of the trainable parameters outside ``banks``, and `STEP_SCALAR_BYTES` per
-    trainable tensor (banks included)."""
+    parameter's dtype) of the trainable parameters outside ``banks`` and the TraDy layers' frozen base
+    layers (trainable only while the Det-RGN oracles score), and `STEP_SCALAR_BYTES` per trainable
+    tensor (banks included)."""
     banks = list(banks)
+    frozen = {id(p) for m in model.modules() if isinstance(m, TraDyLayer) for p in m.base_layer.parameters()}
     total = STEP_SCALAR_BYTES * sum(1 for b in banks if b.requires_grad)
     for p in model.parameters():
-        if not p.requires_grad or any(p is b for b in banks):
+        if not p.requires_grad or id(p) in frozen or any(p is b for b in banks):
             continue
         grad = p.numel() * p.element_size()
         state = p.numel() * optimizer_state_bytes * max(1, p.element_size()) // 4

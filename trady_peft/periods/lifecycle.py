@@ -91,6 +91,9 @@ class Periods:
         costs = {n: known[n] for n, _ in layers if n in known} if measured else {}
         self.states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
+            capacity = self.prices.bank_target(name) if costs else None  # step_memory, after the probe
+            if capacity is not None:
+                self.resize_bank(name, capacity)
             self.draw_if_ready(name)
 
     def bank_replaced(self, name: str) -> None:
@@ -100,6 +103,7 @@ class Periods:
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``'s lifecycle (the adapter is being deleted)."""
         self.states.pop(name, None)
+        self.prices.sized.discard(name)
         self.steps.forget(name)
 
     def use_importance_table(self, name: str) -> None:
