@@ -13,7 +13,10 @@ adapter's share shrinks). At each shape, after a warm-up step (the probe, the dr
   during backward, AdamW's temporaries and kernel workspaces (cuBLAS). The margin allowed for them on
   top of ``step_memory`` is stated: ``--margin-mib`` (default 64 MiB) plus ``--margin-fraction`` of
   ``step_memory`` (default 0.15); the table shows the peak's excess over ``step_memory`` itself;
-* ``share``: the adapter's byte budget, what ``step_memory`` leaves after the measured rest.
+* ``share``: the adapter's byte budget, what ``step_memory`` leaves after the rest as priced at the
+  probe; ``rest measured``: the counted step less the adapter's own part (its bank with gradient and
+  AdamW state, and what the TraDy layers saved), for comparison with the priced rest (a bound over
+  every draw).
 
 Exits 1 if a counted step exceeds ``step_memory``, or a CUDA peak exceeds ``step_memory`` plus the
 margin; prints a table either way (``--out DIR`` also writes step_memory.json).
@@ -130,6 +133,12 @@ def run(case: Case, device: str, small: bool) -> list[dict]:
         warm_peak = torch.cuda.max_memory_allocated() if cuda else None
         measured = trady_peft.measure_training_step(model, batch, optimizer)
         counted = resident_bytes(model) + measured.saved_activations + measured.gradients + measured.optimizer_state
+        adapter = measured.saved_by_module_type.get("TraDyLayer", 0)  # the selected channels' inputs
+        for bank in (b.weight for b in model.base_model.trady_bank.values()):
+            state = [v for v in optimizer.state.get(bank, {}).values() if torch.is_tensor(v) and v.shape == bank.shape]
+            adapter += sum(
+                t.numel() * t.element_size() for t in [bank, *state, *[g for g in [bank.grad] if g is not None]]
+            )
         optimizer.zero_grad(set_to_none=True)
         summary = model.base_model.selection_summary()
         peak = max(warm_peak, measured.peak_allocated) if cuda else None
@@ -143,6 +152,7 @@ def run(case: Case, device: str, small: bool) -> list[dict]:
                 "peak": peak,
                 "share": summary["budget"],
                 "rest": summary["step_rest"],
+                "rest_measured": counted - adapter,
                 "adapter_priced": summary["selected_cost"],
                 "channels": f"{summary['selected_channels']}/{summary['total_channels']}",
             }
@@ -156,14 +166,15 @@ def table(rows: list[dict], margin_mib: float, margin_fraction: float) -> str:
 
     lines = [
         "| model | input | step_memory (MiB) | counted step (MiB) | CUDA peak (MiB) | peak - bound (MiB) "
-        "| adapter share (B) | adapter priced (B) | rest (B) | channels |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| adapter share (B) | adapter priced (B) | rest priced (B) | rest measured (B) | channels |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         over = None if r["peak"] is None else r["peak"] - r["step_memory"]
         lines.append(
             f"| {r['model']} | {r['input']} | {mib(r['step_memory'])} | {mib(r['counted'])} | {mib(r['peak'])} "
-            f"| {mib(over)} | {r['share']:,} | {r['adapter_priced']:,} | {r['rest']:,} | {r['channels']} |"
+            f"| {mib(over)} | {r['share']:,} | {r['adapter_priced']:,} | {r['rest']:,} | {r['rest_measured']:,} "
+            f"| {r['channels']} |"
         )
     lines.append(
         f"(a CUDA peak may exceed step_memory by the stated margin for transients: {margin_mib:g} MiB + "

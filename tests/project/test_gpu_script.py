@@ -69,6 +69,7 @@ def test_step_memory_script_counts_its_steps_within_the_bound_on_cpu(tmp_path, c
     for r in rows:
         assert 0 < r["counted"] <= r["step_memory"] and r["peak"] is None  # no allocator on CPU
         assert r["share"] == r["step_memory"] - r["rest"] and r["adapter_priced"] <= r["share"]
+        assert 0 < r["rest_measured"] <= r["rest"]  # the priced rest bounds what the step kept beside the adapter
     assert rows[1]["share"] < rows[0]["share"] and rows[3]["share"] < rows[2]["share"]  # repriced, larger batches
     assert "| llama | [2, 16] |" in capsys.readouterr().out
 
