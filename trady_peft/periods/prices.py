@@ -4,6 +4,10 @@
 TraDy layer's input (`probe`, one forward without grad), reprices when a grad-enabled forward has
 a larger input than any before, and tells its `Periods` to draw, or redraw, what the new prices
 change. In a distributed run the prices are agreed over the ranks (`reprice_agreed`).
+
+Under ``step_memory`` the probe also measures what the rest of the training step keeps
+(`trady_peft.memory.step`), the adapter's budget is what remains (`Prices.budget`), and the bank is
+sized (and shrunk, never grown, on a larger input) to that share (`Prices.bank_target`).
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ class Prices:
         return priced
 
     def probe(self, example_inputs) -> None:
-        """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and draw
-        (or redraw) the adapters whose prices changed.
+        """Measure each target layer's input on ``example_inputs`` (one forward, no grad) and, for a
+        ``step_memory`` adapter, what the rest of the step keeps (one forward with grad, its graph
+        dropped); then draw (or redraw) the adapters whose prices changed.
 
         Runs automatically on the first grad-enabled forward and whenever a grad-enabled forward
         has a larger input than any seen before (a longer sequence, a bigger batch), so that the
