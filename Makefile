@@ -69,7 +69,8 @@ bench: setup data
 	$(BIN)/python benchmarks/bench.py --preset full --protocol sgd
 
 # What a session with a GPU runs once (benchmarks/gpu.sh; docs/distributed.md): the DeepSpeed tests incl.
-# the CUDA ones, peak CUDA memory TraDy vs LoRA; logs under $(OUT) (default build/gpu). Not `setup`: its
+# the CUDA ones, peak CUDA memory TraDy vs LoRA, step_memory against max_memory_allocated
+# (benchmarks/step_memory.py); logs under $(OUT) (default build/gpu). Not `setup`: its
 # torch is the CPU wheel; PYTHON must have torch with CUDA. Exits 0, saying so, without CUDA.
 .PHONY: gpu
 gpu:

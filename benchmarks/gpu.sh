@@ -10,7 +10,9 @@
 #      DeepSpeed tests skip);
 #   3. the DeepSpeed tests (pytest -m slow): the Trainer on 1 and 2 GPUs and on CPU
 #      (tests/core/distributed/test_deepspeed_trainer.py), `deepspeed.initialize` on 2 CPU ranks (tests/core/distributed/test_two_ranks.py);
-#   4. peak CUDA memory of a training step, TraDy vs LoRA, bf16 (benchmarks/cuda_memory.py).
+#   4. peak CUDA memory of a training step, TraDy vs LoRA, bf16 (benchmarks/cuda_memory.py);
+#   5. step_memory against torch.cuda.max_memory_allocated: a decoder and a CNN at two batch shapes
+#      each, exit 1 if a step exceeds its bound (+ a stated transient margin) (benchmarks/step_memory.py).
 # Without a CUDA device it says what it skipped and exits 0. GPU_SH_DRY_RUN=1 prints the commands
 # instead of running them (after the CUDA check; GPU_SH_ASSUME_CUDA=1 skips that check too).
 # PYTHON picks the interpreter (default: python3); it needs torch with CUDA and the project's deps.
@@ -48,7 +50,8 @@ if [ "${GPU_SH_ASSUME_CUDA:-0}" != 1 ]; then
     devices=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>>"$SUMMARY")
     if [ -z "$devices" ] || [ "$devices" = 0 ]; then
         say "no CUDA device (torch.cuda.is_available() is False or torch is missing): skipped the DeepSpeed" \
-            "install, the GPU tests (tests/core/distributed/test_deepspeed_trainer.py -k gpu) and benchmarks/cuda_memory.py"
+            "install, the GPU tests (tests/core/distributed/test_deepspeed_trainer.py -k gpu), benchmarks/cuda_memory.py" \
+            "and benchmarks/step_memory.py"
         exit 0
     fi
     say "$devices CUDA device(s)"
@@ -69,6 +72,7 @@ fi
 step deepspeed_tests "$PYTHON" -m pytest -m slow -rs -p no:cacheprovider \
     tests/core/distributed/test_deepspeed_trainer.py "tests/core/distributed/test_two_ranks.py::test_deepspeed_zero_matches_one_process_across_periods_save_and_resume"
 step cuda_memory "$PYTHON" benchmarks/cuda_memory.py --out "$OUT"
+step step_memory "$PYTHON" benchmarks/step_memory.py --device cuda --out "$OUT"
 
 say "done, exit $status; results under $OUT"
 exit $status

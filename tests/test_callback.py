@@ -191,3 +191,17 @@ def test_a_dynamic_strategy_without_the_callback_is_warned_about(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
         trainer_for(model, tmp_path, [], epochs=2).train()
     assert "never redrawn" in caplog.text and "TraDyCallback" in caplog.text
+
+
+def test_the_trainer_trains_under_step_memory_and_logs_the_measured_rest(tmp_path):
+    # The Trainer builds its optimizer before the first forward, while the bank is still unsized.
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(step_memory="1MiB", strategy="d-full-random"))
+    recorder = Recorder()
+    trainer_for(model, tmp_path, [recorder, trady_peft.TraDyCallback()]).train()
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert logged and {log["trady/period"] for log in logged} == {0, 1}
+    bank = model.base_model.trady_bank["default"].weight
+    assert bank.numel() > 0 and bool(bank.ne(0).any() or model.base_model.selection_summary()["touched_channels"])
+    for log in logged:
+        assert log["trady/budget_bytes"] + log["trady/step_rest_bytes"] == 2**20
+        assert 0 < log["trady/footprint_bytes"] <= log["trady/budget_bytes"]

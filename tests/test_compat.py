@@ -329,3 +329,19 @@ def test_module_calls_on_stack_counts_the_running_calls_of_a_module():
     model.register_forward_pre_hook(lambda m, args: seen.append(compat.module_calls_on_stack(model)))
     model(torch.zeros(1, 2))
     assert seen == [1, 1] and compat.module_calls_on_stack(model) == 0
+
+
+def test_resize_parameter_drops_the_gradient_accumulator_a_live_graph_keeps():
+    parameter = torch.nn.Parameter(torch.zeros(10))
+    old_loss = parameter.split([4, 6])[0].sum()
+    old_loss.backward()  # old_loss stays referenced, as the last step's loss does in a training loop
+    compat.resize_parameter(parameter, torch.ones(7))
+    assert parameter.grad is None and parameter.dtype == torch.float32
+    loss = parameter.split([3, 4])[1].sum()
+    loss.backward()
+    assert parameter.grad.shape == (7,) and parameter.grad.tolist() == [0.0] * 3 + [1.0] * 4
+    with torch.no_grad():  # the plain assignment keeps the stale accumulator: the reason for the helper
+        parameter.data = torch.zeros(5)
+    parameter.grad = None
+    with pytest.raises(RuntimeError, match="invalid gradient"):
+        parameter.split([2, 3])[0].sum().backward()

@@ -113,6 +113,7 @@ BUDGETS = {
     "channels_per_layer": {"channels_per_layer": 0.25},
     "values": {"memory_budget": 400},
     "bytes": {"memory_budget": "8KiB"},
+    "step_memory": {"step_memory": "300KiB"},
 }
 
 
@@ -188,6 +189,9 @@ def test_generic_checks_for_every_model_budget_and_strategy(model_name, budget, 
             optimizer.zero_grad()
         if config.budget is not None:
             assert 0 < tuner.selected_cost() <= config.budget.amount
+        if config.step_memory is not None:  # the adapter's share: what the measured rest of the step leaves
+            summary = tuner.selection_summary()
+            assert 0 < tuner.selected_cost() <= summary["budget"] == summary["step_memory"] - summary["step_rest"]
         assert tuner.selection_summary()["selected_channels"] > 0
     assert tuner.selection_summary()["touched_channels"] > 0
     model.eval()

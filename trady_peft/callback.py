@@ -133,6 +133,9 @@ class TraDyCallback(TrainerCallback):
             stats["trady/footprint_bytes" if summary["unit"] == "bytes" else "trady/selected_cost"] = int(
                 summary["selected_cost"]
             )
+        if "step_rest" in summary:  # step_memory: the measured rest of the step, and the adapter's share
+            stats["trady/step_rest_bytes"] = int(summary["step_rest"])
+            stats["trady/budget_bytes"] = int(summary["budget"])
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)

@@ -263,6 +263,15 @@ def _parse_state(tuner: CheckpointHost, name: str, stored: torch.Tensor) -> Sele
             )
         needed += channels.numel() * layers[n].geometry.slice_numel
     capacity = bank_numel(tuner.trady_bank[name].weight)
+    if (
+        needed > capacity
+        and tuner.peft_config[name].step_memory is not None
+        and name not in tuner.periods.prices.sized
+    ):
+        # step_memory: the bank is sized by the probe, not yet run here; it holds the saved selection
+        # until the first forward measures the step again (and resizes it to the share).
+        tuner.trady_bank[name].resize(needed)
+        capacity = needed
     if needed > capacity:
         refuse_adapter(
             name,

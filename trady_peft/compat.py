@@ -278,6 +278,21 @@ def run_forward_hook_last(module, handle) -> None:
         hooks.move_to_end(handle.id)
 
 
+def resize_parameter(parameter: torch.Tensor, data: torch.Tensor) -> None:
+    """Give ``parameter`` (the same object) ``data`` of another shape, with no gradient.
+
+    torch 2.13: ``parameter.data = data`` keeps the gradient accumulator autograd caches for the
+    parameter while a graph of an earlier step (the last loss, still referenced) holds it, and that
+    accumulator expects the old shape; ``set_data`` drops it only on a dtype or device change. So
+    the data passes through another dtype first.
+    """
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    with torch.no_grad():
+        parameter.data = data.new_empty(0, dtype=other)
+        parameter.data = data
+    parameter.grad = None
+
+
 def tensor_version(tensor: torch.Tensor) -> int:
     """The in-place modification counter of ``tensor`` (shared by all its views).
 

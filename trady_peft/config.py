@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from .compat import ensure_peft_type
-from .memory.budget import parse_budget
+from .memory.budget import parse_budget, parse_step_memory
 from .selection.draws import MAX_SEED, PERIOD_STRIDE
 from .selection.importance import ImportanceEntry
 from .selection.strategies import DYNAMIC_STRATEGIES, SCORING_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
@@ -77,11 +77,24 @@ class TraDyConfig(PeftConfig):
             "the first forward pass (or `model.base_model.probe(inputs)`)."
         },
     )
+    step_memory: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of memory_budget: a bound on the whole training step, in bytes with a unit ('6GiB', "
+            "'512MB'). The step counts the model's parameters and buffers resident on the device (frozen weights "
+            "included, so that the bound compares with torch.cuda.max_memory_allocated), the activations saved for "
+            "backward, the gradient and optimizer state of every trainable tensor (modules_to_save heads included) "
+            "and the adapter. The probe measures all but the adapter for the largest input seen, and the adapter "
+            "gets what remains as a byte budget (redrawn smaller when a larger input arrives). Transient memory "
+            "(the output, gradients in flight, kernel workspaces) is not counted."
+        },
+    )
     channels_per_layer: int | float | None = field(
         default=None,
         metadata={
             "help": "Instead of a memory budget: how many input channels train in each target layer per period, "
-            "an int (count) or a float in (0, 1] (fraction). Default when no memory_budget is set: 0.1."
+            "an int (count) or a float in (0, 1] (fraction). Default when neither memory_budget nor step_memory is "
+            "set: 0.1."
         },
     )
     layer_ranking: list[str] | None = field(
@@ -121,10 +134,10 @@ class TraDyConfig(PeftConfig):
     bank_share: float = field(
         default=0.5,
         metadata={
-            "help": "Byte budgets only: the share of `memory_budget` given to the trainable bank (parameter, "
-            "gradient and optimizer state of the selected channels' weights, a fixed cost for the whole run); the "
-            "rest bounds the saved inputs of the selected channels. The per-period summary suggests a better share "
-            "when one part stays unused."
+            "help": "Byte budgets only (memory_budget in bytes, or the adapter's share of step_memory): the share "
+            "given to the trainable bank (parameter, gradient and optimizer state of the selected channels' weights, "
+            "a fixed cost for the whole run); the rest bounds the saved inputs of the selected channels. The "
+            "per-period summary suggests a better share when one part stays unused."
         },
     )
     optimizer_state_bytes: int = field(
@@ -142,7 +155,7 @@ class TraDyConfig(PeftConfig):
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
             "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
-            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget."
+            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget or step_memory."
         },
     )
     seed: int = field(
@@ -186,7 +199,19 @@ class TraDyConfig(PeftConfig):
                     else f"modules_to_save={self.modules_to_save!r} must be a list of module names (strings)."
                 )
             self.modules_to_save = list(self.modules_to_save)
-        if self.memory_budget is not None:
+        if self.step_memory is not None:
+            if self.memory_budget is not None:
+                raise ValueError(
+                    f"Set either step_memory={self.step_memory!r} (the whole training step) or memory_budget="
+                    f"{self.memory_budget!r} (what the adapter adds), not both: drop memory_budget to bound the step."
+                )
+            if self.channels_per_layer is not None:
+                raise ValueError(
+                    f"Set either step_memory={self.step_memory!r} or channels_per_layer={self.channels_per_layer!r}, "
+                    "not both."
+                )
+            parse_step_memory(self.step_memory)  # raises a clear error for a bad value
+        elif self.memory_budget is not None:
             if self.channels_per_layer is not None:
                 raise ValueError(
                     f"Set either memory_budget={self.memory_budget!r} or channels_per_layer="
@@ -221,8 +246,10 @@ class TraDyConfig(PeftConfig):
             close = difflib.get_close_matches(str(self.strategy).lower(), list(STRATEGIES), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {tuple(STRATEGIES)}.")
-        if self.strategy in (*SCORING_STRATEGIES, "medyate") and self.memory_budget is None:
-            raise ValueError(f"strategy={self.strategy!r} selects channels under a budget: set memory_budget too.")
+        if self.strategy in (*SCORING_STRATEGIES, "medyate") and not self.budgeted:
+            raise ValueError(
+                f"strategy={self.strategy!r} selects channels under a budget: set memory_budget (or step_memory) too."
+            )
         if self.strategy not in TOP_K_STRATEGIES and (self.layer_ranking is not None or self.top_k is not None):
             warnings.warn(
                 f"strategy={self.strategy!r} does not use layer_ranking or top_k (only {TOP_K_STRATEGIES} do): "
@@ -367,8 +394,18 @@ class TraDyConfig(PeftConfig):
 
     @property
     def budget(self):
-        """The parsed `trady_peft.memory.budget.Budget`, or None when channels_per_layer is used."""
+        """The parsed memory_budget (a `trady_peft.memory.budget.Budget`), or None."""
         return None if self.memory_budget is None else parse_budget(self.memory_budget)
+
+    @property
+    def step_budget(self):
+        """The parsed step_memory (a `trady_peft.memory.budget.Budget` in bytes), or None."""
+        return None if self.step_memory is None else parse_step_memory(self.step_memory)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether channels are drawn under a budget (memory_budget or step_memory), not by count."""
+        return self.memory_budget is not None or self.step_memory is not None
 
 
 def _integer(name: str, value, minimum: int, what: str) -> int:

@@ -37,6 +37,7 @@ def model_card_section(
         if k
         in (
             "memory_budget",
+            "step_memory",
             "channels_per_layer",
             "strategy",
             "seed",

@@ -340,7 +340,9 @@ class TraDyModel(BaseTuner):
     # ------------------------------------------------------------------ adapter housekeeping
     def _sync_bank_requires_grad(self, active, inference_mode: bool = False) -> None:
         for name, bank in getattr(self, "trady_bank", {}).items():
-            bank.weight.requires_grad_(name in active and not inference_mode and bank_numel(bank.weight) > 0)
+            sized_later = self.peft_config[name].step_memory is not None  # empty until the probe sizes it
+            holds = bank_numel(bank.weight) > 0 or sized_later
+            bank.weight.requires_grad_(name in active and not inference_mode and holds)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)

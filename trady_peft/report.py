@@ -262,8 +262,10 @@ def compare_memory(
     summary = trady.base_model.selection_summary()
     note = f"{summary['selected_channels']:,} of {summary['total_channels']:,} input channels selected"
     if "selected_cost" in summary:
-        unit = config.budget.unit
+        unit = summary["unit"]
         note += f", cost {summary['selected_cost']:,} of a {summary['budget']:,}-{unit} budget"
+        if "step_memory" in summary:
+            note += f" (what step_memory={config.step_memory!r} leaves)"
         if unit == "bytes":  # the budget is a bound: show what the step really added, measured
             note += "; " + _measured_footprint(trady, trady_mem, trady_optimizer, summary["budget"])
     # The bank is the tuner's, not the base model's: it counts in `trainable`, not in `weights`.

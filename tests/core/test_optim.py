@@ -302,3 +302,16 @@ def test_resample_keeps_parameter_identity_and_resets_only_retargeted_moments():
         segment = exp_avg[view.offset : view.offset + view.numel]
         unchanged = torch.equal(before[name][0], layer.trady_idx["default"]) and before[name][1] == view.offset
         assert (segment.abs().sum() > 0) == unchanged, name
+
+
+def test_forget_optimizer_state_drops_only_state_of_another_shape():
+    parameter = torch.nn.Parameter(torch.zeros(6))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-2)
+    parameter.grad = torch.ones(6)
+    optimizer.step()
+    optim.reset_optimizer_state(optimizer, parameter, [(0, 2)])  # adds TraDy's records, of their own shape
+    assert optim._KEY in optimizer.state[parameter]
+    assert not optim.forget_optimizer_state(optimizer, parameter)
+    with torch.no_grad():
+        parameter.data = torch.zeros(4)
+    assert optim.forget_optimizer_state(optimizer, parameter) and parameter not in optimizer.state

@@ -26,7 +26,7 @@ def test_gpu_script_parses_and_its_dry_run_names_real_tests(tmp_path):
     done = run_script(tmp_path, GPU_SH_DRY_RUN="1", GPU_SH_ASSUME_CUDA="1")
     assert done.returncode == 0, done.stderr
     summary = (tmp_path / "gpu" / "summary.txt").read_text()
-    for name in ("versions", "deepspeed_tests", "cuda_memory"):
+    for name in ("versions", "deepspeed_tests", "cuda_memory", "step_memory"):
         assert f"would run [{name}]" in summary
     # Every test the script names exists (a renamed test would silently run nothing on the GPU).
     targets = re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", summary)
@@ -43,6 +43,7 @@ def test_gpu_script_without_cuda_says_what_it_skipped_and_exits_0(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout and "skipped" in done.stdout
     assert not (tmp_path / "gpu" / "cuda_memory.json").exists()
+    assert not (tmp_path / "gpu" / "step_memory.json").exists()
 
 
 def test_cuda_memory_script_runs_its_steps_on_cpu(tmp_path):
@@ -57,3 +58,25 @@ def test_cuda_memory_script_runs_its_steps_on_cpu(tmp_path):
         assert figures["saved_activations"] > 0 and figures["peak_bytes"] is None  # no allocator on CPU
         assert all(torch.isfinite(torch.tensor(figures["losses"])))
     assert "| bf16 | TraDy |" in (tmp_path / "cuda_memory.md").read_text()
+
+
+def test_step_memory_script_counts_its_steps_within_the_bound_on_cpu(tmp_path, capsys):
+    import step_memory
+
+    assert step_memory.main(["--device", "cpu", "--small", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "step_memory.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["llama", "llama", "mobilenet_v2_w035", "mobilenet_v2_w035"]
+    for r in rows:
+        assert 0 < r["counted"] <= r["step_memory"] and r["peak"] is None  # no allocator on CPU
+        assert r["share"] == r["step_memory"] - r["rest"] and r["adapter_priced"] <= r["share"]
+        assert 0 < r["rest_measured"] <= r["rest"]  # the priced rest bounds what the step kept beside the adapter
+    assert rows[1]["share"] < rows[0]["share"] and rows[3]["share"] < rows[2]["share"]  # repriced, larger batches
+    assert "| llama | [2, 16] |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_step_memory_script_without_cuda_skips(capsys):
+    import step_memory
+
+    assert step_memory.main(["--device", "cuda"]) == 0
+    assert "no CUDA device, skipped" in capsys.readouterr().out

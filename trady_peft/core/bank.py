@@ -1,8 +1,9 @@
 """The bank: each adapter's trainable values, one flat fp32 parameter shared out among its layers.
 
 Each wrapped layer trains a view onto its own segment of the bank. The bank's size is fixed when
-the adapter is created, so the optimizer and DDP see the same parameter for the whole run; a new
-period only moves segment boundaries and index buffers, in place. No dense ``[out, in]`` tensor is
+the adapter is created, so the optimizer and DDP see the same parameter for the whole run (under
+``step_memory`` the probe sizes it, in place, and shrinks it if a larger input leaves the adapter
+less); a new period only moves segment boundaries and index buffers, in place. No dense ``[out, in]`` tensor is
 ever allocated for training.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compat import is_zero3_param, tensor_version
+from ..compat import is_zero3_param, resize_parameter, tensor_version
 from .collectives import average_gradient
 
 
@@ -66,6 +67,14 @@ class DeltaBank(nn.Module):
             self._average_hook = None
             self.average_gradients()
         return True
+
+    def resize(self, capacity: int) -> None:
+        """Hold ``capacity`` zeros: the same parameter object (an optimizer and hooks keep it) on a new
+        storage, with no gradient and no layout. Call it between steps, before a draw installs one
+        (`trady_peft.periods.Periods.resize_bank`, which also drops the optimizer's state)."""
+        weight = self.weight
+        resize_parameter(weight, torch.zeros(capacity, dtype=weight.dtype, device=weight.device))
+        self.set_layout(())
 
     def set_layout(self, segments) -> None:
         """Record the layers' segments ``(offset, numel)`` of this period (disjoint, set by `install`)."""

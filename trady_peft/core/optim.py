@@ -149,6 +149,19 @@ def reset_optimizer_state(optimizer, parameter: torch.Tensor, segments: list[tup
     return touched
 
 
+def forget_optimizer_state(optimizer, parameter: torch.Tensor) -> bool:
+    """Drop ``optimizer``'s state for ``parameter`` if it no longer matches the parameter's shape (a
+    resized bank), so that its next step starts it afresh. Returns whether state was dropped."""
+    optimizer = _unwrap(optimizer)
+    state = (optimizer.state.get(parameter) if hasattr(optimizer, "state") else None) or {}
+    # per-entry state (moments, momentum) has the parameter's shape; the step and TraDy's records do not
+    per_entry = [v for k, v in state.items() if k != _KEY and isinstance(v, torch.Tensor) and v.dim()]
+    if all(v.shape == parameter.shape for v in per_entry):
+        return False
+    del optimizer.state[parameter]
+    return True
+
+
 def _warn_once(cls: type, what: str) -> None:
     if cls not in _warned:
         _warned.add(cls)

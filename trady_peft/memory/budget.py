@@ -85,13 +85,13 @@ class Budget:
         return f"{self.amount:,} {self.unit}"
 
 
-def parse_budget(value: int | str) -> Budget:
+def parse_budget(value: int | str, name: str = "memory_budget") -> Budget:
     """Parse ``memory_budget``: an int is in the paper's units (values), a string with a unit in bytes.
 
     Any integer type is accepted (``numpy.int64`` too), ``bool`` is not. Units are case-sensitive:
     ``B``, ``KB`` (or ``kB``), ``MB``, ``GB``, ``TB`` are powers of 1000 bytes, ``KiB``, ``MiB``,
     ``GiB``, ``TiB`` powers of 1024; a lowercase ``b`` (``"2Mb"``, ``"512kb"``) reads as bits and is
-    refused.
+    refused. ``name`` is the option's name in the error messages.
 
     >>> parse_budget(27946)
     Budget(amount=27946, unit='values')
@@ -99,30 +99,28 @@ def parse_budget(value: int | str) -> Budget:
     Budget(amount=262144, unit='bytes')
     """
     if isinstance(value, bool):
-        raise ValueError(f"memory_budget={value!r} is not a budget; pass an int (values) or e.g. '256KiB' (bytes).")
+        raise ValueError(f"{name}={value!r} is not a budget; pass an int (values) or e.g. '256KiB' (bytes).")
     if isinstance(value, numbers.Integral):
         if value <= 0:
-            raise ValueError(
-                f"memory_budget={value!r} must be positive: a number of values (the paper's units), e.g. 27946."
-            )
+            raise ValueError(f"{name}={value!r} must be positive: a number of values (the paper's units), e.g. 27946.")
         return Budget(int(value), "values")
     if isinstance(value, numbers.Real):
         hint = f"memory_budget={int(value)}" if math.isfinite(value) and value == int(value) and value > 0 else ""
         what = "is a float" if math.isfinite(value) else "is not a finite number"
         raise ValueError(
-            f"memory_budget={value!r} {what}: pass a positive int for the paper's units"
+            f"{name}={value!r} {what}: pass a positive int for the paper's units"
             + (f" ({hint})" if hint else "")
             + " or a string with a byte unit (e.g. '2MB')."
         )
     if not isinstance(value, str):
         raise ValueError(
-            f"memory_budget={value!r} ({type(value).__name__}) must be an int (the paper's units) or a string "
+            f"{name}={value!r} ({type(value).__name__}) must be an int (the paper's units) or a string "
             "such as '2MB' (bytes)."
         )
     match = _BUDGET_RE.match(value)
     if not match:
         raise ValueError(
-            f"memory_budget={value!r} is not understood: pass an int for the paper's units (scalar values per "
+            f"{name}={value!r} is not understood: pass an int for the paper's units (scalar values per "
             f"sample), or a positive number of bytes with a unit: {_UNIT_LIST} (e.g. '256KiB')."
         )
     number, unit = float(match.group(1)), match.group(2)
@@ -130,39 +128,57 @@ def parse_budget(value: int | str) -> Budget:
         text = match.group(1).strip()
         if number <= 0 or not math.isfinite(number):
             raise ValueError(
-                f"memory_budget={value!r} must be a positive amount: an int for the paper's units (e.g. "
+                f"{name}={value!r} must be a positive amount: an int for the paper's units (e.g. "
                 f"memory_budget=27946) or bytes with a unit ({_UNIT_LIST}), e.g. '256KiB'."
             )
         as_int = f"memory_budget={int(number)}" if number == int(number) else "e.g. memory_budget=27946"
         raise ValueError(
-            f"memory_budget={value!r} has no unit: pass an int for the paper's units ({as_int}) or add a byte "
+            f"{name}={value!r} has no unit: pass an int for the paper's units ({as_int}) or add a byte "
             f"unit ({_UNIT_LIST}), e.g. '{text}KiB'."
         )
     if unit not in _BYTE_UNITS:
         meant = _MEANT.get(unit.lower())
         if meant is None:
             raise ValueError(
-                f"memory_budget={value!r}: the unit {unit!r} is not understood; use one of {_UNIT_LIST} "
+                f"{name}={value!r}: the unit {unit!r} is not understood; use one of {_UNIT_LIST} "
                 "(case-sensitive, e.g. '256KiB'), or an int for the paper's units."
             )
         bits, use = meant
         if unit.endswith("b"):
-            raise ValueError(f"memory_budget={value!r}: {unit!r} looks like {bits}; use {use}.")
-        raise ValueError(f"memory_budget={value!r}: {unit!r} is not a byte unit (case matters); use {use}.")
+            raise ValueError(f"{name}={value!r}: {unit!r} looks like {bits}; use {use}.")
+        raise ValueError(f"{name}={value!r}: {unit!r} is not a byte unit (case matters); use {use}.")
     if number <= 0:
-        raise ValueError(f"memory_budget={value!r} must be positive: at least one byte, e.g. '256KiB'.")
+        raise ValueError(f"{name}={value!r} must be positive: at least one byte, e.g. '256KiB'.")
     if not math.isfinite(number) or number * _BYTE_UNITS[unit] > MAX_BYTES:
         raise ValueError(
-            f"memory_budget={value!r} is too large (more than {MAX_BYTES:,} bytes): pass what the device has for "
+            f"{name}={value!r} is too large (more than {MAX_BYTES:,} bytes): pass what the device has for "
             "the adapter, e.g. '256KiB' or '2GiB'."
         )
     exact = Fraction(match.group(1)) * _BYTE_UNITS[unit]
     if exact.denominator != 1:
         raise ValueError(
-            f"memory_budget={value!r} is {float(exact):g} bytes, not a whole number of bytes: pass a whole "
+            f"{name}={value!r} is {float(exact):g} bytes, not a whole number of bytes: pass a whole "
             f"number, e.g. '{max(1, math.floor(exact))}B'."
         )
     return Budget(int(exact), "bytes")
+
+
+def parse_step_memory(value: str) -> Budget:
+    """Parse ``step_memory``: bytes with a unit, in `parse_budget`'s syntax (``"6GiB"``, ``"512MB"``).
+
+    >>> parse_step_memory("6GiB")
+    Budget(amount=6442450944, unit='bytes')
+    """
+    match = _BUDGET_RE.match(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not (match and not match.group(2)):
+        return parse_budget(value, name="step_memory")
+    amount = match.group(1).strip() if match else value
+    positive = not isinstance(amount, bool) and isinstance(amount, (numbers.Integral, str)) and float(amount) > 0
+    example = f"'{amount}B' or " if positive and float(amount) == int(float(amount)) else ""
+    raise ValueError(
+        f"step_memory={value!r} is not an amount of bytes: pass a string with a byte unit ({_UNIT_LIST}), e.g. "
+        f"{example}'6GiB'."
+    )
 
 
 @dataclass(frozen=True)

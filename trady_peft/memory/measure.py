@@ -55,7 +55,8 @@ class TrainingStepMemory:
         return self.saved_activations + self.trainable_parameters + self.gradients + self.optimizer_state
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """What identifies ``t``'s storage: its device and address."""
     storage = t.untyped_storage()
     return (str(t.device), storage.data_ptr())
 
@@ -119,6 +120,73 @@ def _loss_of(output: Any) -> torch.Tensor:
     return tensor.float().square().mean()
 
 
+def resident_storages(model: nn.Module) -> set[tuple[str, int]]:
+    """The storages of ``model``'s parameters and buffers (a tensor subclass, such as torchao's
+    quantized weights, by the plain tensors it holds)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {storage_key(p) for t in tensors for p in plain_tensors(t)}
+
+
+class SavedTensors:
+    """Records the storages autograd packs for backward while the context is open.
+
+    Each distinct storage counts once, at its full size, attributed to the innermost module
+    running when it was first packed; storages of ``model``'s parameters and buffers (also those
+    created during the forward) are left out. ``skip(stack)`` (the qualified names and modules
+    running, outermost first) may leave out what some modules pack.
+
+    Attributes (after the context closes):
+        storages: storage key -> (bytes, module name, module class name).
+        total: the bytes of all of them.
+    """
+
+    def __init__(self, model: nn.Module, skip=None):
+        self.model, self.skip = model, skip
+        self.storages: dict[tuple[str, int], tuple[int, str, str]] = {}
+        self.total = 0
+
+    def __enter__(self) -> SavedTensors:
+        model, seen = self.model, self.storages
+        resident = resident_storages(model)
+        stack: list[tuple[str, nn.Module]] = [("", model)]
+        names = {m: n for n, m in model.named_modules()}
+
+        def pack(t: torch.Tensor):
+            if self.skip is not None and self.skip(stack):
+                return t
+            for p in plain_tensors(t):
+                key = storage_key(p)
+                if key not in resident and key not in seen and p.device.type != "meta":
+                    seen[key] = (_tensor_bytes(p), stack[-1][0], type(stack[-1][1]).__name__)
+            return t
+
+        def pre_hook(module, args):
+            if module in names:
+                stack.append((names[module], module))
+
+        def post_hook(module, args, output):
+            if module in names and len(stack) > 1:
+                stack.pop()
+
+        self._handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
+            torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True),
+        ]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        # Buffers created during the forward (e.g. a store replaced by a redraw) are resident too.
+        resident = resident_storages(self.model)
+        for key in [k for k in self.storages if k in resident]:
+            del self.storages[key]
+        self.total = sum(nbytes for nbytes, _, _ in self.storages.values())
+
+
 def measure_training_step(
     model: nn.Module,
     inputs: torch.Tensor | Mapping[str, Any],
@@ -146,55 +214,17 @@ def measure_training_step(
         ```
     """
 
-    def resident_storages() -> set[tuple[str, int]]:
-        # a tensor subclass (torchao's quantized weights) is counted by the plain tensors it holds
-        tensors = list(model.parameters()) + list(model.buffers())
-        return {_storage_key(p) for t in tensors for p in plain_tensors(t)}
-
-    resident = resident_storages()
-    seen: dict[tuple[str, int], tuple[int, str, str]] = {}
-    stack: list[tuple[str, str]] = [("", type(model).__name__)]
-    names = {m: n for n, m in model.named_modules()}
-
-    def pack(t: torch.Tensor):
-        for p in plain_tensors(t):
-            key = _storage_key(p)
-            if key not in resident and key not in seen and p.device.type != "meta":
-                seen[key] = (_tensor_bytes(p), *stack[-1])
-        return t
-
-    def pre_hook(module, args):
-        if module in names:
-            stack.append((names[module], type(module).__name__))
-
-    def post_hook(module, args, output):
-        if module in names and len(stack) > 1:
-            stack.pop()
-
     cuda = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
     if cuda is not None:
         torch.cuda.synchronize(cuda)
         torch.cuda.reset_peak_memory_stats(cuda)
 
-    handles = [
-        torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
-        torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True),
-    ]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            output = call_model(model, inputs)
-            loss = _loss_of(output)
-    finally:
-        for h in handles:
-            h.remove()
-    # Buffers created during the forward (e.g. a store replaced by a redraw) are resident too.
-    resident = resident_storages()
+    with SavedTensors(model) as saved:
+        output = call_model(model, inputs)
+        loss = _loss_of(output)
     by_module: dict[str, int] = {}
     by_type: dict[str, int] = {}
-    for key, (nbytes, name, kind) in list(seen.items()):
-        if key in resident:
-            del seen[key]
-            continue
+    for nbytes, name, kind in saved.storages.values():
         by_module[name] = by_module.get(name, 0) + nbytes
         by_type[kind] = by_type.get(kind, 0) + nbytes
     loss.backward()
@@ -212,7 +242,7 @@ def measure_training_step(
                     state_bytes += value.numel() * value.element_size()
     peak = torch.cuda.max_memory_allocated(cuda) if cuda is not None else None
     return TrainingStepMemory(
-        saved_activations=sum(nbytes for nbytes, _, _ in seen.values()),
+        saved_activations=saved.total,
         trainable_parameters=param_bytes,
         gradients=grad_bytes,
         optimizer_state=state_bytes,

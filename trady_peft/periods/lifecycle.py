@@ -27,9 +27,9 @@ from ..compat import has_zero_master, in_backward
 from ..config import TraDyConfig
 from ..core.distributed import bank_numel, gathered, zero_bank
 from ..core.layer import TraDyLayer
-from ..core.optim import reset_optimizer_state
+from ..core.optim import forget_optimizer_state, reset_optimizer_state
 from ..core.targets import depth_blocks, names_match
-from ..memory.budget import Budget, bank_capacity, bytes_per_trained_value, draw_limits
+from ..memory.budget import Budget, bank_capacity, bytes_per_trained_value
 from ..memory.measure import MissingLossError, forward_batch
 from ..selection.draws import Candidate
 from ..selection.importance import builtin_entry, family_of
@@ -90,9 +90,13 @@ class Periods:
                 self.steps.watch_norms(name)
         # An adapter added after the probe starts from the prices measured so far.
         known = self.prices.layer_costs
-        costs = {n: known[n] for n, _ in layers if n in known} if config.budget else {}
+        measured = config.budgeted and (config.step_memory is None or self.prices.rest(name) is not None)
+        costs = {n: known[n] for n, _ in layers if n in known} if measured else {}
         self.states[name] = SelectionState(costs=costs, statistics=statistics)
         if not config.inference_mode:
+            capacity = self.prices.bank_target(name) if costs else None  # step_memory, after the probe
+            if capacity is not None:
+                self.resize_bank(name, capacity)
             self.draw_if_ready(name)
 
     def bank_replaced(self, name: str) -> None:
@@ -102,6 +106,7 @@ class Periods:
     def remove_adapter(self, name: str) -> None:
         """Forget ``name``'s lifecycle (the adapter is being deleted)."""
         self.states.pop(name, None)
+        self.prices.sized.discard(name)
         self.steps.forget(name)
 
     def use_importance_table(self, name: str) -> None:
@@ -165,9 +170,9 @@ class Periods:
         state = self.states.get(adapter_name)
         costs = state.costs if state is not None else {}
         if kind == "alpha" and not config.top_k and all(n in costs for n, _ in ranked):
-            unit, opt = config.budget.unit, config.optimizer_state_bytes
-            memory = [costs[n].channel_cost(unit, opt) * m.geometry.in_channels for n, m in ranked]
-            ranked = ranked[: alpha_top_k(memory, config.budget.amount, config.medyate_alpha)]
+            budget, opt = self.prices.budget(adapter_name), config.optimizer_state_bytes
+            memory = [costs[n].channel_cost(budget.unit, opt) * m.geometry.in_channels for n, m in ranked]
+            ranked = ranked[: alpha_top_k(memory, budget.amount, config.medyate_alpha)]
         order = {n: i for i, (n, _) in enumerate(layers)}
         return sorted(ranked, key=lambda lm: order[lm[0]])
 
@@ -188,8 +193,11 @@ class Periods:
         return kept
 
     def capacity(self, name: str) -> int:
-        """Trainable values the bank holds: never more than any draw can use, nor than the budget allows."""
+        """Trainable values the bank holds: never more than any draw can use, nor than the budget allows
+        (none under step_memory: the probe sizes the bank, `resize_bank`)."""
         config = self.host.peft_config[name]
+        if config.step_memory is not None:
+            return 0
         layers = self.candidate_layers(name)  # before the probe: an upper bound
         if config.budget is None:
             return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
@@ -222,7 +230,7 @@ class Periods:
     def phase(self, adapter_name: str = "default") -> Phase:
         """Where the adapter stands: waiting for shapes, waiting for scores, ready, or drawn."""
         state, config = self.states[adapter_name], self.host.peft_config[adapter_name]
-        needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budget is not None else []
+        needs_costs = [n for n, _ in self.candidate_layers(adapter_name)] if config.budgeted else []
         return state.phase(needs_costs, get_strategy(config.strategy).scores_due(state.period, state.scored_period))
 
     def next_period(
@@ -305,6 +313,7 @@ class Periods:
 
     def _start_period(self, name: str, period: int, optimizer=None, redraw: bool = False) -> None:
         state = self.states[name]
+        capacity = self.prices.bank_target(name)  # step_memory: a smaller share (refused before any change)
         with gathered(self.host.trady_bank[name].weight):  # ZeRO-3: the whole bank, on every rank
             move = "redraw of" if redraw else "change to"
             self.steps.check_finite(name, f"folded into its store at the {move} period {period}")
@@ -315,11 +324,29 @@ class Periods:
             state.statistics.end_period(state.selection)
         state.period, state.selection = period, None
         zero_bank(self.host.trady_bank[name].weight)  # and DeepSpeed's master copy
+        if capacity is not None:
+            self.resize_bank(name, capacity)
         self.draw_if_ready(name, optimizer)
 
     def redraw(self, name: str) -> None:
         """Draw adapter ``name``'s current period again (its prices changed), the trained delta folded first."""
         self._start_period(name, self.states[name].period, redraw=True)
+
+    def resize_bank(self, name: str, capacity: int) -> None:
+        """step_memory: give adapter ``name``'s bank ``capacity`` values (same parameter object, zeros,
+        nothing installed) and drop the optimizer state of its old size."""
+        bank = self.host.trady_bank[name]
+        if has_zero_master(bank.weight):
+            raise ValueError(
+                "step_memory sizes the adapter's bank when the probe has measured the step, which a DeepSpeed ZeRO "
+                "optimizer holding the bank does not allow: use memory_budget (a byte budget of the adapter) instead."
+            )
+        if bank.weight.numel() != capacity:
+            bank.resize(capacity)
+            optimizer = self._optimizer() if self._optimizer else None
+            if optimizer is not None:
+                forget_optimizer_state(optimizer, bank.weight)
+        self.prices.sized.add(name)
 
     def draw_if_ready(self, name: str, optimizer=None) -> None:
         """Draw and install adapter ``name``'s channels once its prices (and scores) are known."""
@@ -347,30 +374,29 @@ class Periods:
             for start, stop in changed:
                 bank.grad[start:stop].zero_()
         count = sum(t.numel() for t in selection.values())
-        if count < FEW_CHANNELS and config.budget is not None:  # channels_per_layer asks for its count
+        if count < FEW_CHANNELS and config.budgeted:  # channels_per_layer asks for its count
+            bound = "step_memory" if config.step_memory is not None else "memory_budget"
             logger.warning(
-                "TraDy period %d of adapter %r trains only %d input channel(s) (budget use %s). memory_budget=%r "
+                "TraDy period %d of adapter %r trains only %d input channel(s) (budget use %s). %s=%r "
                 "barely holds a channel; raise it (or bank_share) for a useful period.",
                 state.period,
                 name,
                 count,
                 self.selection_summary(name).get("budget_used"),
-                config.memory_budget,
+                bound,
+                getattr(config, bound),
             )
 
     def _draw(self, name: str, period: int) -> dict[str, torch.Tensor]:
         config, state = self.host.peft_config[name], self.states[name]
         strategy, layers = get_strategy(config.strategy), self.candidate_layers(name)
-        if config.budget is None:
+        if not config.budgeted:
             candidates = [
                 Candidate(n, m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers
             ]
             return strategy.select(candidates, None, config.seed, period)
-        priced = self.prices.priced_layers(name)
-        limits = draw_limits(
-            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
-        )
-        total = [state.costs[p.name].channel_cost(config.budget.unit, config.optimizer_state_bytes) for p in priced]
+        priced, limits, unit = self.prices.priced_layers(name), self.prices.limits(name), self.prices.budget(name).unit
+        total = [state.costs[p.name].channel_cost(unit, config.optimizer_state_bytes) for p in priced]
         if check_budget(config, priced, limits):
             _warn_once(covering_message(config, priced, total))
             return {p.name: torch.arange(p.in_channels) for p in priced}
@@ -503,16 +529,14 @@ class Periods:
     ) -> list[dict[str, range]]:
         """The channels of ``layers`` in chunks that hold no more than adapter ``name``'s draws may."""
         config = self.host.peft_config[name]
-        if config.budget is None:
+        if not config.budgeted:
             return per_layer_chunks(
                 {n: (m.geometry.in_channels, config.channels_for(m.geometry.in_channels)) for n, m in layers.items()}
             )
         if any(n not in self.states[name].costs for n in layers) and batches:
             self.prices.probe(batches[0], root)  # the prices, which a draw needs anyway
-        limits = draw_limits(
-            config.budget, bank_numel(self.host.trady_bank[name].weight), config.optimizer_state_bytes
-        )
-        return scoring_chunks([p for p in self.prices.priced_layers(name) if p.name in layers], limits)
+        priced = [p for p in self.prices.priced_layers(name) if p.name in layers]
+        return scoring_chunks(priced, self.prices.limits(name))
 
     # ------------------------------------------------------------------------------ summary
     def selection_summary(self, adapter_name: str = "default") -> dict:
@@ -527,11 +551,15 @@ class Periods:
             "total_channels": sum(layer.geometry.in_channels for _, layer in layers),
             "trainable_values": bank_numel(self.host.trady_bank[adapter_name].weight),
         }
-        budget: Budget | None = self.host.peft_config[adapter_name].budget
+        config = self.host.peft_config[adapter_name]
+        budget: Budget | None = self.prices.budget(adapter_name)
         if budget is not None and self.states[adapter_name].selection is not None:
             cost = self.prices.selected_cost(adapter_name)
             summary.update(budget=budget.amount, unit=budget.unit, selected_cost=cost)
-            summary["budget_used"] = round(summary["selected_cost"] / budget.amount, 4)
+            summary["budget_used"] = round(summary["selected_cost"] / max(budget.amount, 1), 4)
+            rest = self.prices.rest(adapter_name) if config.step_memory is not None else None
+            if rest is not None:  # the budget is the adapter's share of step_memory
+                summary.update(step_memory=config.step_budget.amount, step_rest=rest.total)
         return summary
 
 

@@ -13,9 +13,10 @@ import logging
 import weakref
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..compat import has_zero_master
+from ..core.optim import forget_optimizer_state
 from ..selection.statistics import ChannelNormStatistics, channel_norms
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ class StepWatch:
             self.periods.host.peft_config[name].strategy,
         )
 
+    def before_optimizer_step(self, optimizer) -> None:
+        """Called before every torch optimizer step: drop ``optimizer``'s state of a bank that step_memory
+        resized since (`trady_peft.periods.Periods.resize_bank`, e.g. when a loaded run re-measures its
+        step before this optimizer, loaded from a checkpoint, was seen stepping)."""
+        params = {id(p) for g in getattr(optimizer, "param_groups", None) or () for p in g["params"]}
+        for module in getattr(self.periods.host, "trady_bank", {}).values():
+            if id(module.weight) in params:
+                forget_optimizer_state(optimizer, module.weight)
+
     def after_optimizer_step(self, optimizer) -> None:
         """Called after every torch optimizer step: for each adapter whose bank ``optimizer`` updates,
         commit MeDyate's norms of the step, count the step, and note when the bank stopped being finite;
@@ -175,9 +185,15 @@ class StepWatch:
 _LIVE: weakref.WeakSet[StepWatch] = weakref.WeakSet()
 
 
+def _before_any_optimizer_step(optimizer, args, kwargs) -> None:
+    for watch in list(_LIVE):
+        watch.before_optimizer_step(optimizer)
+
+
 def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
     for watch in list(_LIVE):
         watch.after_optimizer_step(optimizer)
 
 
+register_optimizer_step_pre_hook(_before_any_optimizer_step)
 register_optimizer_step_post_hook(_after_any_optimizer_step)
