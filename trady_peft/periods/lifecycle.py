@@ -25,7 +25,7 @@ from torch import nn
 
 from ..compat import has_zero_master, in_backward
 from ..config import TraDyConfig
-from ..core.distributed import bank_numel, gathered, zero_bank
+from ..core.distributed import bank_numel, fsdp_managed, gathered, zero_bank
 from ..core.layer import TraDyLayer
 from ..core.optim import forget_optimizer_state, reset_optimizer_state
 from ..core.targets import depth_blocks, names_match
@@ -496,7 +496,8 @@ class Periods:
 
         Raises:
             ValueError: the model returns no loss for these inputs (no labels, or a loss computed
-                outside the model), so they cannot be scored; the message says what to call instead.
+                outside the model), so they cannot be scored, or FSDP2 shards the model (its forward
+                cannot hold the scoring's passes); the message says what to call instead.
         """
         if self._scoring:
             return  # a forward of the scoring itself
@@ -510,6 +511,14 @@ class Periods:
             and self.phase(name) is Phase.WAITING_FOR_SCORES
         ]
         for name in waiting:
+            if fsdp_managed(self.host.model):
+                raise ValueError(
+                    f"strategy={self.host.peft_config[name].strategy!r} (adapter {name!r}) scores channels before it "
+                    "draws any, and under FSDP2 it cannot score inside the sharded model's forward (the scoring's "
+                    "own backward passes would reshard its parameters). Score before the training loop, on every "
+                    "process: trady_peft.next_period(model, optimizer, batches=train_loader, period=0), with the "
+                    "fully_shard-ed model."
+                )
             try:
                 self.score_channels([forward_batch(args, kwargs)], name)
             except MissingLossError as error:
