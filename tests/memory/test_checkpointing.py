@@ -61,7 +61,9 @@ def _train(model_name: str, strategy: str, checkpointing: str | None) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     statistics = model.base_model.periods.states["default"].statistics
-    norms = None if statistics is None else ({k: v.clone() for k, v in statistics.period_sum.items()}, statistics.steps)
+    norms = None
+    if statistics is not None:  # MeDyate
+        norms = {k: v.clone() for k, v in statistics.period_sum.items()}, statistics.steps
     trady_peft.next_period(model, optimizer, period=1)
     channels = {n: layer.trady_idx["default"].clone() for n, layer in model.base_model.trady_layers()}
     mem = trady_peft.measure_training_step(model, batch(), optimizer)
