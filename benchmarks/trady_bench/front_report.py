@@ -104,9 +104,10 @@ def front_markdown(results: dict[str, dict], env: dict) -> str:
     ]
     for k, t in results.items():
         run = t.get("run", {})
+        earlier = "".join(f", extending `{e.get('command')}` on {e.get('date')}" for e in t.get("earlier_runs", []))
         lines.append(
-            f"* {k}: `{run.get('command')}` on {run.get('date')}, {t['elapsed']['wall_seconds'] / 60:.1f} minutes "
-            f"wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes); before training: "
+            f"* {k}: `{run.get('command')}` on {run.get('date')}{earlier}, {t['elapsed']['wall_seconds'] / 60:.1f} "
+            f"minutes wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes) in all; before training: "
             f"{metric_name(t['records'][0])} {t['untrained']:.4g}"
         )
     answers = verdicts(results)
