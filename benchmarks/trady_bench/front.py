@@ -38,15 +38,15 @@ class FrontGrid:
     strategies: tuple[str, ...] = ("trady", "medyate")
     seeds: tuple[int, ...] = (0, 42, 100)
     checkpointing: bool = True
-    checkpointed_fractions: tuple[float, ...] = (0.05, 0.15)
+    checkpointed_fractions: tuple[float, ...] = (0.05, 0.15, 0.4)
     edge_steps: int = 2
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1, 8
-#: and 16, three budgets, the two smaller also checkpointed, two seeds).
+#: and 16, four budgets, all but the largest also checkpointed, two seeds).
 FRONT_GRIDS = {
     "quick": FrontGrid(
-        ranks=(1, 8, 16), fractions=(0.05, 0.2, 1.0), seeds=(0, 42), checkpointed_fractions=(0.05, 0.2)
+        ranks=(1, 8, 16), fractions=(0.05, 0.2, 0.35, 1.0), seeds=(0, 42), checkpointed_fractions=(0.05, 0.2, 0.35)
     ),
     "full": FrontGrid(),
 }

@@ -91,21 +91,17 @@ def run_front(
     twin without checkpointing (checkpointing recomputes the same forward): its records are the
     twin's (`twin_records`).
 
-    ``previous``: a finished result of this task on the same budgets (the raw result of an earlier
-    run); its memory rows, sweep runs and seeds' runs are kept, and only what it lacks runs (new
-    points, rates the sweep now tries, seeds at a rate the sweep now picks)."""
+    ``previous``: a finished result of this task (the raw result of an earlier run, whose LoRA r=8
+    step memory sets the budgets again); its memory rows, sweep runs and seeds' runs are kept, and
+    only what it lacks runs (new points, rates the sweep now tries, seeds at a rate the sweep now
+    picks)."""
     t0, c0 = time.perf_counter(), cpu_seconds()
     targets = target_layers(task)
     lora = lora_targets_of(task, len(targets))
     old_memory = list(previous["memory"]) if previous else []
-    if previous:
-        if list(previous["fractions"]) != list(grid.fractions):
-            raise ValueError(
-                f"[{task.name}] the earlier run traced fractions {previous['fractions']}, this grid "
-                f"{list(grid.fractions)}: its budgets differ; run the task afresh."
-            )
+    if previous:  # the same reference, so the same budget for a fraction both grids hold
         reference = next(r for r in old_memory if (r["method"], r["budget_bytes"]) == (REFERENCE.row_name, None))
-        budgets = list(previous["budgets"])
+        budgets = budgets_from(reference["step_total_bytes"], grid.fractions)
     else:
         reference = measure_memory(task, REFERENCE, lora, OPTIMIZER)
         budgets = budgets_from(reference["step_total_bytes"], grid.fractions)

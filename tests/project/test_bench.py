@@ -440,8 +440,17 @@ def test_an_extended_front_runs_only_what_the_earlier_results_lack(tiny_front, m
     assert sorted(
         json.dumps(r, sort_keys=True) for r in again["records"] if (r["method"], r["budget_bytes"]) != point
     ) == sorted(json.dumps(r, sort_keys=True) for r in earlier["records"])
-    with pytest.raises(ValueError, match="run the task afresh"):
-        run_front(task, FrontGrid(ranks=(1, 8), fractions=(0.1,)), log=lambda s: None, previous=earlier)
+    # A fraction added to the grid: its budget comes from the same LoRA r=8 step, only its points run.
+    ran.clear()
+    wider = FrontGrid(ranks=(1, 8), fractions=(*TINY_FRONT.fractions, 0.1), seeds=(0, 1))
+    torch.set_num_threads(1)
+    try:
+        widened = run_front(task, wider, log=lambda s: None, previous={**again, "run": {"command": "again"}})
+    finally:
+        torch.set_num_threads(threads)
+    budget = int(result["reference_step_bytes"] * 0.1)
+    assert widened["budgets"] == [*result["budgets"], budget]
+    assert ran and {(m, b) for m, b, _, _ in ran} == {(s, budget) for s in wider.strategies}
 
 
 def front_rows(points):
