@@ -200,7 +200,7 @@ def run_front(
         "max_grad_norm": task.max_grad_norm,
         "elapsed": elapsed,
         "title": task.title,
-        "notes": list(dict.fromkeys([*(previous["notes"] if previous else []), *task.notes])),
+        "notes": task.notes,  # every run notes all that applies (an earlier run's notes may be worded otherwise)
         "lora_targets": len(lora),
         "target_layers": len(targets),
         "earlier_runs": [*previous.get("earlier_runs", []), previous["run"]] if previous else [],
