@@ -58,6 +58,12 @@ def main(argv=None) -> dict:
         "then rebuild the report",
     )
     parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="the front: keep the results of --tasks in <output-dir>/raw and run only what they lack (new points, "
+        "learning rates the sweep now tries, seeds at a rate it now picks)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: rebuild the JSON, plots and tables from the per-task results in <output-dir>/raw",
@@ -72,6 +78,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--jobs {args.jobs}: needs at least 1 (1 runs everything in this process).")
     if args.protocol == "adamw" and args.recount_flops:
         raise SystemExit("--recount-flops: the front counts no FLOPs; add --protocol sgd.")
+    if args.extend and args.protocol != "adamw":
+        raise SystemExit("--extend: only the front (--protocol adamw) can be extended.")
     out = Path(args.output_dir) if args.output_dir else default_output(args.preset, args.protocol)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -91,7 +99,15 @@ def main(argv=None) -> dict:
             continue
         log = lambda s: print(s, flush=True)  # noqa: E731
         if args.protocol == "adamw":
-            result = run_front(task, FRONT_GRIDS[args.preset], log=log, jobs=args.jobs, spec=(name, sizes))
+            previous = None
+            if args.extend:
+                if not (raw / f"{name}.json").exists():
+                    raise SystemExit(f"--extend: no results of task {name!r} in {raw}; run the benchmark first.")
+                previous = json.loads((raw / f"{name}.json").read_text())
+                if previous["run"]["sizes"] != sizes:
+                    raise SystemExit(f"--extend: the results of task {name!r} in {raw} are of other sizes.")
+            grid = FRONT_GRIDS[args.preset]
+            result = run_front(task, grid, log=log, jobs=args.jobs, spec=(name, sizes), previous=previous)
         else:
             result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, sizes))
         result["run"] = {

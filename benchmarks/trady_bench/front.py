@@ -2,7 +2,9 @@
 
 Every point is a method at one memory level: peft LoRA at several ranks (and r=8 with gradient
 checkpointing), the TraDy-family strategies at byte budgets that are fractions of LoRA r=8's
-measured step memory, head-only and full fine-tuning. The Det-RGN oracles are left out: their
+measured step memory (and at the smaller budgets with gradient checkpointing too), head-only and
+full fine-tuning. A checkpointed point trains exactly as its twin without checkpointing
+(tests/memory/test_checkpointing.py): only its memory differs. The Det-RGN oracles are left out: their
 scoring computes every candidate channel's dense gradient, memory that one measured training step
 does not show.
 """
@@ -25,6 +27,10 @@ class FrontGrid:
         strategies: the TraDy-family strategies traced at every budget.
         seeds: the seeds of every point; the first one also runs the learning-rate sweep.
         checkpointing: also LoRA r=8 with gradient checkpointing, where the model supports it.
+        checkpointed_fractions: the budgets (of ``fractions``) at which every strategy also runs
+            with gradient checkpointing, where the model supports it.
+        edge_steps: how many more learning rates the sweep tries, one at a time, past the edge of
+            its range where a point's best lies.
     """
 
     ranks: tuple[int, ...] = (1, 4, 8, 16)
@@ -32,12 +38,19 @@ class FrontGrid:
     strategies: tuple[str, ...] = ("trady", "medyate")
     seeds: tuple[int, ...] = (0, 42, 100)
     checkpointing: bool = True
+    checkpointed_fractions: tuple[float, ...] = (0.05, 0.15, 0.4)
+    edge_steps: int = 2
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1, 8
-#: and 16, three budgets, two seeds) that fits its 20 minutes.
+#: and 16, four budgets, all but the largest also checkpointed).
 FRONT_GRIDS = {
-    "quick": FrontGrid(ranks=(1, 8, 16), fractions=(0.05, 0.2, 1.0), seeds=(0, 42)),
+    "quick": FrontGrid(
+        ranks=(1, 8, 16),
+        fractions=(0.05, 0.2, 0.35, 1.0),
+        seeds=(0, 42, 100),
+        checkpointed_fractions=(0.05, 0.2, 0.35),
+    ),
     "full": FrontGrid(),
 }
 
@@ -51,17 +64,23 @@ def budgets_from(lora_step_bytes: int, fractions: Sequence[float]) -> list[int]:
 
 
 def front_methods(grid: FrontGrid, budgets: Sequence[int], checkpointing: bool) -> list[Method]:
-    """The points of the front: LoRA at every rank (and r=8 with checkpointing when
-    ``checkpointing``), every strategy at every budget, head-only and full fine-tuning."""
+    """The points of the front (``budgets``: one per fraction of ``grid``): LoRA at every rank,
+    every strategy at every budget, head-only and full fine-tuning; when ``checkpointing`` (the
+    model supports it), LoRA r=8 and every strategy at the budgets of ``checkpointed_fractions``
+    with checkpointing too, after their twins."""
     methods = [Method("lora", rank=r) for r in grid.ranks]
     if checkpointing and grid.checkpointing:
         methods.append(Method("lora", rank=LORA_RANK, checkpointing=True))
     methods += [Method(s, b) for s in grid.strategies for b in budgets]
+    if checkpointing:
+        small = [b for f, b in zip(grid.fractions, budgets, strict=True) if f in grid.checkpointed_fractions]
+        methods += [Method(s, b, checkpointing=True) for s in grid.strategies for b in small]
     return methods + [Method("head"), Method("full")]
 
 
 def family(row_name: str) -> str:
-    """The line a point belongs to on the plot: ``lora``, ``lora-gc``, a strategy, ``head`` or ``full``."""
+    """The line a point belongs to on the plot: ``lora``, ``lora-gc``, a strategy (``-gc``: with
+    checkpointing), ``head`` or ``full``."""
     if row_name.startswith("lora"):
         return "lora-gc" if row_name.endswith("-gc") else "lora"
     return row_name

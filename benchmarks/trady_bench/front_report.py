@@ -104,9 +104,14 @@ def front_markdown(results: dict[str, dict], env: dict) -> str:
     ]
     for k, t in results.items():
         run = t.get("run", {})
+        runs = t.get("earlier_runs", [])
+        earlier = ", extending the results of " + ", then ".join(
+            f"`{e.get('command')}` on {e.get('date')}" for e in runs
+        )
+        earlier = earlier if runs else ""
         lines.append(
-            f"* {k}: `{run.get('command')}` on {run.get('date')}, {t['elapsed']['wall_seconds'] / 60:.1f} minutes "
-            f"wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes); before training: "
+            f"* {k}: `{run.get('command')}` on {run.get('date')}{earlier}, {t['elapsed']['wall_seconds'] / 60:.1f} "
+            f"minutes wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes) in all; before training: "
             f"{metric_name(t['records'][0])} {t['untrained']:.4g}"
         )
     answers = verdicts(results)

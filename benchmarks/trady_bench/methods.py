@@ -24,8 +24,9 @@ LORA_RANK = 8
 class Method:
     """A row of the grid: a strategy at a budget, or a budget-free baseline.
 
-    ``rank`` and ``checkpointing`` set LoRA's rank (None: `LORA_RANK`) and turn gradient
-    checkpointing on; a LoRA row with either is recorded under its own name (`row_name`)."""
+    ``rank`` sets LoRA's rank (None: `LORA_RANK`); ``checkpointing`` turns transformers' gradient
+    checkpointing on (LoRA or a strategy). A LoRA row with either, and a checkpointed strategy, is
+    recorded under its own name (`row_name`)."""
 
     name: str
     budget: int | None = None  # bytes
@@ -38,11 +39,20 @@ class Method:
 
     @property
     def row_name(self) -> str:
-        """What records, tables and plots call this row: the strategy or baseline name, and for a
-        LoRA row with an explicit rank ``lora-r<rank>`` (``-gc`` with checkpointing)."""
-        if self.name != "lora" or (self.rank is None and not self.checkpointing):
+        """What records, tables and plots call this row: the strategy or baseline name, for a
+        LoRA row with an explicit rank ``lora-r<rank>``; ``-gc`` appended with checkpointing."""
+        gc = "-gc" if self.checkpointing else ""
+        if self.name != "lora":
+            return self.name + gc
+        if self.rank is None and not self.checkpointing:
             return self.name
-        return f"lora-r{self.rank or LORA_RANK}" + ("-gc" if self.checkpointing else "")
+        return f"lora-r{self.rank or LORA_RANK}{gc}"
+
+    @property
+    def twin(self) -> Method:
+        """The same method without checkpointing (which trains exactly as this one: checkpointing
+        recomputes the same forward inside the backward pass)."""
+        return Method(self.name, self.budget, self.rank)
 
     @property
     def key(self) -> str:
@@ -57,7 +67,7 @@ def grid(budgets: Sequence[int]) -> list[Method]:
 def order_of(method: str) -> int:
     """Where ``method`` sorts in tables and plots: the strategies, then the baselines."""
     names = list(STRATEGIES) + list(BASELINES)
-    method = "lora" if method.startswith("lora-") else method
+    method = "lora" if method.startswith("lora-") else method.removesuffix("-gc")
     return names.index(method) if method in names else len(names)
 
 
@@ -142,6 +152,19 @@ def build_method(
     if task.head:  # the seed draws the fresh head, as well as the channels and the data order
         model.get_submodule(task.head).reset_parameters()
     heads = [task.head] if task.head else None
+    if method.checkpointing:
+        inner = checkpointable(model)
+        if inner is None:
+            plain = (
+                f"Method('lora', rank={method.rank or LORA_RANK})"
+                if method.name == "lora"
+                else f"Method({method.name!r}, {method.budget})"
+            )
+            raise ValueError(
+                f"{method.row_name}: the {task.name} model holds no transformers model that supports gradient "
+                f"checkpointing; use {plain} without checkpointing."
+            )
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.is_trady:
         config = trady_peft.TraDyConfig(
             memory_budget=f"{method.budget}B",
@@ -156,14 +179,6 @@ def build_method(
         return get_peft_model(model, config)
     if method.name == "lora":
         rank = method.rank or LORA_RANK
-        if method.checkpointing:
-            inner = checkpointable(model)
-            if inner is None:
-                raise ValueError(
-                    f"{method.row_name}: the {task.name} model holds no transformers model that supports gradient "
-                    f"checkpointing; use Method('lora', rank={rank}) without checkpointing."
-                )
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = lora_targets_at(model, lora_targets, rank)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, modules_to_save=heads)
         return get_peft_model(model, config)

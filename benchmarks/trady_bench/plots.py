@@ -85,8 +85,8 @@ def artifact_plot(artifacts: list[dict], path: Path, titles: dict[str, str]) -> 
 
 def front_plot(result: dict, path: Path) -> None:
     """One task's front: the metric against measured step memory (log scale), one line per method
-    family (LoRA over its ranks, each strategy over its budgets), error bars = one std over seeds;
-    the dotted line is half of LoRA r=8's step memory."""
+    family (LoRA over its ranks, each strategy over its budgets; dashed: with checkpointing), error
+    bars = one std over seeds; the dotted line is half of LoRA r=8's step memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +108,8 @@ def front_plot(result: dict, path: Path) -> None:
             yerr=[summary[k]["mean_std"][1] for k in keys],
             marker=markers[i % len(markers)],
             capsize=3,
-            label=FAMILY_LABELS.get(name, name),
-            linestyle="-" if len(keys) > 1 else "none",
+            label=FAMILY_LABELS.get(name, label(name)),
+            linestyle=("--" if name.endswith("-gc") else "-") if len(keys) > 1 else "none",
         )
     ax.axvline(result["reference_step_bytes"] / 2**21, color="grey", linestyle=":", linewidth=1, label="0.5x LoRA r=8")
     ax.set_xscale("log")

@@ -12,10 +12,12 @@ LABELS = {"lora": f"LoRA r={LORA_RANK}", "head": "head only", "full": "full fine
 
 def label(method: str) -> str:
     """What the report calls ``method`` (a strategy keeps its own name; ``lora-r4-gc``: "LoRA r=4 +
-    checkpointing")."""
+    checkpointing", ``trady-gc``: "trady + checkpointing")."""
     if method.startswith("lora-r"):
         rank, _, gc = method.removeprefix("lora-r").partition("-")
         return f"LoRA r={rank}" + (" + checkpointing" if gc else "")
+    if method.endswith("-gc"):
+        return label(method.removesuffix("-gc")) + " + checkpointing"
     return LABELS.get(method, method)
 
 

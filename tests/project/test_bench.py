@@ -16,21 +16,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import tiny_cnn, tiny_llama  # noqa: E402
-from trady_bench import resources  # noqa: E402
+from trady_bench import front_run, resources  # noqa: E402
 from trady_bench.accuracy import run_grid  # noqa: E402
 from trady_bench.aggregate import diverged, picks, summarize, verdict  # noqa: E402
 from trady_bench.environment import environment, quiet  # noqa: E402
 from trady_bench.flops import flop_counter_without_module_tracking  # noqa: E402
-from trady_bench.front import REFERENCE, FrontGrid  # noqa: E402
+from trady_bench.front import REFERENCE, FrontGrid, front_methods  # noqa: E402
 from trady_bench.front_report import verdict_line  # noqa: E402
-from trady_bench.front_run import front_memory, run_front  # noqa: E402
+from trady_bench.front_run import front_memory, run_front, twin_records  # noqa: E402
 from trady_bench.front_verdict import answer_lora_points  # noqa: E402
 from trady_bench.memory import largest_block, measure_memory  # noqa: E402
 from trady_bench.methods import BASELINES, Method, build_method, grid, lora_targets_of, task_budgets  # noqa: E402
 from trady_bench.outputs import OUT, default_output, update_docs_page, write_front_outputs, write_outputs  # noqa: E402
 from trady_bench.report import label, markdown_tables, recommendations, statements  # noqa: E402
 from trady_bench.run import recount_flops, run_task  # noqa: E402
-from trady_bench.sweep import best_lr, lr_grid  # noqa: E402
+from trady_bench.sweep import LADDER, best_lr, beyond, lr_centre, lr_grid  # noqa: E402
 from trady_bench.tasks import Task, image_task  # noqa: E402
 
 
@@ -351,7 +351,13 @@ def test_front_sweeps_three_learning_rates_on_the_first_seed_and_trains_every_se
     assert set(sweep) == points  # no checkpointing on the tiny CNN: every point trains
     for key, s in sweep.items():
         tried = [r for r in result["sweep_records"] if (r["method"], r["budget_bytes"]) == key]
-        assert sorted(r["lr"] for r in tried) == sorted(lr_grid(key[0])) and {r["seed"] for r in tried} == {0}
+        rates = sorted(r["lr"] for r in tried)
+        assert set(lr_grid(*key)) <= set(rates) and {r["seed"] for r in tried} == {0}
+        # More rates only past an edge the best lay at, one at a time, at most edge_steps of them.
+        extra = [lr for lr in rates if lr not in lr_grid(*key)]
+        assert len(extra) <= TINY_FRONT.edge_steps
+        assert all(lr < min(lr_grid(*key)) for lr in extra) or all(lr > max(lr_grid(*key)) for lr in extra)
+        assert beyond(best_lr(tried), lr_grid(*key), TINY_FRONT.edge_steps) is None  # the sweep went far enough
         assert s.items() >= best_lr(tried).items()
         runs = [r for r in result["records"] if (r["method"], r["budget_bytes"]) == key]
         assert sorted(r["seed"] for r in runs) == [0, 1] and {r["lr"] for r in runs} == {s["lr"]}
@@ -377,6 +383,74 @@ def test_the_sweep_picks_the_best_learning_rate():
     assert fallback["lr"] == 1e-3 and fallback["all_diverged"]
     with pytest.raises(ValueError, match="got none"):
         best_lr([])
+
+
+def test_the_sweep_is_centred_by_the_budget_or_the_rank_and_goes_on_past_an_edge():
+    mib = 2**20
+    grids = [lr_grid("trady", int(b * mib)) for b in (6, 25, 120)]
+    assert grids == [(3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2), (3e-4, 1e-3, 3e-3)]  # less budget, larger rates
+    assert lr_grid("medyate-gc", 25 * mib) == lr_grid("medyate", 25 * mib)
+    assert lr_centre("trady", 4 * mib) > lr_centre("trady", 8 * mib)
+    assert [lr_grid(name) for name in ("lora-r1", "lora-r8", "lora-r16", "lora-r8-gc")] == [
+        (3e-3, 1e-2, 3e-2),
+        (3e-4, 1e-3, 3e-3),
+        (1e-4, 3e-4, 1e-3),
+        (3e-4, 1e-3, 3e-3),
+    ]
+    assert all(set(g) <= set(LADDER) for g in grids)
+    with pytest.raises(ValueError, match="needs its budget"):
+        lr_grid("trady")
+
+    def best(values, lrs=(1e-3, 3e-3, 1e-2), diverged=()):
+        return best_lr([{"lr": lr, "perplexity": v, "diverged": lr in diverged} for lr, v in zip(lrs, values)])
+
+    assert beyond(best([30.0, 20.0, 10.0])) == 3e-2
+    assert beyond(best([10.0, 20.0, 30.0])) == 3e-4
+    assert beyond(best([30.0, 10.0, 20.0])) is None  # the best is inside the range
+    assert beyond(best([1e9, 1e9, 1e9], diverged=(1e-3, 3e-3, 1e-2))) is None
+    # At most `steps` rates past that side of the point's grid.
+    assert beyond(best([30.0, 20.0, 10.0]), grid=(1e-4, 3e-4, 1e-3), steps=2) is None  # 3e-3 and 1e-2 past it
+    assert beyond(best([30.0, 20.0, 10.0]), grid=(1e-3, 3e-3, 1e-2), steps=2) == 3e-2
+
+
+def test_an_extended_front_runs_only_what_the_earlier_results_lack(tiny_front, monkeypatch):
+    task, result, _ = tiny_front
+    point = next((s["method"], s["budget_bytes"]) for s in result["sweep"] if s["budget_bytes"] is not None)
+    earlier = json.loads(json.dumps({**result, "run": {"command": "earlier"}}))
+    for key in ("memory", "records", "sweep_records"):
+        earlier[key] = [r for r in earlier[key] if (r["method"], r["budget_bytes"]) != point]
+    ran = []
+    real = front_run.run_grid
+
+    def counting(task, runs, *args):
+        ran.extend((m.row_name, m.budget, seed, lr) for m, seed, lr in runs)
+        return real(task, runs, *args)
+
+    monkeypatch.setattr(front_run, "run_grid", counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_front(task, TINY_FRONT, log=lambda s: None, previous=earlier)
+    finally:
+        torch.set_num_threads(threads)
+    assert ran and {(m, b) for m, b, _, _ in ran} == {point}
+    assert len(ran) == len([r for r in result["sweep_records"] if (r["method"], r["budget_bytes"]) == point]) + 1
+    assert again["budgets"] == result["budgets"] and again["earlier_runs"] == [{"command": "earlier"}]
+    assert again["elapsed"]["wall_seconds"] >= result["elapsed"]["wall_seconds"]
+    assert sorted(
+        json.dumps(r, sort_keys=True) for r in again["records"] if (r["method"], r["budget_bytes"]) != point
+    ) == sorted(json.dumps(r, sort_keys=True) for r in earlier["records"])
+    # A fraction added to the grid: its budget comes from the same LoRA r=8 step, only its points run.
+    ran.clear()
+    wider = FrontGrid(ranks=(1, 8), fractions=(*TINY_FRONT.fractions, 0.1), seeds=(0, 1))
+    torch.set_num_threads(1)
+    try:
+        widened = run_front(task, wider, log=lambda s: None, previous={**again, "run": {"command": "again"}})
+    finally:
+        torch.set_num_threads(threads)
+    budget = int(result["reference_step_bytes"] * 0.1)
+    assert widened["budgets"] == [*result["budgets"], budget]
+    assert ran and {(m, b) for m, b, _, _ in ran} == {(s, budget) for s in wider.strategies}
 
 
 def front_rows(points):
@@ -469,6 +543,59 @@ def test_lora_with_checkpointing_keeps_block_inputs_and_pays_the_largest_block_r
         ValueError, match=r"no transformers model that supports gradient checkpointing; use Method\('lora', rank=8\)"
     ):
         build_method(tiny_image_task(), checkpointed, 0, [])
+
+
+def test_a_checkpointed_strategy_selects_as_its_twin_keeps_less_and_pays_its_twins_largest_block():
+    task = tiny_lm_task()
+    lora = lora_targets_of(task)
+    plain = measure_memory(task, REFERENCE, lora, "adamw")
+    budget = int(plain["step_total_bytes"] * 0.2)
+    twin, checkpointed = Method("medyate", budget), Method("medyate", budget, checkpointing=True)
+    assert checkpointed.row_name == "medyate-gc" and checkpointed.twin == twin
+    assert label(checkpointed.row_name) == "medyate + checkpointing"
+    twin_row, row = front_memory(task, [twin, checkpointed], lora, plain)
+    assert row["method"] == "medyate-gc" and row["budget_bytes"] == budget
+    assert row["selected_channels"] == twin_row["selected_channels"] > 0
+    assert row["trainable_state_bytes"] == twin_row["trainable_state_bytes"]
+    assert row["saved_activation_bytes"] < twin_row["saved_activation_bytes"]
+    assert 0 < row["checkpoint_recompute_bytes"] == twin_row["largest_block_saved_bytes"]
+    assert row["step_total_bytes"] == (
+        row["saved_activation_bytes"] + row["trainable_state_bytes"] + row["checkpoint_recompute_bytes"]
+    )
+    assert row["step_total_bytes"] < twin_row["step_total_bytes"]
+    # Its twin measured earlier (a run being extended) serves as well; without a twin it is left out.
+    (again,) = front_memory(task, [checkpointed], lora, plain, measured=[twin_row])
+    assert again["step_total_bytes"] == row["step_total_bytes"]
+    assert front_memory(task, [checkpointed], lora, plain) == []
+    assert any("medyate-gc" in note and "twin" in note for note in task.notes)
+    # It trains as its twin: the twin's records under its own name.
+    records = [{"method": "medyate", "budget_bytes": budget, "seed": s, "perplexity": 5.0} for s in (0, 1)]
+    records.append({"method": "medyate", "budget_bytes": budget + 1, "seed": 0, "perplexity": 6.0})
+    copied = twin_records([twin, checkpointed], {("medyate-gc", budget)}, records)
+    assert [(r["method"], r["seed"], r["trained_as"]) for r in copied] == [("medyate-gc", 0, "medyate")] + [
+        ("medyate-gc", 1, "medyate")
+    ]
+
+
+def test_the_front_checkpoints_the_strategies_at_the_smaller_budgets_where_the_model_supports_it():
+    grid = FrontGrid(ranks=(8,), fractions=(0.05, 0.2, 1.0), checkpointed_fractions=(0.05, 0.2))
+    names = [m.key for m in front_methods(grid, [5, 20, 100], checkpointing=True)]
+    assert {"trady-gc@5", "trady-gc@20", "medyate-gc@5", "medyate-gc@20", "lora-r8-gc"} <= set(names)
+    assert "trady-gc@100" not in names
+    assert names.index("trady-gc@5") > names.index("trady@5")  # after its twin, whose memory it needs
+    assert not any(m.checkpointing for m in front_methods(grid, [5, 20, 100], checkpointing=False))
+
+
+def test_a_checkpointed_strategy_answers_a_lora_point():
+    records, memory = front_rows(
+        [
+            ("lora-r8-gc", None, 0.80, 1000, False),
+            ("trady", 20, 0.80, 600, False),  # as good, but above 0.5x
+            ("trady-gc", 20, 0.80, 450, False),  # the same training, less memory: answers
+        ]
+    )
+    (answer,) = answer_lora_points(records, memory, ("trady", "medyate"))["image"]
+    assert answer.by == ("image", "trady-gc", 20) and answer.ratio == pytest.approx(0.45)
 
 
 def test_largest_block_groups_saved_bytes_by_numbered_block():
