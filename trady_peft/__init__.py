@@ -21,6 +21,7 @@ from .hub import push_to_hub
 from .memory.budget import Accounting, memory_accounting
 from .memory.measure import TrainingStepMemory, measure_training_step
 from .model import TraDyModel, find_tuner
+from .recommend import recommended_learning_rate
 from .report import MemoryReport, compare_memory
 from .selection.importance import ImportanceEntry, rank_layers
 
@@ -43,6 +44,7 @@ __all__ = [
     "push_to_hub",
     "QuantizedMergeWarning",
     "rank_layers",
+    "recommended_learning_rate",
     "TraDyCallback",
     "TraDyConfig",
     "TraDyLayer",

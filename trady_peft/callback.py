@@ -20,8 +20,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .compat import move_callback_first
-from .core.distributed import fsdp_managed
+from .core.distributed import bank_numel, fsdp_managed
 from .model import find_tuner
+from .recommend import LEARNING_RATE_TOLERANCE, recommended_learning_rate
 from .selection.draws import period_generator
 from .selection.state import Phase
 
@@ -52,6 +53,7 @@ class TraDyCallback(TrainerCallback):
         self.resample_every_steps = None if steps is None else int(steps)
         # Per adapter: the period the run's progress counts from (set at each on_train_begin).
         self._first_period: dict[str, int] = {}
+        self._checked_learning_rate = False
 
     def _target_period(self, state, *, restoring: bool) -> int:
         if self.resample_every_steps:
@@ -114,6 +116,9 @@ class TraDyCallback(TrainerCallback):
             self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if not self._checked_learning_rate:  # after the first step: the bank is sized and the optimizer built
+            self._checked_learning_rate = True
+            _check_learning_rate(model, optimizer)
         if self.resample_every_steps:
             self._sync(model, state, optimizer, restoring=False, dataloader=train_dataloader)
 
@@ -139,6 +144,36 @@ class TraDyCallback(TrainerCallback):
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
+
+
+def _check_learning_rate(model, optimizer) -> None:
+    """Warn, once, when an Adam-family optimizer trains an adapter's bank at a rate far from
+    `trady_peft.recommended_learning_rate` (more than ``LEARNING_RATE_TOLERANCE`` times off)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+    if model is None or "adam" not in type(inner).__name__.lower():
+        return
+    tuner = find_tuner(model)
+    for name in tuner.active_adapters:
+        bank = tuner.trady_bank[name].weight
+        rates = [g.get("initial_lr", g["lr"]) for g in inner.param_groups if any(p is bank for p in g["params"])]
+        if not rates or not bank_numel(bank):
+            continue
+        lr, recommended = rates[0], recommended_learning_rate(model, name)
+        if recommended / LEARNING_RATE_TOLERANCE <= lr <= recommended * LEARNING_RATE_TOLERANCE:
+            continue
+        logger.warning(
+            "TraDy adapter %r trains %s values with %s at learning_rate=%g, %.0fx %s the rate the accuracy-memory "
+            "front recommends for that many values (%.1e, trady_peft.recommended_learning_rate). A TraDy bank "
+            "trains from zero every period: set learning_rate=%.1e (TrainingArguments, or your optimizer).",
+            name,
+            f"{bank_numel(bank):,}",
+            type(inner).__name__,
+            lr,
+            max(lr / recommended, recommended / lr),
+            "above" if lr > recommended else "below",
+            recommended,
+            recommended,
+        )
 
 
 def _scoring_batches(dataloader, config, period: int):

@@ -16,7 +16,7 @@ from .compat import ensure_peft_type
 from .memory.budget import parse_budget, parse_step_memory
 from .selection.draws import MAX_SEED, PERIOD_STRIDE
 from .selection.importance import ImportanceEntry
-from .selection.strategies import DYNAMIC_STRATEGIES, SCORING_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
+from .selection.strategies import AUTO, DYNAMIC_STRATEGIES, SCORING_STRATEGIES, STRATEGIES, TOP_K_STRATEGIES
 
 #: The method's name in peft's registry (``PeftType.TRADY``).
 NAME = "trady"
@@ -148,9 +148,11 @@ class TraDyConfig(PeftConfig):
         },
     )
     strategy: str = field(
-        default="trady",
+        default="auto",
         metadata={
-            "help": "Channel selection strategy: 'trady' (uniform inside the top-K layers, redrawn every period), "
+            "help": "Channel selection strategy: 'auto' (the default: 'medyate' for a causal language model under a "
+            "budget (memory_budget or step_memory), 'trady' otherwise, chosen when the adapter is created and written into this config), "
+            "'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
             "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
@@ -242,15 +244,18 @@ class TraDyConfig(PeftConfig):
             0,
             "an int >= 0 (8 for Adam/AdamW, 4 for SGD with momentum, 0 for plain SGD)",
         )
-        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
-            close = difflib.get_close_matches(str(self.strategy).lower(), list(STRATEGIES), n=1, cutoff=0.5)
+        if not isinstance(self.strategy, str) or self.strategy not in (AUTO, *STRATEGIES):
+            choices = (AUTO, *STRATEGIES)
+            close = difflib.get_close_matches(str(self.strategy).lower(), list(choices), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {tuple(STRATEGIES)}.")
+            raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {choices}.")
         if self.strategy in (*SCORING_STRATEGIES, "medyate") and not self.budgeted:
             raise ValueError(
                 f"strategy={self.strategy!r} selects channels under a budget: set memory_budget (or step_memory) too."
             )
-        if self.strategy not in TOP_K_STRATEGIES and (self.layer_ranking is not None or self.top_k is not None):
+        if self.strategy not in (AUTO, *TOP_K_STRATEGIES) and (
+            self.layer_ranking is not None or self.top_k is not None
+        ):
             warnings.warn(
                 f"strategy={self.strategy!r} does not use layer_ranking or top_k (only {TOP_K_STRATEGIES} do): "
                 "they are ignored. Drop them, or pick a top-K strategy.",
@@ -390,7 +395,7 @@ class TraDyConfig(PeftConfig):
     @property
     def redraws(self) -> bool:
         """Whether the strategy draws new channels at every period (the D- strategies)."""
-        return self.strategy in DYNAMIC_STRATEGIES
+        return self.strategy in (AUTO, *DYNAMIC_STRATEGIES)  # 'auto' picks a dynamic one
 
     @property
     def budget(self):

@@ -35,6 +35,7 @@ from .memory.backprop import BackpropStop
 from .memory.frozen_path import apply_memory_saving, restore
 from .periods import Periods
 from .selection.state import SelectionState
+from .selection.strategies import AUTO, auto_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,9 @@ class TraDyModel(BaseTuner):
     def _create_bank(self, name: str, on_meta: bool = False) -> None:
         """The adapter's bank; on the meta device for a ``low_cpu_mem_usage`` load, which makes it real."""
         config = self.peft_config[name]
+        if config.strategy == AUTO:
+            config.strategy = auto_strategy(is_causal_lm(self.model), config.budgeted)
+            logger.info("TraDy: strategy='auto' picked %r for adapter %r.", config.strategy, name)
         self.periods.use_importance_table(name)
         layers = self.trady_layers(name)
         device = layers[0][1].base_layer.weight.device
@@ -395,3 +399,12 @@ class TraDyModel(BaseTuner):
         selection state; never the bank (`trady_peft.checkpoint.adapter_file_entries`)."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         return adapter_file_entries(find_tuner(model), model, adapter_name, state_dict, out)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` generates text: a transformers model whose ``can_generate()`` says so."""
+    can_generate = getattr(model, "can_generate", None)
+    try:
+        return bool(can_generate()) if callable(can_generate) else False
+    except Exception:  # a model whose own check fails is treated as not generating
+        return False

@@ -123,6 +123,23 @@ TOP_K_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.layers != "all")
 SCORING_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs_scores)
 
 
+#: ``strategy="auto"`` (the default): `auto_strategy` picks one when the adapter is created.
+AUTO = "auto"
+
+
+def auto_strategy(causal_lm: bool, budgeted: bool) -> str:
+    """What ``strategy="auto"`` picks: MeDyate for a causal language model under a budget, TraDy otherwise.
+
+    On the accuracy-memory front (docs/benchmarks.md) MeDyate beats TraDy on the language model at
+    the budgets where the two differ, and ties with it on the image and text classifiers, where TraDy
+    (the paper's method, no gradient statistics to keep) stays. MeDyate needs a budget to draw under.
+
+    >>> auto_strategy(causal_lm=True, budgeted=True), auto_strategy(causal_lm=False, budgeted=True)
+    ('medyate', 'trady')
+    """
+    return "medyate" if causal_lm and budgeted else "trady"
+
+
 def get_strategy(name: str) -> Strategy:
     """The `Strategy` called ``name`` (one of `STRATEGIES`)."""
     try:

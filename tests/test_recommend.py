@@ -1,0 +1,107 @@
+"""The defaults the accuracy-memory front gives: `recommended_learning_rate` (from the bank's size),
+the callback's warning about a rate far from it, and ``strategy="auto"``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import trady_peft
+from trady_peft.recommend import LEARNING_RATE_RANGE, learning_rate_for
+from tests.tiny_models import CountingText, tiny_cnn, tiny_llama
+
+
+@given(st.integers(1, 10**9), st.integers(1, 10**9))
+def test_more_trainable_values_never_get_a_larger_rate_and_the_rate_stays_in_range(a, b):
+    small, large = sorted((a, b))
+    assert learning_rate_for(large) <= learning_rate_for(small)
+    assert LEARNING_RATE_RANGE[0] <= learning_rate_for(a) <= LEARNING_RATE_RANGE[1]
+
+
+def test_between_the_clips_the_rate_falls_as_the_square_root_of_the_values():
+    assert learning_rate_for(500_000) == pytest.approx(3e-3)
+    assert learning_rate_for(2_000_000) == pytest.approx(learning_rate_for(500_000) / 2)
+
+
+def test_the_recommended_rate_follows_the_bank_of_the_budget():
+    rates = []
+    for budget in ("16KiB", "64KiB"):
+        model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=budget))
+        values = model.base_model.trady_bank["default"].weight.numel()
+        assert trady_peft.recommended_learning_rate(model) == learning_rate_for(values)
+        rates.append(trady_peft.recommended_learning_rate(model.base_model))
+    assert rates[1] <= rates[0]  # a larger bank never trains at a larger rate
+
+
+def test_an_unknown_adapter_is_refused_with_the_adapters_there_are():
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="16KiB"))
+    with pytest.raises(ValueError, match=r"'other' is not a TraDy adapter of this model; pass one of \['default'\]"):
+        trady_peft.recommended_learning_rate(model, "other")
+
+
+def _train(model, tmp_path, learning_rate):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=learning_rate,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=CountingText(n=16), callbacks=[trady_peft.TraDyCallback()]).train()
+
+
+def test_the_callback_warns_once_about_a_rate_far_from_the_recommended_one_and_not_at_it(tmp_path, caplog):
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="16KiB"))
+    recommended = trady_peft.recommended_learning_rate(model)
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        _train(model, tmp_path, 5e-5)  # the Trainer's default
+    warnings = [r for r in caplog.records if "learning_rate=5e-05" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    message = warnings[0].getMessage()
+    assert f"{recommended:.1e}" in message and "below" in message
+    caplog.clear()
+    fresh = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="16KiB"))
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        _train(fresh, tmp_path, float(f"{recommended:.1e}"))  # the fix the message gives
+    assert "recommends" not in caplog.text
+
+
+def _bert_classifier():
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, num_labels=2
+    )
+    return BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "budget", "picked"),
+    [
+        (tiny_llama, "16KiB", "medyate"),  # a causal language model under a budget
+        (tiny_llama, None, "trady"),  # MeDyate needs a budget
+        (_bert_classifier, "16KiB", "trady"),
+        (tiny_cnn, "16KiB", "trady"),
+    ],
+)
+def test_auto_picks_the_strategy_the_front_recommends_and_writes_it_into_the_config(build, budget, picked, tmp_path):
+    config = trady_peft.TraDyConfig(memory_budget=budget)
+    assert config.strategy == "auto"
+    model = get_peft_model(build(), config)
+    assert model.peft_config["default"].strategy == picked
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["strategy"] == picked
+    loaded = PeftModel.from_pretrained(build(), tmp_path)
+    assert loaded.peft_config["default"].strategy == picked
+
+
+def test_an_unknown_strategy_lists_auto_among_the_choices():
+    with pytest.raises(ValueError, match=r"Choose one of \('auto', 'trady'"):
+        trady_peft.TraDyConfig(strategy="bogus")

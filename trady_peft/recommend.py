@@ -1,0 +1,73 @@
+"""The learning rate the accuracy-memory front recommends for a TraDy adapter trained with AdamW.
+
+A TraDy adapter trains its bank's values from zero every period. With AdamW each value moves by
+about the learning rate per step, whatever its gradient's scale, so the more values a budget
+trains, the smaller the rate that trains them well. `recommended_learning_rate` follows that:
+
+    lr = 3e-3 * sqrt(500,000 / trainable values of the bank), clipped to [1e-3, 1e-2]
+
+On the accuracy-memory front (docs/benchmarks.md, `make bench-quick`: an image CNN, a text encoder
+and a causal LM, TraDy and MeDyate at budgets from 0.05x to 1x LoRA r=8's step memory) the best of
+each point's 3-rate sweep was 1e-2, 3e-3 or 1e-3, falling as the bank grew; this rule lies within
+one sweep step (a factor of about 3) of it at every point. The Trainer's default (5e-5) and LoRA's
+usual rates (1e-4 to 1e-3) train a TraDy adapter far too slowly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .core.distributed import bank_numel
+from .model import find_tuner
+
+#: The rule's anchor: the rate at this many trainable values.
+REFERENCE_VALUES = 500_000
+REFERENCE_LEARNING_RATE = 3e-3
+#: The rule is clipped to the rates the front's sweeps found best.
+LEARNING_RATE_RANGE = (1e-3, 1e-2)
+#: `trady_peft.TraDyCallback` warns when an Adam-family optimizer's rate is more than this factor off.
+LEARNING_RATE_TOLERANCE = 4.0
+
+
+def learning_rate_for(trainable_values: int) -> float:
+    """The rule for a bank of ``trainable_values`` (see the module docstring).
+
+    >>> learning_rate_for(500_000), learning_rate_for(2_000_000), learning_rate_for(1_000)
+    (0.003, 0.0015, 0.01)
+    """
+    if trainable_values < 1:
+        raise ValueError(f"trainable_values={trainable_values!r} must be >= 1.")
+    low, high = LEARNING_RATE_RANGE
+    return min(high, max(low, REFERENCE_LEARNING_RATE * math.sqrt(REFERENCE_VALUES / trainable_values)))
+
+
+def recommended_learning_rate(model: nn.Module, adapter_name: str = "default") -> float:
+    """The AdamW learning rate the accuracy-memory front recommends for adapter ``adapter_name`` of
+    ``model`` (a `peft.PeftModel` with TraDy adapters, or its `TraDyModel`), from the number of values
+    its bank trains (`learning_rate_for`).
+
+    Example:
+        ```python
+        model = get_peft_model(base, trady_peft.TraDyConfig(memory_budget="16MiB"))
+        args = TrainingArguments(..., learning_rate=trady_peft.recommended_learning_rate(model))
+        ```
+
+    Raises:
+        ValueError: the adapter's bank holds no value yet (a ``step_memory`` adapter before the first
+            forward sizes it: call it after ``model.base_model.probe(batch)``), or ``adapter_name`` is unknown.
+    """
+    tuner = find_tuner(model)
+    if adapter_name not in tuner.trady_bank:
+        raise ValueError(
+            f"recommended_learning_rate: adapter {adapter_name!r} is not a TraDy adapter of this model; pass one of "
+            f"{sorted(tuner.trady_bank)}."
+        )
+    values = bank_numel(tuner.trady_bank[adapter_name].weight)
+    if values < 1:
+        raise ValueError(
+            f"recommended_learning_rate: adapter {adapter_name!r}'s bank holds no trainable value yet (it is sized "
+            "once the first forward prices the step); call model.base_model.probe(batch) first."
+        )
+    return learning_rate_for(values)
