@@ -34,7 +34,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--resample-every", type=int, default=10, help="optimizer steps per TraDy period")
     parser.add_argument("--eval-every", type=int, default=10, help="optimizer steps between evaluations")
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks the perplexity is measured on")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate; None: trady_peft.recommended_learning_rate for the adapter's budget",
+    )
     parser.add_argument("--output-dir", default="runs/causal_lm", help="Trainer output and the saved adapter")
     args = parser.parse_args(argv)
 
@@ -64,14 +69,16 @@ def main(argv=None) -> dict:
     split = blocks.train_test_split(test_size=args.eval_blocks, shuffle=False)  # the last blocks are held out
     torch.manual_seed(0)
     model = get_peft_model(model, trady_peft.TraDyConfig(memory_budget=args.budget))
-    label = f"TraDy ({args.budget})"
+    lr = args.lr or trady_peft.recommended_learning_rate(model)  # from the size of the adapter's bank
+    say(f"strategy {model.peft_config['default'].strategy!r}, AdamW learning rate {lr:.2g}")
+    label = f"TraDy {model.peft_config['default'].strategy} ({args.budget})"
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         run_name=label,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=8,
-        learning_rate=args.lr,
+        learning_rate=lr,
         lr_scheduler_type="constant",
         eval_strategy="steps",
         eval_steps=args.eval_every,
@@ -91,7 +98,7 @@ def main(argv=None) -> dict:
     after = math.exp(trainer.evaluate()["eval_loss"])
     model.save_pretrained(f"{args.output_dir}/adapter")
     summary = model.base_model.selection_summary()
-    print(f"held-out perplexity: {before:.1f} -> {after:.1f} (TraDy, {args.budget} budget, {args.max_steps} steps)")
+    print(f"held-out perplexity: {before:.1f} -> {after:.1f} ({label}, lr {lr:.2g}, {args.max_steps} steps)")
     print(
         f"{summary['candidate_layers']} of {summary['layers']} layers (llama table); {summary['touched_channels']:,} "
         f"channels touched; adapter in {args.output_dir}/adapter"

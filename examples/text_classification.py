@@ -32,7 +32,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-length", type=int, default=64, help="tokens kept per review")
     parser.add_argument("--epochs", type=int, default=2, help="epochs; TraDy redraws its channels every epoch")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate; None: trady_peft.recommended_learning_rate for the adapter's budget",
+    )
     parser.add_argument(
         "--output-dir", default="runs/text_classification", help="Trainer output and the saved adapter"
     )
@@ -71,13 +76,15 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     config = trady_peft.TraDyConfig(memory_budget=args.budget, modules_to_save=["classifier"])
     model = get_peft_model(MiniLMClassifier(), config)
+    lr = args.lr or trady_peft.recommended_learning_rate(model)  # from the size of the adapter's bank
+    say(f"strategy {model.peft_config['default'].strategy!r}, AdamW learning rate {lr:.2g}")
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         run_name=f"TraDy ({args.budget})",
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=128,
-        learning_rate=args.lr,
+        learning_rate=lr,
         eval_strategy="epoch",
         save_strategy="no",
         report_to="none",
@@ -101,7 +108,7 @@ def main(argv=None) -> dict:
     memory = trady_peft.measure_training_step(model.train(), train[: args.batch_size])
     model.save_pretrained(f"{args.output_dir}/adapter")
     summary = model.base_model.selection_summary()
-    print(f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} (TraDy, {args.budget} budget)")
+    print(f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} (TraDy {model.peft_config['default'].strategy}, {args.budget} budget, lr {lr:.2g})")
     print(
         f"one training step keeps {memory.saved_activations / 2**20:.1f} MiB of activations for backward; "
         f"{summary['candidate_layers']} of {summary['layers']} layers (bert table), "

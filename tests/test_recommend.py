@@ -105,3 +105,13 @@ def test_auto_picks_the_strategy_the_front_recommends_and_writes_it_into_the_con
 def test_an_unknown_strategy_lists_auto_among_the_choices():
     with pytest.raises(ValueError, match=r"Choose one of \('auto', 'trady'"):
         trady_peft.TraDyConfig(strategy="bogus")
+
+
+def test_under_step_memory_the_rate_waits_for_the_probe_and_the_message_says_so():
+    model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(step_memory="600KiB"))
+    with pytest.raises(ValueError, match=r"call model.base_model.probe\(batch\) first"):
+        trady_peft.recommended_learning_rate(model)
+    batch = CountingText(n=4)[0]
+    model.base_model.probe({k: v.unsqueeze(0) for k, v in batch.items()})  # the fix the message gives
+    values = model.base_model.trady_bank["default"].weight.numel()
+    assert values > 0 and trady_peft.recommended_learning_rate(model) == learning_rate_for(values)
