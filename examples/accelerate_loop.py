@@ -39,6 +39,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     args = parser.parse_args(argv)
 
+    import trady_peft  # first: it keeps the quantization backends' import logs out (evaluate loads them)
+
+    # isort: split
     import evaluate
     import torch
     from accelerate import Accelerator
@@ -46,8 +49,6 @@ def main(argv=None) -> dict:
     from peft import get_peft_model
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    import trady_peft
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import trady_peft  # noqa: F401  (before peft and transformers: it keeps the quantization backends' import logs out)
+
 EXAMPLES = Path(__file__).resolve().parent
 ACCURACY = EXAMPLES / "metrics" / "accuracy"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

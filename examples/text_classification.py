@@ -107,8 +107,11 @@ def main(argv=None) -> dict:
     after = trainer.evaluate()["eval_accuracy"]
     memory = trady_peft.measure_training_step(model.train(), train[: args.batch_size])
     model.save_pretrained(f"{args.output_dir}/adapter")
-    summary = model.base_model.selection_summary()
-    print(f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} (TraDy {model.peft_config['default'].strategy}, {args.budget} budget, lr {lr:.2g})")
+    summary, strategy = model.base_model.selection_summary(), model.peft_config["default"].strategy
+    print(
+        f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} "
+        f"(TraDy {strategy}, {args.budget} budget, lr {lr:.2g})"
+    )
     print(
         f"one training step keeps {memory.saved_activations / 2**20:.1f} MiB of activations for backward; "
         f"{summary['candidate_layers']} of {summary['layers']} layers (bert table), "

@@ -39,6 +39,15 @@ def test_import_trady_peft_prints_nothing():
     assert done.stdout + done.stderr == ""
 
 
+def test_the_examples_imports_print_nothing():
+    """The examples import trady_peft (or their assets module, which imports it) before peft, transformers
+    and evaluate, which load the quantization backends."""
+    code = "import sys; sys.path.insert(0, 'examples'); import datasets, offline_assets, peft, transformers, evaluate"
+    done = python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout + done.stderr == ""
+
+
 def test_our_warnings_and_the_backends_later_logs_still_show(caplog):
     import warnings
 
