@@ -28,8 +28,8 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--strategy",
         default="trady",
-        help="TraDyConfig strategy, e.g. trady, d-full-random, medyate, or the oracle d-det-rgn (which scores "
-        "channels on the full gradient of the first training batch, then at each new epoch)",
+        help="TraDyConfig strategy, e.g. trady, d-full-random, medyate, or d-det-rgn (which scores channels "
+        "on the full gradient of the first training batch, then at each new epoch, chunk by chunk within the budget)",
     )
     parser.add_argument("--train-size", type=int, default=1000, help="Fashion-MNIST training images")
     parser.add_argument("--test-size", type=int, default=500, help="test images")

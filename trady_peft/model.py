@@ -242,7 +242,7 @@ class TraDyModel(BaseTuner):
             self.check_placement("at the first grad-enabled forward")
             self._placement_checked = True
         self.periods.prices.before_forward(args, kwargs)
-        self.periods.score_first_batch(args, kwargs)  # the oracles, when nothing scored them before
+        self.periods.score_first_batch(args, kwargs)  # Det-RGN, when nothing scored it before
 
     def _after_forward(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)

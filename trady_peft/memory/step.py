@@ -82,8 +82,7 @@ def resident_bytes(model: nn.Module, leave_out: Iterable[torch.Tensor] = ()) -> 
 def trainable_state_bytes(model: nn.Module, banks: Iterable[torch.Tensor], optimizer_state_bytes: int) -> int:
     """Gradient and optimizer state (``optimizer_state_bytes`` per fp32 value, scaled to the
     parameter's dtype) of the trainable parameters outside ``banks`` and the TraDy layers' frozen base
-    layers (trainable only while the Det-RGN oracles score), and `STEP_SCALAR_BYTES` per trainable
-    tensor (banks included)."""
+    layers, and `STEP_SCALAR_BYTES` per trainable tensor (banks included)."""
     banks = list(banks)
     frozen = {id(p) for m in model.modules() if isinstance(m, TraDyLayer) for p in m.base_layer.parameters()}
     total = STEP_SCALAR_BYTES * sum(1 for b in banks if b.requires_grad)
