@@ -151,13 +151,13 @@ class TraDyConfig(PeftConfig):
         default="auto",
         metadata={
             "help": "Channel selection strategy: 'auto' (the default: 'medyate' for a causal language model under a "
-            "budget (memory_budget or step_memory), 'trady' otherwise, chosen when the adapter is created and written into this config), "
-            "'trady' (uniform inside the top-K layers, redrawn every period), "
+            "budget (memory_budget or step_memory), 'trady' otherwise; picked when the adapter is created and "
+            "written into this config), 'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
             "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
-            f"{tuple(STRATEGIES)}. All but the random ones need memory_budget or step_memory."
+            f"{('auto', *STRATEGIES)}. All but 'auto' and the random ones need memory_budget or step_memory."
         },
     )
     seed: int = field(
