@@ -404,7 +404,4 @@ class TraDyModel(BaseTuner):
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` generates text: a transformers model whose ``can_generate()`` says so."""
     can_generate = getattr(model, "can_generate", None)
-    try:
-        return bool(can_generate()) if callable(can_generate) else False
-    except Exception:  # a model whose own check fails is treated as not generating
-        return False
+    return callable(can_generate) and bool(can_generate())
