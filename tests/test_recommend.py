@@ -13,8 +13,8 @@ from peft import PeftModel, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 import trady_peft
-from trady_peft.recommend import LEARNING_RATE_RANGE, learning_rate_for
 from tests.tiny_models import CountingText, tiny_cnn, tiny_llama
+from trady_peft.recommend import LEARNING_RATE_RANGE, learning_rate_for
 
 
 @given(st.integers(1, 10**9), st.integers(1, 10**9))
