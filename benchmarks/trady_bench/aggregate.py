@@ -75,7 +75,8 @@ def diverged(record: dict, untrained: float | None) -> bool:
 def picks(records: list[dict], memory: list[dict]) -> dict[str, list[tuple]]:
     """Per task, the rows worth their memory: from the row with the least measured step memory up,
     each next pick is the cheapest row that beats the previous pick beyond one std (`verdict`).
-    Rows that diverged for some seed and the Det-RGN oracles (`ORACLES`) are never picks."""
+    Rows that diverged for some seed and the Det-RGN strategies (`ORACLES`: their scoring is not in the
+    measured step) are never picks."""
     summary = summarize(records)
     mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
     out: dict[str, list[tuple]] = {}

@@ -174,8 +174,9 @@ def report_markdown(results, env, records, memory, speed, artifacts, titles) -> 
         "### What to pick",
         "",
         "Per task, the row with the least measured memory per step, then each cheapest row that beats the "
-        "previous pick by more than one std (rows that diverged, and the Det-RGN oracles, whose scoring needs "
-        "dense gradients no budget bounds, are left out):",
+        "previous pick by more than one std (rows that diverged, and the Det-RGN strategies, whose scoring passes "
+        "one measured training step does not show (these runs scored with the dense gradient, since replaced by a "
+        "chunked pass within the budget), are left out):",
         "",
         *[f"* {line}" for line in recommendations(records, memory)],
         "",

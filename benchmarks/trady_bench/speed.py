@@ -17,7 +17,7 @@ def measure_speed(task: Task, methods: list[Method], lora_targets: list[str], st
     """Time per training step, methods interleaved step by step in this process (groups that each
     hold LoRA and full fine-tuning, so both ratios come from the same rounds). Median of ``steps``
     timed rounds after ``warmup``. For the dynamic strategies, also the time of a redraw
-    (`trady_peft.next_period`, scoring included for the Det-RGN oracles), median of 3."""
+    (`trady_peft.next_period`, scoring included for the Det-RGN strategies), median of 3."""
     references = [m for m in methods if m.name in ("lora", "full")]
     others = [m for m in methods if m.name not in ("lora", "full")]
     group_size = task.speed_group_size

@@ -57,7 +57,7 @@ def epoch_order(task: Task, seed: int, epoch: int) -> list[torch.Tensor]:
 
 def start_period(model: nn.Module, task: Task, optimizer, seed: int, epoch: int) -> None:
     """Start TraDy period ``epoch`` (`trady_peft.next_period`); the strategies that score channels
-    (the Det-RGN oracles) score it on the first batches of that epoch."""
+    (the Det-RGN strategies) score it on the first batches of that epoch."""
     batches = (task.batch(rows) for rows in epoch_order(task, seed, epoch))  # read only by a scoring strategy
     trady_peft.next_period(model, optimizer, batches=batches, period=epoch)
 
