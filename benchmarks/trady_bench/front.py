@@ -54,7 +54,7 @@ class FrontGrid:
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1, 8
-#: and 16, four budgets, all but the largest also checkpointed, MeDyate there also at bank_share 0.9).
+#: and 16, four budgets, all but the largest also checkpointed, TraDy and MeDyate there also at bank_share 0.9).
 FRONT_GRIDS = {
     "quick": FrontGrid(
         ranks=(1, 8, 16),
@@ -63,7 +63,7 @@ FRONT_GRIDS = {
         checkpointed_fractions=(0.05, 0.2, 0.35),
         bank_share=0.9,
         bank_share_fractions=(0.05, 0.2, 0.35),
-        bank_share_strategies=("medyate",),
+        bank_share_strategies=("trady", "medyate"),
     ),
     "full": FrontGrid(),
 }
