@@ -3,8 +3,9 @@
 Every point is a method at one memory level: peft LoRA at several ranks (and r=8 with gradient
 checkpointing), the TraDy-family strategies at byte budgets that are fractions of LoRA r=8's
 measured step memory (and at the smaller budgets with gradient checkpointing too, optionally at
-another ``bank_share`` as well), head-only and full fine-tuning. A checkpointed point trains exactly as its twin without checkpointing
-(tests/memory/test_checkpointing.py): only its memory differs. The Det-RGN oracles are left out: their
+another ``bank_share`` as well), head-only and full fine-tuning. A checkpointed point trains
+exactly as its twin without checkpointing (tests/memory/test_checkpointing.py): only its memory
+differs. The Det-RGN oracles are left out: their
 scoring computes every candidate channel's dense gradient, memory that one measured training step
 does not show.
 """
