@@ -5,9 +5,8 @@ checkpointing), the TraDy-family strategies at byte budgets that are fractions o
 measured step memory (and at the smaller budgets with gradient checkpointing too, optionally at
 another ``bank_share`` as well), head-only and full fine-tuning. A checkpointed point trains
 exactly as its twin without checkpointing (tests/memory/test_checkpointing.py): only its memory
-differs. The Det-RGN oracles are left out: their
-scoring computes every candidate channel's dense gradient, memory that one measured training step
-does not show.
+differs. The Det-RGN oracles are left out: their scoring computes every candidate channel's dense
+gradient, memory that one measured training step does not show.
 """
 
 from __future__ import annotations
