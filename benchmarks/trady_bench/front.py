@@ -2,17 +2,17 @@
 
 Every point is a method at one memory level: peft LoRA at several ranks (and r=8 with gradient
 checkpointing), the TraDy-family strategies at byte budgets that are fractions of LoRA r=8's
-measured step memory (and at the smaller budgets with gradient checkpointing too), head-only and
-full fine-tuning. A checkpointed point trains exactly as its twin without checkpointing
-(tests/memory/test_checkpointing.py): only its memory differs. The Det-RGN strategies are left out:
-their scoring pass (chunked, within the budget) adds forward and backward passes each period that
-one measured training step does not show.
+measured step memory (and at the smaller budgets with gradient checkpointing too, optionally at
+another ``bank_share`` as well), head-only and full fine-tuning. A checkpointed point trains
+exactly as its twin without checkpointing (tests/memory/test_checkpointing.py): only its memory
+differs. The Det-RGN strategies are left out: their scoring pass (chunked, within the budget) adds
+forward and backward passes each period that one measured training step does not show.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .methods import LORA_RANK, Method
 
@@ -31,6 +31,14 @@ class FrontGrid:
             with gradient checkpointing, where the model supports it.
         edge_steps: how many more learning rates the sweep tries, one at a time, past the edge of
             its range where a point's best lies.
+        bank_share: another ``TraDyConfig.bank_share`` (the share of a byte budget for the
+            trainable bank; the rest bounds the selected channels' saved inputs, which gradient
+            checkpointing holds only while a block is recomputed), or None. Where the model supports
+            checkpointing, each strategy of ``bank_share_strategies`` at each budget of
+            ``bank_share_fractions`` then runs with it, with checkpointing and without (its twin,
+            which trains for both and whose largest block the checkpointed point pays).
+        bank_share_fractions: the budgets (of ``fractions``) of the ``bank_share`` points.
+        bank_share_strategies: the strategies (of ``strategies``) of the ``bank_share`` points.
     """
 
     ranks: tuple[int, ...] = (1, 4, 8, 16)
@@ -40,16 +48,22 @@ class FrontGrid:
     checkpointing: bool = True
     checkpointed_fractions: tuple[float, ...] = (0.05, 0.15, 0.4)
     edge_steps: int = 2
+    bank_share: float | None = None
+    bank_share_fractions: tuple[float, ...] = ()
+    bank_share_strategies: tuple[str, ...] = ()
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1, 8
-#: and 16, four budgets, all but the largest also checkpointed).
+#: and 16, four budgets, all but the largest also checkpointed, TraDy and MeDyate there also at bank_share 0.9).
 FRONT_GRIDS = {
     "quick": FrontGrid(
         ranks=(1, 8, 16),
         fractions=(0.05, 0.2, 0.35, 1.0),
         seeds=(0, 42, 100),
         checkpointed_fractions=(0.05, 0.2, 0.35),
+        bank_share=0.9,
+        bank_share_fractions=(0.05, 0.2, 0.35),
+        bank_share_strategies=("trady", "medyate"),
     ),
     "full": FrontGrid(),
 }
@@ -67,7 +81,8 @@ def front_methods(grid: FrontGrid, budgets: Sequence[int], checkpointing: bool) 
     """The points of the front (``budgets``: one per fraction of ``grid``): LoRA at every rank,
     every strategy at every budget, head-only and full fine-tuning; when ``checkpointing`` (the
     model supports it), LoRA r=8 and every strategy at the budgets of ``checkpointed_fractions``
-    with checkpointing too, after their twins."""
+    with checkpointing too, after their twins; then the ``bank_share`` points (`FrontGrid`), twins
+    first."""
     methods = [Method("lora", rank=r) for r in grid.ranks]
     if checkpointing and grid.checkpointing:
         methods.append(Method("lora", rank=LORA_RANK, checkpointing=True))
@@ -75,6 +90,10 @@ def front_methods(grid: FrontGrid, budgets: Sequence[int], checkpointing: bool) 
     if checkpointing:
         small = [b for f, b in zip(grid.fractions, budgets, strict=True) if f in grid.checkpointed_fractions]
         methods += [Method(s, b, checkpointing=True) for s in grid.strategies for b in small]
+    if checkpointing and grid.bank_share is not None:
+        shared = [b for f, b in zip(grid.fractions, budgets, strict=True) if f in grid.bank_share_fractions]
+        twins = [Method(s, b, bank_share=grid.bank_share) for s in grid.bank_share_strategies for b in shared]
+        methods += twins + [replace(m, checkpointing=True) for m in twins]
     return methods + [Method("head"), Method("full")]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .aggregate import summarize, verdict
 from .front import is_lora
+from .methods import base_name
 
 #: The memory bound of an answer: at most this fraction of the LoRA point's step memory.
 MAX_RATIO = 0.5
@@ -64,13 +65,13 @@ def answer_lora_points(
     records: list[dict], memory: list[dict], family: tuple[str, ...], max_ratio: float = MAX_RATIO
 ) -> dict[str, list[Answer]]:
     """Per task, the verdict on each of its LoRA points (cheapest first), answered by points of the
-    strategies in ``family``, with or without checkpointing (memory rows give each point's
+    strategies in ``family``, with or without checkpointing or another bank share (memory rows give each point's
     ``step_total_bytes``)."""
     summary = summarize(records)
     mem = {(r["task"], r["method"], r["budget_bytes"]): r["step_total_bytes"] for r in memory}
     out: dict[str, list[Answer]] = {}
     for task in dict.fromkeys(k[0] for k in summary):
         keys = sorted((k for k in summary if k[0] == task and k in mem), key=lambda k: mem[k])
-        ours = [k for k in keys if k[1].removesuffix("-gc") in family]
+        ours = [k for k in keys if base_name(k[1]) in family]
         out[task] = [answer(k, ours, summary, mem, max_ratio) for k in keys if is_lora(k[1])]
     return out

@@ -25,13 +25,15 @@ class Method:
     """A row of the grid: a strategy at a budget, or a budget-free baseline.
 
     ``rank`` sets LoRA's rank (None: `LORA_RANK`); ``checkpointing`` turns transformers' gradient
-    checkpointing on (LoRA or a strategy). A LoRA row with either, and a checkpointed strategy, is
-    recorded under its own name (`row_name`)."""
+    checkpointing on (LoRA or a strategy); ``bank_share`` sets a strategy's ``TraDyConfig.bank_share``
+    (None: its default). A LoRA row with either of the first two, and a strategy with either of the
+    last two, is recorded under its own name (`row_name`)."""
 
     name: str
     budget: int | None = None  # bytes
     rank: int | None = None
     checkpointing: bool = False
+    bank_share: float | None = None
 
     @property
     def is_trady(self) -> bool:
@@ -40,10 +42,12 @@ class Method:
     @property
     def row_name(self) -> str:
         """What records, tables and plots call this row: the strategy or baseline name, for a
-        LoRA row with an explicit rank ``lora-r<rank>``; ``-gc`` appended with checkpointing."""
+        LoRA row with an explicit rank ``lora-r<rank>``; ``-share<bank_share>`` appended with a bank
+        share, then ``-gc`` with checkpointing (``medyate-share0.9-gc``)."""
         gc = "-gc" if self.checkpointing else ""
         if self.name != "lora":
-            return self.name + gc
+            share = "" if self.bank_share is None else f"-share{self.bank_share:g}"
+            return self.name + share + gc
         if self.rank is None and not self.checkpointing:
             return self.name
         return f"lora-r{self.rank or LORA_RANK}{gc}"
@@ -52,7 +56,7 @@ class Method:
     def twin(self) -> Method:
         """The same method without checkpointing (which trains exactly as this one: checkpointing
         recomputes the same forward inside the backward pass)."""
-        return Method(self.name, self.budget, self.rank)
+        return Method(self.name, self.budget, self.rank, bank_share=self.bank_share)
 
     @property
     def key(self) -> str:
@@ -64,10 +68,18 @@ def grid(budgets: Sequence[int]) -> list[Method]:
     return [Method(s, b) for b in budgets for s in STRATEGIES] + [Method(b) for b in BASELINES]
 
 
+def base_name(row_name: str) -> str:
+    """The strategy or baseline of a row name (`Method.row_name`): ``medyate-share0.9-gc`` ->
+    ``medyate``, ``lora-r4-gc`` -> ``lora``."""
+    if row_name.startswith("lora-"):
+        return "lora"
+    return row_name.removesuffix("-gc").partition("-share")[0]
+
+
 def order_of(method: str) -> int:
     """Where ``method`` sorts in tables and plots: the strategies, then the baselines."""
     names = list(STRATEGIES) + list(BASELINES)
-    method = "lora" if method.startswith("lora-") else method.removesuffix("-gc")
+    method = base_name(method)
     return names.index(method) if method in names else len(names)
 
 
@@ -175,6 +187,7 @@ def build_method(
             gradient_batches=task.gradient_batches,
             exclude_modules=task.exclude,
             memory_saving_frozen_path=frozen_path,
+            **({} if method.bank_share is None else {"bank_share": method.bank_share}),
         )
         return get_peft_model(model, config)
     if method.name == "lora":

@@ -12,13 +12,14 @@ LABELS = {"lora": f"LoRA r={LORA_RANK}", "head": "head only", "full": "full fine
 
 def label(method: str) -> str:
     """What the report calls ``method`` (a strategy keeps its own name; ``lora-r4-gc``: "LoRA r=4 +
-    checkpointing", ``trady-gc``: "trady + checkpointing")."""
+    checkpointing", ``trady-gc``: "trady + checkpointing", ``medyate-share0.9``: "medyate, bank_share 0.9")."""
     if method.startswith("lora-r"):
         rank, _, gc = method.removeprefix("lora-r").partition("-")
         return f"LoRA r={rank}" + (" + checkpointing" if gc else "")
     if method.endswith("-gc"):
         return label(method.removesuffix("-gc")) + " + checkpointing"
-    return LABELS.get(method, method)
+    name, shared, share = method.partition("-share")
+    return f"{name}, bank_share {share}" if shared else LABELS.get(method, method)
 
 
 def fmt_bytes(n: int | None) -> str:

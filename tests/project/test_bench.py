@@ -614,3 +614,44 @@ def test_the_front_fills_its_own_block_of_the_docs_page(tmp_path):
     assert (
         default_output("quick", "adamw") == OUT / "front" and default_output("full", "adamw") == OUT / "full" / "front"
     )
+
+
+def test_the_front_runs_a_strategy_at_another_bank_share_checkpointed_and_as_its_twin():
+    grid = FrontGrid(
+        ranks=(8,),
+        fractions=(0.05, 0.2, 1.0),
+        checkpointed_fractions=(0.05, 0.2),
+        bank_share=0.9,
+        bank_share_fractions=(0.2,),
+        bank_share_strategies=("medyate",),
+    )
+    methods = front_methods(grid, [5, 20, 100], checkpointing=True)
+    shared = [m for m in methods if m.bank_share is not None]
+    assert [m.key for m in shared] == ["medyate-share0.9@20", "medyate-share0.9-gc@20"]  # the twin first
+    twin, checkpointed = shared
+    assert checkpointed.twin == twin and twin.bank_share == 0.9 and not twin.checkpointing
+    assert {"medyate@20", "medyate-gc@20"} <= {m.key for m in methods}  # the default share's points stay
+    assert label(checkpointed.row_name) == "medyate, bank_share 0.9 + checkpointing"
+    assert not any(m.bank_share for m in front_methods(grid, [5, 20, 100], checkpointing=False))
+    # Measured at the same budget, the larger share trains more values; the checkpointed point
+    # selects as its twin and pays its twin's largest block.
+    task = tiny_lm_task()
+    lora = lora_targets_of(task)
+    plain = measure_memory(task, REFERENCE, lora, "adamw")
+    budget = int(plain["step_total_bytes"] * 0.2)
+    default = measure_memory(task, Method("medyate", budget), lora, "adamw")
+    twin, checkpointed = (
+        Method("medyate", budget, bank_share=0.9),
+        Method("medyate", budget, checkpointing=True, bank_share=0.9),
+    )
+    twin_row, row = front_memory(task, [twin, checkpointed], lora, plain)
+    assert twin_row["trainable_values"] > default["trainable_values"]
+    assert default["adapter_bank_bytes"] <= 0.5 * budget < twin_row["adapter_bank_bytes"] <= 0.9 * budget
+    assert row["method"] == "medyate-share0.9-gc" and row["selected_channels"] == twin_row["selected_channels"]
+    assert row["checkpoint_recompute_bytes"] == twin_row["largest_block_saved_bytes"]
+    # Its points answer LoRA points as the strategy's own.
+    records, memory = front_rows(
+        [("lora-r8-gc", None, 0.80, 1000, False), ("medyate-share0.9-gc", 20, 0.80, 450, False)]
+    )
+    (answer,) = answer_lora_points(records, memory, ("trady", "medyate"))["image"]
+    assert answer.by == ("image", "medyate-share0.9-gc", 20)
