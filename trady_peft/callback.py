@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .compat import move_callback_first
+from .compat import is_zero3_param, move_callback_first
 from .core.distributed import bank_numel, fsdp_managed
 from .model import find_tuner
 from .recommend import LEARNING_RATE_TOLERANCE, recommended_learning_rate
@@ -225,9 +225,11 @@ class PeriodWatchdog(TrainerCallback):
 
 
 def _scoring_root(model: nn.Module) -> nn.Module | None:
-    """What Det-RGN's scoring runs the batches through: under FSDP2 the model given (its root's forward
-    gathers the root's own parameters), else the wrapped model (a DDP wrapper would wait for gradients)."""
-    return model if fsdp_managed(model) else None
+    """What Det-RGN's scoring runs the batches through: under FSDP2 or DeepSpeed ZeRO-3 the model given
+    (the ``fully_shard``-ed root's or the engine's forward gathers the parameters it partitions), else
+    the wrapped model (a DDP wrapper would wait for gradients)."""
+    zero3 = any(is_zero3_param(p) for p in model.parameters())  # a DeepSpeed engine's forward gathers them
+    return model if fsdp_managed(model) or zero3 else None
 
 
 def next_period(

@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
-from ..compat import has_zero_master, in_backward
+from ..compat import has_zero_master, in_backward, is_zero3_param
 from ..config import TraDyConfig
 from ..core.distributed import bank_numel, fsdp_managed, gathered, zero_bank
 from ..core.layer import TraDyLayer
@@ -496,8 +496,8 @@ class Periods:
 
         Raises:
             ValueError: the model returns no loss for these inputs (no labels, or a loss computed
-                outside the model), so they cannot be scored, or FSDP2 shards the model (its forward
-                cannot hold the scoring's passes); the message says what to call instead.
+                outside the model), so they cannot be scored, or FSDP2 or ZeRO-3 shards the model (its
+                forward cannot hold the scoring's passes); the message says what to call instead.
         """
         if self._scoring:
             return  # a forward of the scoring itself
@@ -510,14 +510,16 @@ class Periods:
             and not self.host.peft_config[name].inference_mode
             and self.phase(name) is Phase.WAITING_FOR_SCORES
         ]
+        sharded = "FSDP2" if fsdp_managed(self.host.model) else "ZeRO-3" if self._zero3() else None
         for name in waiting:
-            if fsdp_managed(self.host.model):
+            if sharded:
                 raise ValueError(
                     f"strategy={self.host.peft_config[name].strategy!r} (adapter {name!r}) scores channels before it "
-                    "draws any, and under FSDP2 it cannot score inside the sharded model's forward (the scoring's "
-                    "own backward passes would reshard its parameters). Score before the training loop, on every "
-                    "process: trady_peft.next_period(model, optimizer, batches=train_loader, period=0), with the "
-                    "fully_shard-ed model."
+                    f"draws any, and under {sharded} it cannot score inside the sharded model's forward (the "
+                    "scoring's own backward passes would release the parameters that forward gathered). Score "
+                    "before the training loop, on every process: trady_peft.next_period(model, optimizer, "
+                    "batches=train_loader, period=0), with the model you train (the fully_shard-ed model, or the "
+                    "DeepSpeed engine)."
                 )
             try:
                 self.score_channels([forward_batch(args, kwargs)], name)
@@ -532,6 +534,10 @@ class Periods:
                     f"batches=train_loader)) scores on gradient_batches={config.gradient_batches} batches that "
                     "carry labels; or pass the labels to the model so that it returns a loss."
                 ) from error
+
+    def _zero3(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the model's parameters."""
+        return any(is_zero3_param(p) for p in self.host.model.parameters())
 
     def _scoring_chunks(
         self, name: str, layers: dict[str, TraDyLayer], batches: list, root: nn.Module | None

@@ -3,7 +3,8 @@
 ``python -m tests.core.distributed.scoring_worker RANK WORLD MODE OUT_DIR PORT``
 
 * MODE ``fsdp2``: ``fully_shard`` on each decoder layer and on the root (the bank left out);
-  ``ddp``: ``DistributedDataParallel``. Each rank scores its own batches through
+  ``ddp``: ``DistributedDataParallel``; ``zero2`` / ``zero3``: ``deepspeed.initialize`` at that
+  ZeRO stage (ZeRO-3 partitions the base weights and the bank). Each rank scores its own batches through
   ``trady_peft.next_period`` and writes the scores it drew from (``{MODE}{RANK}.json``).
 * MODE ``single`` (WORLD 1): one process scores each rank's batches alone and writes them all
   (``single.json``); the distributed scores are their mean.
@@ -67,6 +68,19 @@ def run(rank: int, world: int, mode: str, out: str) -> None:
         fully_shard(model, ignored_params=ignored)
         assert any(isinstance(p, DTensor) for p in model.parameters()), "FSDP2 did not shard the model"
         wrapped = model
+    elif mode.startswith("zero"):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # also on a machine with a GPU (DeepSpeed would pick CUDA)
+        import deepspeed
+
+        config = {
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_allow_untested_optimizer": True,
+            # 0: ZeRO-3 partitions every parameter, the bank and the frozen base weights alike.
+            "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0},
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        wrapped, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.1), config=config)
     else:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -76,6 +90,8 @@ def run(rank: int, world: int, mode: str, out: str) -> None:
         with raises_value_error("under FSDP2 it cannot score inside the sharded model's forward"):
             wrapped(**batches[0])  # a Det-RGN adapter scores its first batch, which FSDP2's forward cannot hold
         trady_peft.next_period(wrapped, batches=batches, period=0)  # the fix the refusal gives
+    elif mode == "zero3":  # the refusal's fix, before any forward (a refused forward leaves ZeRO-3's hooks mid-way)
+        trady_peft.next_period(wrapped, batches=batches, period=0)
     else:
         wrapped(**batches[0])  # the first forward prices the budget and scores its batch
         trady_peft.next_period(wrapped, batches=batches)
@@ -87,7 +103,9 @@ def run(rank: int, world: int, mode: str, out: str) -> None:
 def main(rank: int, world: int, mode: str, out: str, port: int) -> None:
     torch.manual_seed(0)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        )
         dist.init_process_group("gloo", rank=rank, world_size=world)
         run(rank, world, mode, out)
         dist.barrier()

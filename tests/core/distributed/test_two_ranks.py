@@ -34,7 +34,17 @@ def test_two_ranks_agree_on_every_selection_and_end_identical(strategy, tmp_path
 
 
 @pytest.mark.slow  # two processes, and one
-@pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "fsdp2",
+        "ddp",
+        *(
+            pytest.param(m, marks=pytest.mark.skipif(not importlib.util.find_spec("deepspeed"), reason="no DeepSpeed"))
+            for m in ("zero2", "zero3")
+        ),
+    ],
+)
 def test_det_rgn_scores_on_two_ranks_are_the_mean_of_each_ranks_scores(mode, tmp_path):
     """Each rank scores its own batches (FSDP2: through the sharded root, no weight gradient); both
     draw from the mean of the two ranks' scores, which one process computes batch set by batch set."""
