@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .compat import is_zero3_param, move_callback_first
-from .core.distributed import bank_numel, fsdp_managed
+from .compat import move_callback_first
+from .core.distributed import bank_numel, fsdp_managed, zero3_managed
 from .model import find_tuner
 from .recommend import LEARNING_RATE_TOLERANCE, recommended_learning_rate
 from .selection.draws import period_generator
@@ -228,8 +228,7 @@ def _scoring_root(model: nn.Module) -> nn.Module | None:
     """What Det-RGN's scoring runs the batches through: under FSDP2 or DeepSpeed ZeRO-3 the model given
     (the ``fully_shard``-ed root's or the engine's forward gathers the parameters it partitions), else
     the wrapped model (a DDP wrapper would wait for gradients)."""
-    zero3 = any(is_zero3_param(p) for p in model.parameters())  # a DeepSpeed engine's forward gathers them
-    return model if fsdp_managed(model) or zero3 else None
+    return model if fsdp_managed(model) or zero3_managed(model) else None
 
 
 def next_period(

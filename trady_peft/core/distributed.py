@@ -86,6 +86,11 @@ def fsdp_managed(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules()) or any(is_sharded(p) for p in model.parameters())
 
 
+def zero3_managed(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``model``'s parameters."""
+    return any(is_zero3_param(p) for p in model.parameters())
+
+
 _FIX = (
     "Leave the TraDy bank out of FSDP: call fully_shard(..., ignored_params=trady_peft.fsdp_ignored_params(model)) "
     "on every fully_shard call, or with accelerate FullyShardedDataParallelPlugin(fsdp_version=2, "

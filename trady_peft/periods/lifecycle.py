@@ -23,9 +23,9 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
-from ..compat import has_zero_master, in_backward, is_zero3_param
+from ..compat import has_zero_master, in_backward
 from ..config import TraDyConfig
-from ..core.distributed import bank_numel, fsdp_managed, gathered, zero_bank
+from ..core.distributed import bank_numel, fsdp_managed, gathered, zero3_managed, zero_bank
 from ..core.layer import TraDyLayer
 from ..core.optim import forget_optimizer_state, reset_optimizer_state
 from ..core.targets import depth_blocks, names_match
@@ -510,7 +510,7 @@ class Periods:
             and not self.host.peft_config[name].inference_mode
             and self.phase(name) is Phase.WAITING_FOR_SCORES
         ]
-        sharded = "FSDP2" if fsdp_managed(self.host.model) else "ZeRO-3" if self._zero3() else None
+        sharded = "FSDP2" if fsdp_managed(self.host.model) else "ZeRO-3" if zero3_managed(self.host.model) else None
         for name in waiting:
             if sharded:
                 raise ValueError(
@@ -534,10 +534,6 @@ class Periods:
                     f"batches=train_loader)) scores on gradient_batches={config.gradient_batches} batches that "
                     "carry labels; or pass the labels to the model so that it returns a loss."
                 ) from error
-
-    def _zero3(self) -> bool:
-        """Whether DeepSpeed ZeRO-3 partitions the model's parameters."""
-        return any(is_zero3_param(p) for p in self.host.model.parameters())
 
     def _scoring_chunks(
         self, name: str, layers: dict[str, TraDyLayer], batches: list, root: nn.Module | None
