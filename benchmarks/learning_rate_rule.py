@@ -14,10 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+from trady_peft.memory.budget import bytes_per_trained_value
 from trady_peft.recommend import learning_rate_for
 
 FRONT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "front" / "front.json"
-BANK_BYTES_PER_VALUE = 16  # fp32 parameter, gradient, AdamW's exp_avg and exp_avg_sq
+BANK_BYTES_PER_VALUE = bytes_per_trained_value(8)  # fp32 parameter, gradient, AdamW's exp_avg and exp_avg_sq
 
 
 def rows(front: dict) -> list[tuple]:

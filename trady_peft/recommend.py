@@ -9,7 +9,8 @@ trains, the smaller the rate that trains them well. `recommended_learning_rate` 
 On the accuracy-memory front (docs/benchmarks.md, `make bench-quick`: an image CNN, a text encoder
 and a causal LM, TraDy and MeDyate at budgets from 0.05x to 1x LoRA r=8's step memory) the best
 rate of each point's sweep fell as the bank grew, from 1e-2 to 1e-3; the rule lies within a factor
-2.3 of it at 22 of the 23 points (3.5 at the last, SmolLM2's largest MeDyate bank, best at 3e-4);
+2.3 of it at 26 of the 29 points (2.8 at SmolLM2's two smallest banks at bank_share 0.9, best at
+1e-2; 3.5 at its largest MeDyate bank, best at 3e-4);
 `benchmarks/learning_rate_rule.py` prints the comparison. The Trainer's default (5e-5) and LoRA's
 usual rates (1e-4 to 1e-3) train a TraDy adapter far too slowly.
 """
