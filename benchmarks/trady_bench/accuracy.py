@@ -17,6 +17,7 @@ from .methods import Method, build_method
 from .resources import PeakRSS
 from .tasks import TASKS, Task
 from .training import (
+    HEAD_LR,
     OPTIMIZER_STATE_BYTES,
     epoch_order,
     evaluate_model,
@@ -39,7 +40,8 @@ def run_one(
             build_method(task, method, seed, lora_targets, optimizer_state_bytes=OPTIMIZER_STATE_BYTES[kind])
         )
         total = task.epochs * task.steps_per_epoch
-        optimizer, scheduler = make_optimizer(task, model, total, kind, lr)
+        head_lr = HEAD_LR if kind == "adamw" else None  # the AdamW front's fresh head: its own rate
+        optimizer, scheduler = make_optimizer(task, model, total, kind, lr, head_lr)
         losses = []
         for epoch in range(task.epochs):
             if method.is_trady:
@@ -55,6 +57,7 @@ def run_one(
         "seed": seed,
         "optimizer": kind,
         "lr": lr,
+        "head_lr": head_lr if len(optimizer.param_groups) > 1 else None,
         task.metric: value,
         "final_train_loss": losses[-1],
         "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),  # refined by run_task

@@ -54,18 +54,16 @@ class FrontGrid:
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1, 8
-#: and 16, four budgets, all but the largest also checkpointed, TraDy and MeDyate there also at bank_share 0.9).
+#: and 16, three budgets up to 0.35x, each also checkpointed, one rate past an edge).
 FRONT_GRIDS = {
     "quick": FrontGrid(
         ranks=(1, 8, 16),
-        fractions=(0.05, 0.2, 0.35, 1.0),
+        fractions=(0.05, 0.2, 0.35),
         seeds=(0, 42, 100),
         checkpointed_fractions=(0.05, 0.2, 0.35),
-        bank_share=0.9,
-        bank_share_fractions=(0.05, 0.2, 0.35),
-        bank_share_strategies=("trady", "medyate"),
+        edge_steps=1,
     ),
-    "full": FrontGrid(),
+    "full": FrontGrid(edge_steps=1),
 }
 
 #: The reference every budget and memory ratio is taken against.

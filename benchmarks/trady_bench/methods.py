@@ -176,7 +176,10 @@ def build_method(
                 f"{method.row_name}: the {task.name} model holds no transformers model that supports gradient "
                 f"checkpointing; use {plain} without checkpointing."
             )
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name warns)
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.is_trady:
         config = trady_peft.TraDyConfig(
             memory_budget=f"{method.budget}B",

@@ -32,6 +32,7 @@ from trady_bench.report import label, markdown_tables, recommendations, statemen
 from trady_bench.run import recount_flops, run_task  # noqa: E402
 from trady_bench.sweep import LADDER, best_lr, beyond, lr_centre, lr_grid  # noqa: E402
 from trady_bench.tasks import Task, image_task  # noqa: E402
+from trady_bench.training import HEAD_LR, make_optimizer  # noqa: E402
 
 
 def tiny_image_task() -> Task:
@@ -367,6 +368,22 @@ def test_front_sweeps_three_learning_rates_on_the_first_seed_and_trains_every_se
     assert (out / "front_image.png").stat().st_size > 0
     table = (out / "front.md").read_text()
     assert table.count("answered") >= 2 and "LoRA r=1" in table and "What to pick" in table
+
+
+def test_the_front_trains_a_fresh_head_at_its_own_rate_and_everything_else_at_the_swept_one(tiny_front):
+    task, result, _ = tiny_front
+    for r in result["sweep_records"] + result["records"]:
+        assert r["head_lr"] == (None if r["method"] == "head" else HEAD_LR), r["method"]
+    for method in (Method("trady", 1 << 20), Method("lora", rank=1), Method("full")):
+        model = build_method(task, method, 0, lora_targets_of(task))
+        optimizer, _ = make_optimizer(task, model, 4, "adamw", lr=1e-3, head_lr=HEAD_LR)
+        body, head = optimizer.param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert head["initial_lr"] == HEAD_LR and body["initial_lr"] == 1e-3, method  # before the warm-up
+        assert head["params"] and all("classifier." in names[id(p)] for p in head["params"])
+        assert body["params"] and not any("classifier." in names[id(p)] for p in body["params"])
+    only = build_method(task, Method("head"), 0, [])  # the head alone: one group, at the swept rate
+    assert len(make_optimizer(task, only, 4, "adamw", lr=1e-3, head_lr=HEAD_LR)[0].param_groups) == 1
 
 
 def test_the_sweep_picks_the_best_learning_rate():
