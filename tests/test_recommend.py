@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
@@ -14,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import trady_peft
 from tests.tiny_models import CountingText, tiny_cnn, tiny_llama
-from trady_peft.recommend import LEARNING_RATE_RANGE, learning_rate_for
+from trady_peft.recommend import HEAD_LEARNING_RATE, LEARNING_RATE_RANGE, learning_rate_for
 
 
 @given(st.integers(1, 10**9), st.integers(1, 10**9))
@@ -115,3 +116,72 @@ def test_under_step_memory_the_rate_waits_for_the_probe_and_the_message_says_so(
     model.base_model.probe({k: v.unsqueeze(0) for k, v in batch.items()})  # the fix the message gives
     values = model.base_model.trady_bank["default"].weight.numel()
     assert values > 0 and trady_peft.recommended_learning_rate(model) == learning_rate_for(values)
+
+
+def _head_model():
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    base = BertForSequenceClassification(config)
+    return get_peft_model(base, trady_peft.TraDyConfig(memory_budget="16KiB", modules_to_save=["classifier"]))
+
+
+def test_create_optimizer_trains_the_bank_at_the_recommended_rate_and_a_fresh_head_at_the_head_rate():
+    model = _head_model()
+    optimizer = trady_peft.create_optimizer(model)
+    bank, head = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert bank["params"] == [model.base_model.trady_bank["default"].weight]
+    assert bank["lr"] == trady_peft.recommended_learning_rate(model)
+    assert head["lr"] == HEAD_LEARNING_RATE and head["params"]
+    assert all(".modules_to_save.default." in names[id(p)] for p in head["params"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable  # each one, once
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_create_optimizer_takes_given_rates_another_class_and_its_arguments():
+    model = _head_model()
+    optimizer = trady_peft.create_optimizer(model, torch.optim.SGD, lr=0.5, head_lr=0.25, momentum=0.9)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.25]
+    assert all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+
+
+def test_create_optimizer_refuses_a_bad_rate_and_a_model_without_a_trained_bank():
+    with pytest.raises(ValueError, match=r"head_lr=0 must be a positive learning rate"):
+        trady_peft.create_optimizer(_head_model(), head_lr=0)
+    model = _head_model()
+    model.base_model.trady_bank["default"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="no TraDy adapter of this model trains"):
+        trady_peft.create_optimizer(model)
+
+
+def test_the_trainer_trains_with_create_optimizers_rates_and_the_callback_accepts_them(tmp_path, caplog):
+    model = _head_model()
+    optimizer = trady_peft.create_optimizer(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    data = [{"input_ids": torch.randint(0, 64, (6,)), "labels": torch.tensor(i % 3)} for i in range(8)]
+    head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="trady_peft"):
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            optimizers=(optimizer, None),
+            callbacks=[trady_peft.TraDyCallback()],
+        )
+        trainer.train()
+    assert trainer.optimizer.optimizer is optimizer  # accelerate wraps it
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [trady_peft.recommended_learning_rate(model), 3e-2]
+    assert not [r for r in caplog.records if "learning_rate" in r.getMessage()]  # not the Trainer's 5e-5
+    assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, head_before)

@@ -21,7 +21,7 @@ from .hub import push_to_hub
 from .memory.budget import Accounting, memory_accounting
 from .memory.measure import TrainingStepMemory, measure_training_step
 from .model import TraDyModel, find_tuner
-from .recommend import recommended_learning_rate
+from .recommend import create_optimizer, recommended_learning_rate
 from .report import MemoryReport, compare_memory
 from .selection.importance import ImportanceEntry, rank_layers
 
@@ -37,6 +37,7 @@ __all__ = [
     "fsdp_ignored_modules",
     "fsdp_ignored_params",
     "compare_memory",
+    "create_optimizer",
     "MemoryReport",
     "ImportanceEntry",
     "memory_accounting",
