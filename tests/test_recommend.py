@@ -46,7 +46,7 @@ def test_an_unknown_adapter_is_refused_with_the_adapters_there_are():
         trady_peft.recommended_learning_rate(model, "other")
 
 
-def _train(model, tmp_path, learning_rate):
+def _train(model, tmp_path, learning_rate, data=None, optimizer=None) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=2,
@@ -57,7 +57,15 @@ def _train(model, tmp_path, learning_rate):
         use_cpu=True,
         disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=CountingText(n=16), callbacks=[trady_peft.TraDyCallback()]).train()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=CountingText(n=16) if data is None else data,
+        optimizers=(optimizer, None),
+        callbacks=[trady_peft.TraDyCallback()],
+    )
+    trainer.train()
+    return trainer
 
 
 def test_the_callback_warns_once_about_a_rate_far_from_the_recommended_one_and_not_at_it(tmp_path, caplog):
@@ -160,27 +168,10 @@ def test_create_optimizer_refuses_a_bad_rate_and_a_model_without_a_trained_bank(
 def test_the_trainer_trains_with_create_optimizers_rates_and_the_callback_accepts_them(tmp_path, caplog):
     model = _head_model()
     optimizer = trady_peft.create_optimizer(model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=5e-5,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
     data = [{"input_ids": torch.randint(0, 64, (6,)), "labels": torch.tensor(i % 3)} for i in range(8)]
     head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            optimizers=(optimizer, None),
-            callbacks=[trady_peft.TraDyCallback()],
-        )
-        trainer.train()
+        trainer = _train(model, tmp_path, 5e-5, data, optimizer)  # not the Trainer's rate: the optimizer's
     assert trainer.optimizer.optimizer is optimizer  # accelerate wraps it
     assert [g["initial_lr"] for g in optimizer.param_groups] == [trady_peft.recommended_learning_rate(model), 3e-2]
     assert not [r for r in caplog.records if "learning_rate" in r.getMessage()]  # not the Trainer's 5e-5
