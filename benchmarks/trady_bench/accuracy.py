@@ -23,6 +23,7 @@ from .training import (
     evaluate_model,
     make_optimizer,
     start_period,
+    starts_period,
     train_mode,
     train_step,
 )
@@ -42,11 +43,12 @@ def run_one(
         total = task.epochs * task.steps_per_epoch
         head_lr = HEAD_LR if kind == "adamw" else None  # the AdamW front's fresh head: its own rate
         optimizer, scheduler = make_optimizer(task, model, total, kind, lr, head_lr)
-        losses = []
+        losses, periods = [], 0
         for epoch in range(task.epochs):
-            if method.is_trady:
-                start_period(model, task, optimizer, seed, epoch)
-            for rows in epoch_order(task, seed, epoch):
+            for i, rows in enumerate(epoch_order(task, seed, epoch)):
+                if method.is_trady and starts_period(task, kind, len(losses), i):
+                    start_period(model, task, optimizer, seed, epoch, periods)
+                    periods += 1
                 losses.append(train_step(model, task.batch(rows), optimizer, scheduler, task.max_grad_norm))
         value = evaluate_model(task, model)
         seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -62,6 +64,7 @@ def run_one(
         "final_train_loss": losses[-1],
         "diverged": not all(math.isfinite(x) for x in losses) or not math.isfinite(value),  # refined by run_task
         "epochs": task.epochs,
+        "periods": periods if method.is_trady else None,
         "steps": total,
         "peak_rss_growth_bytes": rss.growth,
         "wall_seconds": round(seconds, 3),

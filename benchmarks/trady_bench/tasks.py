@@ -39,6 +39,9 @@ class Task:
         epochs, batch_size, lr, warmup: the schedule (SGD, cosine with linear warm-up), the same for
             every method.
         max_grad_norm: gradients clipped to this global norm before each step (None: no clipping).
+        resample_every_steps: under AdamW (the front), a TraDy period lasts this many optimizer steps,
+            as with ``TraDyCallback(resample_every_steps=...)`` (None: one period per epoch, as the
+            paper's SGD protocol always does).
         speed_batch_size: rows per timed step in the speed phase (None: ``batch_size``); smaller
             for the language model, whose interleaved speed phase dominated the run time.
         speed_group_size: methods held in memory at once by the speed phase, besides LoRA and
@@ -64,6 +67,7 @@ class Task:
     lr: float
     warmup: float = 0.1
     max_grad_norm: float | None = 1.0
+    resample_every_steps: int | None = None
     embeddings: str | None = None
     eval_batch_size: int = 128
     speed_batch_size: int | None = None
@@ -264,6 +268,7 @@ def lm_task(sizes: dict) -> Task:
         gradient_batches=sizes.get("gradient_batches", 2),
         speed_batch_size=sizes.get("speed_batch"),
         speed_group_size=8,
+        resample_every_steps=20,  # what docs/strategies.md suggests for a short causal-LM run
         notes=notes,
     )
 

@@ -84,11 +84,19 @@ def epoch_order(task: Task, seed: int, epoch: int) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=g).split(task.batch_size))
 
 
-def start_period(model: nn.Module, task: Task, optimizer, seed: int, epoch: int) -> None:
-    """Start TraDy period ``epoch`` (`trady_peft.next_period`); the strategies that score channels
-    (the Det-RGN strategies) score it on the first batches of that epoch."""
+def start_period(model: nn.Module, task: Task, optimizer, seed: int, epoch: int, period: int | None = None) -> None:
+    """Start TraDy period ``period`` (None: ``epoch``; `trady_peft.next_period`); the strategies that
+    score channels (the Det-RGN strategies) score it on the first batches of ``epoch``."""
     batches = (task.batch(rows) for rows in epoch_order(task, seed, epoch))  # read only by a scoring strategy
-    trady_peft.next_period(model, optimizer, batches=batches, period=epoch)
+    trady_peft.next_period(model, optimizer, batches=batches, period=epoch if period is None else period)
+
+
+def starts_period(task: Task, optimizer: str, step: int, batch_in_epoch: int) -> bool:
+    """Whether a TraDy period starts before optimizer step ``step`` (the ``batch_in_epoch``-th of its
+    epoch): every ``task.resample_every_steps`` steps under AdamW where the task sets it, else at the
+    first batch of each epoch."""
+    every = task.resample_every_steps if optimizer == "adamw" else None
+    return step % every == 0 if every else batch_in_epoch == 0
 
 
 def loss_of(output) -> torch.Tensor:

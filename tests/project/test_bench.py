@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import tiny_cnn, tiny_llama  # noqa: E402
 from trady_bench import front_run, resources  # noqa: E402
-from trady_bench.accuracy import run_grid  # noqa: E402
+from trady_bench.accuracy import run_grid, run_one  # noqa: E402
 from trady_bench.aggregate import diverged, picks, summarize, verdict  # noqa: E402
 from trady_bench.environment import environment, quiet  # noqa: E402
 from trady_bench.flops import flop_counter_without_module_tracking  # noqa: E402
@@ -32,7 +32,7 @@ from trady_bench.report import label, markdown_tables, recommendations, statemen
 from trady_bench.run import recount_flops, run_task  # noqa: E402
 from trady_bench.sweep import LADDER, best_lr, beyond, lr_centre, lr_grid  # noqa: E402
 from trady_bench.tasks import Task, image_task  # noqa: E402
-from trady_bench.training import HEAD_LR, make_optimizer  # noqa: E402
+from trady_bench.training import HEAD_LR, make_optimizer, starts_period  # noqa: E402
 
 
 def tiny_image_task() -> Task:
@@ -384,6 +384,16 @@ def test_the_front_trains_a_fresh_head_at_its_own_rate_and_everything_else_at_th
         assert body["params"] and not any("classifier." in names[id(p)] for p in body["params"])
     only = build_method(task, Method("head"), 0, [])  # the head alone: one group, at the swept rate
     assert len(make_optimizer(task, only, 4, "adamw", lr=1e-3, head_lr=HEAD_LR)[0].param_groups) == 1
+
+
+def test_under_adamw_a_task_can_set_the_period_length_in_steps_and_sgd_keeps_one_per_epoch():
+    task = tiny_image_task()  # 8 rows, batch 8: one step per epoch
+    task.epochs = 5
+    assert run_one(task, Method("trady", 1 << 20), 0, [], 1e-3, "adamw")["periods"] == 5  # one per epoch
+    task.resample_every_steps = 2
+    assert run_one(task, Method("trady", 1 << 20), 0, [], 1e-3, "adamw")["periods"] == 3  # steps 0, 2, 4
+    assert run_one(task, Method("trady", 1 << 20), 0, [], 0.1, "sgd")["periods"] == 5  # the paper's protocol
+    assert [starts_period(task, "adamw", s, b) for s, b in ((0, 0), (1, 0), (2, 1), (3, 0))] == [1, 0, 1, 0]
 
 
 def test_the_sweep_picks_the_best_learning_rate():
