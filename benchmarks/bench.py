@@ -22,6 +22,9 @@ there (``--report-only`` rebuilds it). Every generated block of docs/benchmarks.
 command and machine that produced it.
 """
 
+import trady_peft  # noqa: F401  first: it keeps the quantization backends' import-time log lines out
+
+# isort: split
 from trady_bench.cli import main
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class FrontGrid:
 
 
 #: The front of each preset: the full one, and a reduced one for ``make bench-quick`` (LoRA ranks 1 and
-#: 8, three budgets up to 0.35x, each also checkpointed, one rate past an edge: about 20 minutes on 2 cores).
+#: 8, three budgets up to 0.35x, each also checkpointed, one rate past an edge: 15 minutes on 2 idle cores).
 FRONT_GRIDS = {
     "quick": FrontGrid(
         ranks=(1, 8),

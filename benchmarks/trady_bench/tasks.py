@@ -111,7 +111,7 @@ PRESETS = {
 
 
 FRONT_PRESETS = {
-    # sizes per task for the front (--protocol adamw); quick is sized for about 20 minutes on 2 idle cores
+    # sizes per task for the front (--protocol adamw); quick ran 15 minutes on 2 idle cores
     # (all three tasks, with FRONT_GRIDS["quick"]), full trains SmolLM2 for 40 steps of 4 x 64 tokens
     "quick": {
         "image": {"train": 192, "test": 400, "size": 32, "epochs": 3, "batch": 32},
