@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .core.distributed import bank_numel
@@ -126,9 +127,12 @@ def create_optimizer(
             "create_optimizer: no TraDy adapter of this model trains (no bank requires a gradient); build it with "
             "peft.get_peft_model(model, trady_peft.TraDyConfig(...)) and keep an adapter active."
         )
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken]
-    head = [p for n, p in trainable if ".modules_to_save." in f".{n}"]
-    rest = [p for n, p in trainable if ".modules_to_save." not in f".{n}"]
+    saved = {
+        id(p) for m in model.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.modules_to_save.parameters()
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    head = [p for p in trainable if id(p) in saved]
+    rest = [p for p in trainable if id(p) not in saved]
     if head:
         groups.append({"params": head, "lr": HEAD_LEARNING_RATE if head_lr is None else head_lr})
     if rest:
