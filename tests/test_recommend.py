@@ -46,25 +46,31 @@ def test_an_unknown_adapter_is_refused_with_the_adapters_there_are():
         trady_peft.recommended_learning_rate(model, "other")
 
 
-def _train(model, tmp_path, learning_rate, data=None, optimizer=None) -> Trainer:
+def _train(
+    model, tmp_path, learning_rate, data=None, optimizer=None, callback=None, resume=None, **arguments
+) -> Trainer:
+    """Two steps of 8 rows (``arguments`` override the TrainingArguments), ``resume``: a checkpoint."""
     args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=learning_rate,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
+        **{
+            "output_dir": str(tmp_path),
+            "max_steps": 2,
+            "per_device_train_batch_size": 8,
+            "learning_rate": learning_rate,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "disable_tqdm": True,
+            **arguments,
+        }
     )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=CountingText(n=16) if data is None else data,
         optimizers=(optimizer, None),
-        callbacks=[trady_peft.TraDyCallback()],
+        callbacks=[callback or trady_peft.TraDyCallback()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -176,3 +182,29 @@ def test_the_trainer_trains_with_create_optimizers_rates_and_the_callback_accept
     assert [g["initial_lr"] for g in optimizer.param_groups] == [trady_peft.recommended_learning_rate(model), 3e-2]
     assert not [r for r in caplog.records if "learning_rate" in r.getMessage()]  # not the Trainer's 5e-5
     assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, head_before)
+
+
+def test_a_run_resumed_with_create_optimizer_ends_as_the_uninterrupted_one(tmp_path):
+    data = [{"input_ids": torch.randint(0, 64, (6,)), "labels": torch.tensor(i % 3)} for i in range(16)]
+
+    def run(resume: bool):
+        torch.manual_seed(1)
+        model = _head_model()
+        _train(
+            model,
+            tmp_path,
+            5e-5,
+            data,
+            trady_peft.create_optimizer(model),
+            trady_peft.TraDyCallback(resample_every_steps=2),
+            str(tmp_path / "checkpoint-2") if resume else None,
+            max_steps=4,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        return model.state_dict()
+
+    whole, resumed = run(False), run(True)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
