@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
 import trady_peft
 
 from .environment import quiet
+from .journal import RunJournal
 from .methods import Method, build_method
 from .resources import PeakRSS
 from .tasks import TASKS, Task
@@ -101,13 +102,31 @@ def run_grid(
     jobs: int,
     spec: tuple[str, dict] | None,
     optimizer: str = "sgd",
+    journal: RunJournal | None = None,
 ) -> list[dict]:
     """`run_one` for every ``(method, seed, lr)`` of ``runs``, in order: in this process, or spread
     over ``jobs`` spawned processes that rebuild the task from ``spec`` (the same data and weights:
-    the subsets and the pretrained model are fixed)."""
+    the subsets and the pretrained model are fixed). A run that ``journal`` holds is not trained
+    again; each run trained is added to it as it ends."""
+    records: list[dict | None] = [
+        journal.find(m.row_name, m.budget, seed, optimizer, task.lr if lr is None else lr) if journal else None
+        for m, seed, lr in runs
+    ]
+    todo = [i for i, r in enumerate(records) if r is None]
+
+    def finished(i: int, record: dict) -> None:
+        records[i] = record
+        if journal is not None:
+            journal.add(record)
+
     if jobs <= 1 or spec is None:
-        return [run_one(task, m, seed, lora_targets, lr, optimizer) for m, seed, lr in runs]
+        for i in todo:
+            m, seed, lr = runs[i]
+            finished(i, run_one(task, m, seed, lora_targets, lr, optimizer))
+        return records
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=spec) as pool:
-        futures = [pool.submit(_run_in_worker, m, seed, lora_targets, lr, optimizer) for m, seed, lr in runs]
-        return [f.result() for f in futures]
+        futures = {pool.submit(_run_in_worker, *runs[i][:2], lora_targets, runs[i][2], optimizer): i for i in todo}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+    return records

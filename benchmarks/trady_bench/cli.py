@@ -16,6 +16,7 @@ from .environment import environment, quiet
 from .front import FRONT_GRIDS
 from .front_report import verdicts
 from .front_run import run_front
+from .journal import RunJournal
 from .outputs import default_output, write_front_outputs, write_outputs
 from .resources import cpu_seconds
 from .run import recount_flops, run_task
@@ -64,6 +65,12 @@ def main(argv=None) -> dict:
         "learning rates the sweep now tries, seeds at a rate it now picks)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs an interrupted run of --tasks finished (<output-dir>/raw/<task>.runs.jsonl, written as "
+        "each run ends) and train only the rest",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: rebuild the JSON, plots and tables from the per-task results in <output-dir>/raw",
@@ -91,6 +98,9 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--recount-flops: no results of task {name!r} in {raw}; run the benchmark first.")
         t0 = time.perf_counter()
         sizes = FRONT_PRESETS[args.preset][name] if args.protocol == "adamw" else preset[name]
+        header = {"task": name, "preset": args.preset, "protocol": args.protocol, "sizes": sizes}
+        if not args.recount_flops:  # refuses an unasked resume before the task loads
+            journal = RunJournal(raw / f"{name}.runs.jsonl", header, resume=args.resume)
         task = TASKS[name](sizes)
         print(f"[{name}] data and model loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.recount_flops:
@@ -98,6 +108,8 @@ def main(argv=None) -> dict:
             print(f"[{name}] FLOPs recounted ({time.perf_counter() - t0:.0f} s)", flush=True)
             continue
         log = lambda s: print(s, flush=True)  # noqa: E731
+        if len(journal):
+            log(f"[{name}] resuming: {len(journal)} finished runs from {journal.path}")
         if args.protocol == "adamw":
             previous = None
             if args.extend:
@@ -107,9 +119,11 @@ def main(argv=None) -> dict:
                 if previous["run"]["sizes"] != sizes:
                     raise SystemExit(f"--extend: the results of task {name!r} in {raw} are of other sizes.")
             grid = FRONT_GRIDS[args.preset]
-            result = run_front(task, grid, log=log, jobs=args.jobs, spec=(name, sizes), previous=previous)
+            result = run_front(
+                task, grid, log=log, jobs=args.jobs, spec=(name, sizes), previous=previous, journal=journal
+            )
         else:
-            result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, sizes))
+            result = run_task(task, preset, log=log, jobs=args.jobs, spec=(name, sizes), journal=journal)
         result["run"] = {
             **environment(command, args.threads),
             "preset": args.preset,
@@ -118,6 +132,7 @@ def main(argv=None) -> dict:
             "jobs": args.jobs,
         }
         (raw / f"{name}.json").write_text(json.dumps(result, default=float) + "\n")
+        journal.close()
     # The report covers every task with results in raw/ (this run's, and earlier runs' of other tasks).
     results = {n: json.loads((raw / f"{n}.json").read_text()) for n in TASKS if (raw / f"{n}.json").exists()}
     env = environment(command, args.threads)

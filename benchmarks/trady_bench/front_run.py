@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .accuracy import run_grid
 from .aggregate import diverged
 from .front import REFERENCE, FrontGrid, budgets_from, front_methods
+from .journal import RunJournal
 from .memory import measure_memory
 from .methods import Method, checkpointable, lora_targets_at, lora_targets_of, target_layers
 from .resources import cpu_seconds
@@ -83,6 +84,7 @@ def run_front(
     jobs: int = 1,
     spec: tuple[str, dict] | None = None,
     previous: dict | None = None,
+    journal: RunJournal | None = None,
 ) -> dict:
     """The front on one task: memory, the learning-rate sweep (first seed), the other seeds.
 
@@ -94,7 +96,10 @@ def run_front(
     ``previous``: a finished result of this task (the raw result of an earlier run, whose LoRA r=8
     step memory sets the budgets again); its memory rows, sweep runs and seeds' runs are kept, and
     only what it lacks runs (new points, rates the sweep now tries, seeds at a rate the sweep now
-    picks)."""
+    picks).
+
+    ``journal``: the runs an interrupted run of this task finished (`RunJournal`); they are not
+    trained again, and each run trained is added to it."""
     t0, c0 = time.perf_counter(), cpu_seconds()
     targets = target_layers(task)
     lora = lora_targets_of(task, len(targets))
@@ -127,7 +132,7 @@ def run_front(
     untrained = previous["untrained"] if previous else evaluate_model(task, train_mode(task.build()))
 
     def train(runs):
-        records = run_grid(task, runs, lora, jobs, spec, OPTIMIZER)
+        records = run_grid(task, runs, lora, jobs, spec, OPTIMIZER, journal)
         for r in records:
             r["diverged"] = r["diverged"] or diverged(r, untrained)
         return records

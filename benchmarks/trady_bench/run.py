@@ -13,6 +13,7 @@ from .aggregate import diverged
 from .artifact import measure_artifact
 from .environment import environment
 from .flops import count_flops
+from .journal import RunJournal
 from .memory import measure_memory
 from .methods import Method, grid, lora_targets_of, target_layers, task_budgets
 from .resources import cpu_seconds
@@ -30,12 +31,14 @@ def run_task(
     seeds: Sequence[int] = SEEDS,
     jobs: int = 1,
     spec: tuple[str, dict] | None = None,
+    journal: RunJournal | None = None,
 ) -> dict:
     """The whole protocol on one task: memory, speed, FLOPs, accuracy grid, artifact.
 
     ``jobs`` > 1 trains the accuracy grid in that many worker processes (one torch thread each),
     which rebuild the task from ``spec`` = ``(task name, preset sizes)``; everything timed or
-    measured step by step (memory, speed, FLOPs) runs in this process before them."""
+    measured step by step (memory, speed, FLOPs) runs in this process before them. A run that
+    ``journal`` holds (an interrupted run's) is not trained again."""
     t0, c0 = time.perf_counter(), cpu_seconds()
 
     def since() -> str:
@@ -59,7 +62,7 @@ def run_task(
     spd = {(r["method"], r["budget_bytes"]): r for r in speed}
     untrained = evaluate_model(task, train_mode(task.build()))  # the reference a diverged run ends far above
     runs = [(m, seed, None) for m in methods for seed in seeds]
-    for (m, seed, _), r in zip(runs, run_grid(task, runs, lora, jobs, spec)):
+    for (m, seed, _), r in zip(runs, run_grid(task, runs, lora, jobs, spec, journal=journal)):
         k = (m.name, m.budget)
         r["diverged"] = r["diverged"] or diverged(r, untrained)
         r.update(

@@ -682,3 +682,42 @@ def test_the_front_runs_a_strategy_at_another_bank_share_checkpointed_and_as_its
     )
     (answer,) = answer_lora_points(records, memory, ("trady", "medyate"))["image"]
     assert answer.by == ("image", "medyate-share0.9-gc", 20)
+
+
+def test_an_interrupted_grid_resumes_from_its_journal_and_trains_only_the_rest(tmp_path, monkeypatch):
+    """The journal holds each run as it ends; a resumed grid returns them unchanged and trains only
+    the runs the interruption lost; a journal is refused without --resume or of other sizes."""
+    from trady_bench import accuracy
+    from trady_bench.journal import RunJournal
+
+    task = tiny_image_task()
+    runs = [(Method("head"), seed, lr) for seed in (0, 1) for lr in (1e-3, 1e-2)]
+    header = {"task": "image", "preset": "tiny", "protocol": "adamw", "sizes": {"train": 8}}
+    path = tmp_path / "image.runs.jsonl"
+    real, ran = accuracy.run_one, []
+
+    def interrupted(task, m, seed, lora, lr, optimizer):
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        ran.append((seed, lr))
+        return real(task, m, seed, lora, lr, optimizer)
+
+    monkeypatch.setattr(accuracy, "run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(task, runs, [], 1, None, "adamw", RunJournal(path, header))
+    path.write_text(path.read_text() + '{"method": "head", "budg')  # a line the crash cut short
+    with pytest.raises(SystemExit, match="--resume"):
+        RunJournal(path, header)
+    with pytest.raises(SystemExit, match="delete it"):
+        RunJournal(path, {**header, "sizes": {"train": 16}}, resume=True)
+    journal = RunJournal(path, header, resume=True)
+    assert len(journal) == 3
+    ran.clear()
+    monkeypatch.setattr(accuracy, "run_one", real)
+    resumed = run_grid(task, runs, [], 1, None, "adamw", journal)
+    whole = run_grid(task, runs, [], 1, None, "adamw")
+    assert [(r["seed"], r["lr"]) for r in resumed] == [(seed, lr) for _, seed, lr in runs]
+    assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in whole]
+    assert len(RunJournal(path, header, resume=True)) == 4
+    journal.close()
+    assert not path.exists()
