@@ -25,13 +25,14 @@ def rows(front: dict) -> list[tuple]:
     """(task, method, budget MiB, bank values, rule, best, ratio, tried) for every priced point."""
     found = []
     for task, result in front["tasks"].items():
+        kind = "causal_lm" if "perplexity" in result["sweep_records"][0] else "classifier"  # SmolLM2: a causal LM
         memory = {(m["method"], m["budget_bytes"]): m for m in result["memory"]}
         for sweep in result["sweep"]:
             row = memory.get((sweep["method"], sweep["budget_bytes"]))
             if row is None or "adapter_bank_bytes" not in row:
                 continue  # LoRA, head-only, full fine-tuning: no bank
             values = row["adapter_bank_bytes"] // BANK_BYTES_PER_VALUE
-            rule, best = learning_rate_for(values), sweep["lr"]
+            rule, best = learning_rate_for(values, kind), sweep["lr"]
             tried = sorted(sweep["tried"].items(), key=lambda kv: float(kv[0]))
             found.append(
                 (

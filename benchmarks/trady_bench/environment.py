@@ -24,11 +24,13 @@ def examples_importable() -> None:
 
 
 def quiet() -> None:
-    """The examples' assets importable; transformers', datasets' and trady_peft's chatter off."""
+    """The examples' assets importable; transformers', datasets' and trady_peft's chatter (and
+    transformers' weight-loading bars, which each worker process would print) off."""
     examples_importable()
     import datasets  # an examples extra: imported when a run sets up
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     logging.getLogger("trady_peft").setLevel(logging.ERROR)
 
