@@ -15,19 +15,34 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import trady_peft
 from tests.tiny_models import CountingText, tiny_cnn, tiny_llama
-from trady_peft.recommend import HEAD_LEARNING_RATE, LEARNING_RATE_RANGE, learning_rate_for
+from trady_peft.recommend import HEAD_LEARNING_RATE, LEARNING_RATE_RULES, learning_rate_for, model_kind
 
 
-@given(st.integers(1, 10**9), st.integers(1, 10**9))
-def test_more_trainable_values_never_get_a_larger_rate_and_the_rate_stays_in_range(a, b):
+@given(st.integers(1, 10**9), st.integers(1, 10**9), st.sampled_from(sorted(LEARNING_RATE_RULES)))
+def test_more_trainable_values_never_get_a_larger_rate_and_the_rate_stays_in_range(a, b, kind):
     small, large = sorted((a, b))
-    assert learning_rate_for(large) <= learning_rate_for(small)
-    assert LEARNING_RATE_RANGE[0] <= learning_rate_for(a) <= LEARNING_RATE_RANGE[1]
+    rule = LEARNING_RATE_RULES[kind]
+    assert learning_rate_for(large, kind) <= learning_rate_for(small, kind)
+    assert rule.low <= learning_rate_for(a, kind) <= rule.high
 
 
-def test_between_the_clips_the_rate_falls_as_the_square_root_of_the_values():
-    assert learning_rate_for(500_000) == pytest.approx(3e-3)
-    assert learning_rate_for(2_000_000) == pytest.approx(learning_rate_for(500_000) / 2)
+def test_between_the_clips_the_rate_falls_as_the_rule_says():
+    assert learning_rate_for(500_000, "causal_lm") == pytest.approx(3e-3)
+    assert learning_rate_for(2_000_000, "causal_lm") == pytest.approx(3e-3 / 2)  # as the square root
+    assert learning_rate_for(360_000, "classifier") == pytest.approx(3e-3)
+    assert learning_rate_for(1_440_000, "classifier") == pytest.approx(3e-3 / 4)  # as the values
+    with pytest.raises(ValueError, match="choose one of"):
+        learning_rate_for(1_000, "regressor")
+
+
+def test_a_classifier_and_a_causal_lm_of_the_same_bank_get_their_own_rule():
+    lm = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget="64KiB"))
+    classifier = _head_model()
+    cnn = get_peft_model(tiny_cnn(0), trady_peft.TraDyConfig(memory_budget="16KiB", modules_to_save=["classifier"]))
+    assert (model_kind(lm), model_kind(classifier), model_kind(cnn)) == ("causal_lm", "classifier", "classifier")
+    for model, kind in ((lm, "causal_lm"), (classifier, "classifier")):
+        values = model.base_model.trady_bank["default"].weight.numel()
+        assert trady_peft.recommended_learning_rate(model) == learning_rate_for(values, kind)
 
 
 def test_the_recommended_rate_follows_the_bank_of_the_budget():
@@ -35,7 +50,7 @@ def test_the_recommended_rate_follows_the_bank_of_the_budget():
     for budget in ("16KiB", "64KiB"):
         model = get_peft_model(tiny_llama(), trady_peft.TraDyConfig(memory_budget=budget))
         values = model.base_model.trady_bank["default"].weight.numel()
-        assert trady_peft.recommended_learning_rate(model) == learning_rate_for(values)
+        assert trady_peft.recommended_learning_rate(model) == learning_rate_for(values, "causal_lm")
         rates.append(trady_peft.recommended_learning_rate(model.base_model))
     assert rates[1] <= rates[0]  # a larger bank never trains at a larger rate
 
@@ -129,7 +144,7 @@ def test_under_step_memory_the_rate_waits_for_the_probe_and_the_message_says_so(
     batch = CountingText(n=4)[0]
     model.base_model.probe({k: v.unsqueeze(0) for k, v in batch.items()})  # the fix the message gives
     values = model.base_model.trady_bank["default"].weight.numel()
-    assert values > 0 and trady_peft.recommended_learning_rate(model) == learning_rate_for(values)
+    assert values > 0 and trady_peft.recommended_learning_rate(model) == learning_rate_for(values, "causal_lm")
 
 
 def _head_model():

@@ -2,64 +2,89 @@
 
 A TraDy adapter trains its bank's values from zero every period. With AdamW each value moves by
 about the learning rate per step, whatever its gradient's scale, so the more values a budget
-trains, the smaller the rate that trains them well. `recommended_learning_rate` follows that:
+trains, the smaller the rate that trains them well. `recommended_learning_rate` follows that, with
+one rule per kind of model (`model_kind`, `LEARNING_RATE_RULES`):
 
-    lr = 3e-3 * sqrt(500,000 / trainable values of the bank), clipped to [1e-3, 1e-2]
+    causal LM:   lr = 3e-3 * sqrt(500,000 / values), clipped to [1e-3, 1e-2]
+    classifier:  lr = 3e-3 * (360,000 / values),     clipped to [1e-4, 3e-3]
 
-The rule was fitted to the accuracy-memory front (docs/benchmarks.md, `make bench-quick`: an image
-CNN, a text encoder and a causal LM, TraDy and MeDyate at budgets from 0.05x to 1x LoRA r=8's step
-memory) while a fresh classifier head trained at the bank's rate: the best rate of each point's
-sweep fell as the bank grew, from 1e-2 to 1e-3, and the rule lay within a factor 2.3 of it at 26 of
-29 points. On the current front, which trains a fresh head at its own rate (`create_optimizer`),
-it stays within 2.1 of the causal LM's best rates, but the classifiers' banks train best 2 to 10x
-below it (3e-4 to 3e-3); it is not refitted to that yet (docs/strategies.md).
-`benchmarks/learning_rate_rule.py` prints the comparison. The Trainer's default (5e-5) trains a
-TraDy bank far too slowly.
+A classifier's bank trains beside a fresh head at its own rate (`HEAD_LEARNING_RATE`, through
+`create_optimizer`); the head takes the fit a bank at a higher rate would, and a large bank at a
+causal LM's rate collapses (EfficientNet-Lite0, 958,346 values: 0.48 accuracy at 3e-3 against
+0.75 at 3e-4). The rules were fitted to the full accuracy-memory front (docs/benchmarks.md,
+`make bench`: TraDy and MeDyate at budgets from 0.05x to 1x LoRA r=8's step memory, the best rate
+of each point's sweep); `benchmarks/learning_rate_rule.py` prints rule against best for each point.
+The Trainer's default (5e-5) trains a TraDy bank far too slowly.
 
 A fresh classifier head (``modules_to_save``) wants a larger rate than the bank: on the front's
 image and text tasks the head alone trained best at 3e-2, and a head trained at a bank's rate
-stayed underfit. `create_optimizer` builds the optimizer with both rates (`HEAD_LEARNING_RATE`).
+stayed underfit. `create_optimizer` builds the optimizer with both rates.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .core.distributed import bank_numel
-from .model import find_tuner
+from .model import find_tuner, is_causal_lm
 
-#: The rule's anchor: the rate at this many trainable values.
-REFERENCE_VALUES = 500_000
-REFERENCE_LEARNING_RATE = 3e-3
-#: The rule is clipped to the rates the front's sweeps found best.
-LEARNING_RATE_RANGE = (1e-3, 1e-2)
+
+@dataclass(frozen=True)
+class LearningRateRule:
+    """``rate * (values / trainable values) ** exponent``, clipped to ``[low, high]``."""
+
+    values: int
+    rate: float
+    exponent: float
+    low: float
+    high: float
+
+    def __call__(self, trainable_values: int) -> float:
+        if trainable_values < 1:
+            raise ValueError(f"trainable_values={trainable_values!r} must be >= 1.")
+        rate = self.rate * (self.values / trainable_values) ** self.exponent
+        return min(self.high, max(self.low, rate))
+
+
+#: The rule by the kind of model (`model_kind`), fitted to the accuracy-memory front (module docstring).
+LEARNING_RATE_RULES = {
+    "causal_lm": LearningRateRule(values=500_000, rate=3e-3, exponent=0.5, low=1e-3, high=1e-2),
+    "classifier": LearningRateRule(values=360_000, rate=3e-3, exponent=1.0, low=1e-4, high=3e-3),
+}
 #: AdamW's rate for a fresh classifier head (``modules_to_save``): the head-only point's best on the
-#: front's image and text tasks (1e-4 to 1e-1 tried).
+#: front's image and text tasks (1e-4 to 3e-2 tried).
 HEAD_LEARNING_RATE = 3e-2
 #: `trady_peft.TraDyCallback` warns when an Adam-family optimizer's rate is more than this factor off.
 LEARNING_RATE_TOLERANCE = 4.0
 
 
-def learning_rate_for(trainable_values: int) -> float:
-    """The rule for a bank of ``trainable_values`` (see the module docstring).
+def learning_rate_for(trainable_values: int, kind: str) -> float:
+    """The rule of ``kind`` (``"causal_lm"`` or ``"classifier"``) for a bank of ``trainable_values``.
 
-    >>> learning_rate_for(500_000), learning_rate_for(2_000_000), learning_rate_for(1_000)
-    (0.003, 0.0015, 0.01)
+    >>> learning_rate_for(500_000, "causal_lm"), learning_rate_for(2_000_000, "causal_lm")
+    (0.003, 0.0015)
+    >>> learning_rate_for(360_000, "classifier"), learning_rate_for(1_440_000, "classifier")
+    (0.003, 0.00075)
     """
-    if trainable_values < 1:
-        raise ValueError(f"trainable_values={trainable_values!r} must be >= 1.")
-    low, high = LEARNING_RATE_RANGE
-    return min(high, max(low, REFERENCE_LEARNING_RATE * math.sqrt(REFERENCE_VALUES / trainable_values)))
+    if kind not in LEARNING_RATE_RULES:
+        raise ValueError(f"learning_rate_for: kind={kind!r}; choose one of {tuple(LEARNING_RATE_RULES)}.")
+    return LEARNING_RATE_RULES[kind](trainable_values)
+
+
+def model_kind(model: nn.Module) -> str:
+    """Which rule a model's banks follow: ``"causal_lm"`` for a model that generates text (its
+    ``can_generate()``), ``"classifier"`` for any other (a fresh head beside the bank)."""
+    return "causal_lm" if is_causal_lm(find_tuner(model).model) else "classifier"
 
 
 def recommended_learning_rate(model: nn.Module, adapter_name: str = "default") -> float:
     """The AdamW learning rate the accuracy-memory front recommends for adapter ``adapter_name`` of
     ``model`` (a `peft.PeftModel` with TraDy adapters, or its `TraDyModel`), from the number of values
-    its bank trains (`learning_rate_for`).
+    its bank trains and the kind of model (`learning_rate_for`, `model_kind`).
 
     Example:
         ```python
@@ -83,7 +108,7 @@ def recommended_learning_rate(model: nn.Module, adapter_name: str = "default") -
             f"recommended_learning_rate: adapter {adapter_name!r}'s bank holds no trainable value yet (it is sized "
             "once the first forward prices the step); call model.base_model.probe(batch) first."
         )
-    return learning_rate_for(values)
+    return learning_rate_for(values, model_kind(model))
 
 
 def create_optimizer(

@@ -20,9 +20,11 @@ def test_each_strategy_point_is_compared_with_its_sweeps_best_rate(capsys):
                     {"method": "trady", "budget_bytes": 100, "lr": 3e-3, "tried": {"0.001": 2.0, "0.003": 1.0}},
                     {"method": "lora-r8", "budget_bytes": None, "lr": 1e-3, "tried": {"0.001": 1.0}},
                 ],
+                "sweep_records": [{"method": "trady", "perplexity": 1.0}],
             }
         }
     }
     (row,) = learning_rate_rule.rows(front)  # LoRA has no bank: left out
     assert row[:4] == ("lm", "trady", 100 / 2**20, 2_000_000)
-    assert row[4] == learning_rate_for(2_000_000) and row[6] == pytest.approx(3e-3 / learning_rate_for(2_000_000))
+    rule = learning_rate_for(2_000_000, "causal_lm")  # a task measured in perplexity: the causal-LM rule
+    assert row[4] == rule and row[6] == pytest.approx(3e-3 / rule)
