@@ -8,11 +8,6 @@ learns Fashion-MNIST (Debian package ``dataset-fashion-mnist``) three ways with 
   under a memory budget and redrawn every epoch, plus the head;
 * full fine-tuning.
 
-Each method trains with AdamW at the rates the project's accuracy-memory front found best on this
-model (docs/benchmarks.md): the head alone at ``trady_peft.recommend.HEAD_LEARNING_RATE`` (3e-2); TraDy with
-``trady_peft.create_optimizer`` (its bank at ``recommended_learning_rate``, the fresh head at 3e-2);
-full fine-tuning at 3e-4. ``--lr`` sets one rate for every method instead.
-
 Data go through ``datasets`` and accuracy through ``evaluate`` (an offline metric module,
 examples/metrics/accuracy) as the Trainer's ``compute_metrics``, evaluated every epoch. It prints
 test accuracy, the memory of one training step measured with
@@ -49,28 +44,14 @@ def build(method: str, budget: str | int, seed: int):
     return model
 
 
-#: Full fine-tuning's AdamW rate: its best on the accuracy-memory front's EfficientNet-Lite0 task.
-FULL_FINE_TUNING_LR = 3e-4
-
-
-def make_optimizer(method: str, model, lr: float | None):
-    """AdamW at ``method``'s rate (``lr`` for every parameter when given)."""
+def measure(model, data, batch_size: int, lr: float):
     import torch
 
     import trady_peft
-    from trady_peft.recommend import HEAD_LEARNING_RATE
-
-    if method == "TraDy":
-        return trady_peft.create_optimizer(model, lr=lr, head_lr=lr)
-    default = HEAD_LEARNING_RATE if method == "head only" else FULL_FINE_TUNING_LR
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or default)
-
-
-def measure(model, data, batch_size: int, method: str, lr: float | None = None):
-    import trady_peft
 
     model.train()
-    optimizer = make_optimizer(method, model, lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
     batch = data[:batch_size]
     mem = trady_peft.measure_training_step(model, batch, optimizer)
     optimizer.zero_grad(set_to_none=True)
@@ -85,16 +66,14 @@ def run(method: str, args, train, test, workdir: Path) -> dict:
 
     say(f"{method}: building EfficientNet-Lite0 and measuring one training step")
     model = build(method, args.budget, args.seed)
-    mem = measure(build(method, args.budget, args.seed), train, args.batch_size, method, args.lr)
-    optimizer = make_optimizer(method, model, args.lr)
-    rates = sorted({g["lr"] for g in optimizer.param_groups})
+    mem = measure(build(method, args.budget, args.seed), train, args.batch_size, args.lr)
     training_args = TrainingArguments(
         output_dir=str(workdir / method.replace(" ", "_")),
         run_name=method,
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=128,
-        learning_rate=optimizer.param_groups[0]["lr"],  # the optimizer below carries every group's rate
+        learning_rate=args.lr,
         weight_decay=0.0,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
@@ -114,15 +93,14 @@ def run(method: str, args, train, test, workdir: Path) -> dict:
         eval_dataset=test,
         compute_metrics=compute_accuracy(),
         callbacks=callbacks,
-        optimizers=(optimizer, None),  # the Trainer adds its cosine schedule
     )
     with_method_label(trainer, method)
-    say(f"{method}: training for {args.epochs} epochs at AdamW lr {' / '.join(f'{r:g}' for r in rates)}")
+    say(f"{method}: training for {args.epochs} epochs, evaluating after each")
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     accuracy = trainer.evaluate()["eval_accuracy"]
-    row = {"method": method, "accuracy": accuracy, "seconds": seconds, "memory": mem, "adapter": None, "lr": rates}
+    row = {"method": method, "accuracy": accuracy, "seconds": seconds, "memory": mem, "adapter": None}
     if method == "TraDy":
         model.save_pretrained(workdir / "trady_adapter")
         row["adapter"] = (workdir / "trady_adapter" / "adapter_model.safetensors").stat().st_size
@@ -143,13 +121,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=64, help="side of the resized images")
     parser.add_argument("--epochs", type=int, default=3, help="epochs; TraDy redraws its channels every epoch")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="one AdamW learning rate (cosine schedule) for every method; None: each method's own (head 3e-2, "
-        "TraDy trady_peft.create_optimizer, full fine-tuning 3e-4)",
-    )
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine schedule)")
     parser.add_argument(
         "--budget",
         type=lambda t: int(t) if t.isdigit() else t,
@@ -184,17 +156,16 @@ def report(rows: list[dict], args, workdir: Path | None) -> None:
 
     print(
         f"\nEfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, {args.train_size} train / {args.test_size} test images, "
-        f"{args.image_size}x{args.image_size}, {args.epochs} epochs, batch {args.batch_size}, AdamW (cosine)"
+        f"{args.image_size}x{args.image_size}, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr}"
     )
     print("Memory of one training step, measured (saved activations = what autograd kept for backward):")
     header = f"{'method':<18}{'accuracy':>9}{'saved acts':>13}{'trainable':>12}{'grads':>12}{'AdamW state':>13}"
-    print(header + f"{'adapter file':>14}{'train time':>12}  AdamW lr")
+    print(header + f"{'adapter file':>14}{'train time':>12}")
     for r in rows:
         m = r["memory"]
         print(
             f"{r['method']:<18}{r['accuracy']:>9.3f}{kib(m.saved_activations):>13}{kib(m.trainable_parameters):>12}"
             f"{kib(m.gradients):>12}{kib(m.optimizer_state):>13}{kib(r['adapter']):>14}{r['seconds']:>11.0f}s"
-            f"  {' / '.join(f'{lr:g}' for lr in r['lr'])}"
         )
     for r in rows:
         if "summary" in r:

@@ -161,7 +161,7 @@ def test_the_readme_quickstart_figures_are_what_the_code_measures_with_the_threa
             return {"pixel_values": images[rows], "labels": labels[rows]}
 
     model = quickstart.build("TraDy", "8MiB", seed=0)
-    memory = quickstart.measure(model, Rows(), batch_size=32, method="TraDy")
+    memory = quickstart.measure(model, Rows(), batch_size=32, lr=3e-3)
     measured = [memory.saved_activations, memory.trainable_parameters, memory.gradients, memory.optimizer_state]
     assert tuple(quickstart.kib(n) for n in measured) == row
     summary = model.base_model.selection_summary()
