@@ -1,5 +1,6 @@
 """How far `trady_peft.recommended_learning_rate`'s rule lies from the best rate of each sweep of
-the accuracy-memory front (docs/benchmarks/front/front.json, written by `make bench-quick`).
+the accuracy-memory front (docs/benchmarks/full/front/front.json, written by `make bench`; pass
+docs/benchmarks/front/front.json for the quick front).
 
 Prints one markdown row per TraDy and MeDyate point: the bank's values (its measured bytes / 16,
 fp32 parameter + gradient + AdamW's two moments), the rule's rate, the best rate of the sweep, their
@@ -17,7 +18,7 @@ from pathlib import Path
 from trady_peft.memory.budget import bytes_per_trained_value
 from trady_peft.recommend import learning_rate_for
 
-FRONT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "front" / "front.json"
+FRONT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "full" / "front" / "front.json"
 BANK_BYTES_PER_VALUE = bytes_per_trained_value(8)  # fp32 parameter, gradient, AdamW's exp_avg and exp_avg_sq
 
 

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
         type=float,
         default=None,
         help="AdamW learning rate of the adapter's bank; None: trady_peft.recommended_learning_rate for its budget "
-        "(the fresh classifier trains at 3e-2, trady_peft.create_optimizer)",
+        "(the fresh classifier trains at 1e-2, trady_peft.create_optimizer)",
     )
     parser.add_argument(
         "--output-dir", default="runs/text_classification", help="Trainer output and the saved adapter"

@@ -194,7 +194,10 @@ def test_the_trainer_trains_with_create_optimizers_rates_and_the_callback_accept
     with caplog.at_level(logging.WARNING, logger="trady_peft"):
         trainer = _train(model, tmp_path, 5e-5, data, optimizer)  # not the Trainer's rate: the optimizer's
     assert trainer.optimizer.optimizer is optimizer  # accelerate wraps it
-    assert [g["initial_lr"] for g in optimizer.param_groups] == [trady_peft.recommended_learning_rate(model), 3e-2]
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [
+        trady_peft.recommended_learning_rate(model),
+        HEAD_LEARNING_RATE,
+    ]
     assert not [r for r in caplog.records if "learning_rate" in r.getMessage()]  # not the Trainer's 5e-5
     assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, head_before)
 
