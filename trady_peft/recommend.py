@@ -9,11 +9,13 @@ one rule per kind of model (`model_kind`, `LEARNING_RATE_RULES`):
     classifier:  lr = 3e-3 * (360,000 / values),     clipped to [1e-4, 3e-3]
 
 A classifier's bank trains beside a fresh head at its own rate (`HEAD_LEARNING_RATE`, through
-`create_optimizer`); the head takes the fit a bank at a higher rate would, and a large bank at a
-causal LM's rate collapses (EfficientNet-Lite0, 958,346 values: 0.48 accuracy at 3e-3 against
-0.75 at 3e-4). The rules were fitted to the full accuracy-memory front (docs/benchmarks.md,
+`create_optimizer`), and its best rates lie below a causal LM's: at a causal LM's rate a large
+classifier bank collapses (EfficientNet-Lite0, 958,346 values: 0.48 accuracy at 3e-3 against 0.75
+at 3e-4). The classifier rule was fitted to the full accuracy-memory front (docs/benchmarks.md,
 `make bench`: TraDy and MeDyate at budgets from 0.05x to 1x LoRA r=8's step memory, the best rate
-of each point's sweep); `benchmarks/learning_rate_rule.py` prints rule against best for each point.
+of each point's sweep: within a factor 1.1 at the median, 3.8 at most); the causal-LM rule to the
+quick front (`make bench-quick`: SmolLM2's best rates within a factor 2.1).
+`benchmarks/learning_rate_rule.py` prints rule against best for each point.
 The Trainer's default (5e-5) trains a TraDy bank far too slowly.
 
 A fresh classifier head (``modules_to_save``) wants a larger rate than the bank, how much larger
