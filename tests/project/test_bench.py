@@ -721,3 +721,21 @@ def test_an_interrupted_grid_resumes_from_its_journal_and_trains_only_the_rest(t
     assert len(RunJournal(path, header, resume=True)) == 4
     journal.close()
     assert not path.exists()
+
+
+def test_the_benchmark_command_refuses_an_interrupted_runs_journal_without_resume_before_loading(
+    tmp_path, monkeypatch
+):
+    from trady_bench import cli
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "image.runs.jsonl").write_text('{"task": "image"}\n')
+    loaded = []
+    monkeypatch.setitem(cli.TASKS, "image", lambda sizes: loaded.append(sizes))
+    with pytest.raises(SystemExit, match="Add --resume to keep them"):
+        cli.main(["--preset", "quick", "--tasks", "image", "--output-dir", str(tmp_path)])
+    assert not loaded  # refused before the data and the model load
+    with pytest.raises(SystemExit, match="delete it to start the task over"):  # another run's journal
+        cli.main(["--preset", "quick", "--tasks", "image", "--output-dir", str(tmp_path), "--resume"])
+    assert not loaded and (raw / "image.runs.jsonl").read_text() == '{"task": "image"}\n'  # nothing lost
