@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from trady_bench.aggregate import metric_name
+
 from trady_peft.memory.budget import bytes_per_trained_value
 from trady_peft.recommend import learning_rate_for
 
@@ -26,7 +28,7 @@ def rows(front: dict) -> list[tuple]:
     """(task, method, budget MiB, bank values, rule, best, ratio, tried) for every priced point."""
     found = []
     for task, result in front["tasks"].items():
-        kind = "causal_lm" if "perplexity" in result["sweep_records"][0] else "classifier"  # SmolLM2: a causal LM
+        kind = "causal_lm" if metric_name(result["sweep_records"][0]) == "perplexity" else "classifier"  # SmolLM2
         memory = {(m["method"], m["budget_bytes"]): m for m in result["memory"]}
         for sweep in result["sweep"]:
             row = memory.get((sweep["method"], sweep["budget_bytes"]))

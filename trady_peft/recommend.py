@@ -114,7 +114,7 @@ def recommended_learning_rate(model: nn.Module, adapter_name: str = "default") -
             f"recommended_learning_rate: adapter {adapter_name!r}'s bank holds no trainable value yet (it is sized "
             "once the first forward prices the step); call model.base_model.probe(batch) first."
         )
-    return learning_rate_for(values, model_kind(model))
+    return learning_rate_for(values, model_kind(tuner))
 
 
 def create_optimizer(

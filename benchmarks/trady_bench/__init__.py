@@ -23,7 +23,8 @@ The modules, in the order the data flows:
 * `tasks`: what a task holds, the preset sizes, the image/text/lm tasks;
 * `methods`: the grid (strategies x budgets, LoRA, head-only, full) and a fresh model per method;
 * `training`: optimizer, schedule, periods, a training step, the test metric;
-* `accuracy`: the grid's training runs, in this process or in worker processes;
+* `accuracy`: the grid's training runs, in this process or in worker processes; `journal`: each
+  finished run, kept on disk for ``--resume``;
 * `memory`, `speed`, `flops`, `artifact`: one measurement each; `resources`: peak RSS, CPU time;
 * `aggregate`: mean ± std over seeds, win/tie/loss, divergence, the rows worth their memory;
 * `report`, `plots`, `outputs`: table.md, the PNGs, the JSON files and the docs page's block;

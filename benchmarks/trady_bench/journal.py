@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 
-def run_key(record: dict) -> tuple:
+def run_key(method: str, budget: int | None, seed: int, optimizer: str, lr: float) -> tuple:
     """What identifies a run of a task: its point (method row, budget), seed, optimizer and rate."""
-    return (record["method"], record["budget_bytes"], record["seed"], record["optimizer"], float(record["lr"]))
+    return (method, budget, seed, optimizer, float(lr))
+
+
+def key_of(record: dict) -> tuple:
+    """`run_key` of a finished run's record."""
+    return run_key(record["method"], record["budget_bytes"], record["seed"], record["optimizer"], record["lr"])
 
 
 class RunJournal:
@@ -23,7 +27,7 @@ class RunJournal:
     user chooses). A last line cut short by a crash is dropped."""
 
     def __init__(self, path: Path, header: dict, resume: bool = False):
-        self.path, self._lock, self._records = Path(path), threading.Lock(), {}
+        self.path, self._records = Path(path), {}
         if self.path.exists():
             if not resume:
                 raise SystemExit(
@@ -44,7 +48,7 @@ class RunJournal:
                         self.path.write_text("\n".join(lines[:-1]) + "\n")
                         continue
                     raise
-                self._records[run_key(record)] = record
+                self._records[key_of(record)] = record
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(header) + "\n")
@@ -54,17 +58,16 @@ class RunJournal:
 
     def find(self, method: str, budget: int | None, seed: int, optimizer: str, lr: float) -> dict | None:
         """A copy of the finished run with these keys, or None."""
-        record = self._records.get((method, budget, seed, optimizer, float(lr)))
+        record = self._records.get(run_key(method, budget, seed, optimizer, lr))
         return dict(record) if record is not None else None
 
     def add(self, record: dict) -> None:
         """Append a finished run to the file (flushed to disk before it returns)."""
-        with self._lock:
-            self._records[run_key(record)] = dict(record)
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+        self._records[key_of(record)] = dict(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         """Remove the file: the task's results, written, hold every run."""
