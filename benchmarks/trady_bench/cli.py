@@ -108,8 +108,9 @@ def main(argv=None) -> dict:
             print(f"[{name}] FLOPs recounted ({time.perf_counter() - t0:.0f} s)", flush=True)
             continue
         log = lambda s: print(s, flush=True)  # noqa: E731
-        if len(journal):
-            log(f"[{name}] resuming: {len(journal)} finished runs from {journal.path}")
+        resumed = len(journal)
+        if resumed:
+            log(f"[{name}] resuming: {resumed} finished runs from {journal.path}")
         if args.protocol == "adamw":
             previous = None
             if args.extend:
@@ -130,6 +131,7 @@ def main(argv=None) -> dict:
             "protocol": args.protocol,
             "sizes": sizes,
             "jobs": args.jobs,
+            "resumed_runs": resumed,  # training runs an interrupted run had finished (not in "elapsed")
         }
         (raw / f"{name}.json").write_text(json.dumps(result, default=float) + "\n")
         journal.close()

@@ -22,7 +22,7 @@ from trady_bench.aggregate import diverged, picks, summarize, verdict  # noqa: E
 from trady_bench.environment import environment, quiet  # noqa: E402
 from trady_bench.flops import flop_counter_without_module_tracking  # noqa: E402
 from trady_bench.front import REFERENCE, FrontGrid, front_methods  # noqa: E402
-from trady_bench.front_report import verdict_line  # noqa: E402
+from trady_bench.front_report import front_markdown, verdict_line  # noqa: E402
 from trady_bench.front_run import front_memory, run_front, twin_records  # noqa: E402
 from trady_bench.front_verdict import answer_lora_points  # noqa: E402
 from trady_bench.memory import largest_block, measure_memory  # noqa: E402
@@ -322,6 +322,17 @@ def tiny_front(tmp_path_factory):
     env = {**environment("pytest tiny front", 1), "preset": {"name": "tiny"}}
     write_front_outputs({"image": result}, env, out)
     return task, result, out
+
+
+def test_the_front_report_says_which_runs_a_resumed_task_took_from_its_journal(tiny_front):
+    _, result, _ = tiny_front
+    env = {**environment("pytest report", 1), "preset": {"name": "tiny"}}
+    resumed = {**result, "run": {"command": "bench --resume", "date": "today", "resumed_runs": 7}}
+    (line,) = [x for x in front_markdown({"image": resumed}, env).splitlines() if x.startswith("* image: `")]
+    assert "resuming the 7 training runs an interrupted run had finished" in line and "for the rest" in line
+    whole = {**result, "run": {"command": "bench", "date": "today", "resumed_runs": 0}}
+    (line,) = [x for x in front_markdown({"image": whole}, env).splitlines() if x.startswith("* image: `")]
+    assert "resuming" not in line and "in all" in line
 
 
 def test_front_budgets_are_the_asked_fractions_of_lora_r8_measured_step_memory(tiny_front):
