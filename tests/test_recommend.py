@@ -28,7 +28,7 @@ def test_more_trainable_values_never_get_a_larger_rate_and_the_rate_stays_in_ran
 
 def test_between_the_clips_the_rate_falls_as_the_rule_says():
     assert learning_rate_for(500_000, "causal_lm") == pytest.approx(3e-3)
-    assert learning_rate_for(2_000_000, "causal_lm") == pytest.approx(3e-3 / 2)  # as the square root
+    assert learning_rate_for(8_000_000, "causal_lm") == pytest.approx(3e-3 / 8)  # as the values to the 3/4
     assert learning_rate_for(360_000, "classifier") == pytest.approx(3e-3)
     assert learning_rate_for(1_440_000, "classifier") == pytest.approx(3e-3 / 4)  # as the values
     with pytest.raises(ValueError, match="choose one of"):
