@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per batch")
     parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps in all")
-    parser.add_argument("--resample-every", type=int, default=10, help="optimizer steps per TraDy period")
+    parser.add_argument("--resample-every", type=int, default=20, help="optimizer steps per TraDy period")
     parser.add_argument("--eval-every", type=int, default=10, help="optimizer steps between evaluations")
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks the perplexity is measured on")
     parser.add_argument(
