@@ -109,12 +109,13 @@ def front_markdown(results: dict[str, dict], env: dict) -> str:
             f"`{e.get('command')}` on {e.get('date')}" for e in runs
         )
         earlier = earlier if runs else ""
-        if run.get("resumed_runs"):
-            earlier += f", resuming the {run['resumed_runs']} training runs an interrupted run had finished"
+        resumed = run.get("resumed_runs")
+        if resumed:
+            earlier += f", resuming the {resumed} training runs an interrupted run had finished"
         lines.append(
             f"* {k}: `{run.get('command')}` on {run.get('date')}{earlier}, {t['elapsed']['wall_seconds'] / 60:.1f} "
             f"minutes wall ({t['elapsed']['cpu_seconds'] / 60:.1f} CPU-minutes) "
-            f"{'for the rest' if run.get('resumed_runs') else 'in all'}; before training: "
+            f"{'for the rest' if resumed else 'in all'}; before training: "
             f"{metric_name(t['records'][0])} {t['untrained']:.4g}"
         )
     answers = verdicts(results)
