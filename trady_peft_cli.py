@@ -101,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_budget,
         default=None,
-        help="memory_budget: 27946 (paper units) or '2MiB' (bytes); None: --channels-per-layer. A byte budget "
+        help="memory_budget: 27946 (paper units) or '2MiB' (bytes); None: --channels-per-layer, or without it TraDy's "
+        "default budget (a bank of the values LoRA r=8 would train on the same layers). A byte budget "
         "bounds everything the adapter adds to a training step: the bank parameter that holds the selected "
         "channels' trainable values, its gradient, its optimizer state, and the saved inputs of the selected "
         "channels.",
     )
-    memory.add_argument("--channels-per-layer", type=float, default=0.1, help="used when no --budget is given")
+    memory.add_argument(
+        "--channels-per-layer",
+        type=float,
+        default=None,
+        help="used when no --budget is given; None: TraDy's default budget",
+    )
     memory.add_argument(
         "--strategy",
         default="trady",

@@ -114,6 +114,7 @@ BUDGETS = {
     "values": {"memory_budget": 400},
     "bytes": {"memory_budget": "8KiB"},
     "step_memory": {"step_memory": "300KiB"},
+    "default": {},  # the default budget: a bank of LoRA r=8's values
 }
 
 
@@ -175,8 +176,9 @@ def test_generic_checks_for_every_model_budget_and_strategy(model_name, budget, 
     if budget == "channels_per_layer" and strategy in ("d-det-rgn", "s-det-rgn", "medyate"):
         pytest.skip("this strategy selects under a memory budget")
     factory, make_batch, extra = TRAIN_CASES[model_name]
-    config = trady_peft.TraDyConfig(strategy=strategy, **BUDGETS[budget], **extra)
-    model = get_peft_model(factory(), config)
+    model = get_peft_model(factory(), trady_peft.TraDyConfig(strategy=strategy, **BUDGETS[budget], **extra))
+    config = model.peft_config["default"]  # as resolved: a default budget is written in
+    assert config.budgeted == (budget != "channels_per_layer")
     model.train()
     batches = [make_batch() for _ in range(2)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

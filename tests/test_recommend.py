@@ -113,16 +113,17 @@ def _bert_classifier():
 
 
 @pytest.mark.parametrize(
-    ("build", "budget", "picked"),
+    ("build", "options", "picked"),
     [
-        (tiny_llama, "16KiB", "medyate"),  # a causal language model under a budget
-        (tiny_llama, None, "trady"),  # MeDyate needs a budget
-        (_bert_classifier, "16KiB", "trady"),
-        (tiny_cnn, "16KiB", "trady"),
+        (tiny_llama, {"memory_budget": "16KiB"}, "medyate"),  # a causal language model under a budget
+        (tiny_llama, {}, "medyate"),  # the default budget is a budget
+        (tiny_llama, {"channels_per_layer": 0.5}, "trady"),  # MeDyate needs a budget
+        (_bert_classifier, {"memory_budget": "16KiB"}, "trady"),
+        (tiny_cnn, {}, "trady"),
     ],
 )
-def test_auto_picks_the_strategy_the_front_recommends_and_writes_it_into_the_config(build, budget, picked, tmp_path):
-    config = trady_peft.TraDyConfig(memory_budget=budget)
+def test_auto_picks_the_strategy_the_front_recommends_and_writes_it_into_the_config(build, options, picked, tmp_path):
+    config = trady_peft.TraDyConfig(**options)
     assert config.strategy == "auto"
     model = get_peft_model(build(), config)
     assert model.peft_config["default"].strategy == picked

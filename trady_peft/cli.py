@@ -100,7 +100,9 @@ def model_name(spec: str) -> str:
     return Path(spec.rstrip("/")).name or spec
 
 
-def describe_budget(budget: int | str | None, channels_per_layer: float) -> str:
+def describe_budget(budget: int | str | None, channels_per_layer: float | None) -> str:
+    if budget is None and channels_per_layer is None:
+        return "default budget (a bank of LoRA r=8's values)"
     if budget is None:
         return f"no budget, {channels_per_layer:g} of each layer's input channels"
     if isinstance(budget, int):

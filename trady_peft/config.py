@@ -93,8 +93,10 @@ class TraDyConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Instead of a memory budget: how many input channels train in each target layer per period, "
-            "an int (count) or a float in (0, 1] (fraction). Default when neither memory_budget nor step_memory is "
-            "set: 0.1."
+            "an int (count) or a float in (0, 1] (fraction). None, with no memory_budget or step_memory: a default "
+            "byte budget whose bank holds as many trainable values as LoRA r=8 would train on the same layers, and "
+            "as many bytes again for the selected channels' saved inputs (written into memory_budget when the "
+            "adapter is created)."
         },
     )
     layer_ranking: list[str] | None = field(
@@ -151,13 +153,14 @@ class TraDyConfig(PeftConfig):
         default="auto",
         metadata={
             "help": "Channel selection strategy: 'auto' (the default: 'medyate' for a causal language model under a "
-            "budget (memory_budget or step_memory), 'trady' otherwise; picked when the adapter is created and "
-            "written into this config), 'trady' (uniform inside the top-K layers, redrawn every period), "
+            "budget (memory_budget, step_memory or the default budget), 'trady' otherwise (channels_per_layer, or "
+            "another model); picked when the adapter is created and written into this config), "
+            "'trady' (uniform inside the top-K layers, redrawn every period), "
             "'s-top-k-random' (the same, drawn once), 'd-full-random' / 's-full-random' (uniform over every "
             "target layer), 'd-det-rgn' / 's-det-rgn' (greedy by reweighted gradient norm of the full gradient, "
             "scored chunk by chunk within the budget), 'medyate' (top-K layers with K from the "
             "budget, channels drawn in proportion to their last-seen gradient norm). One of "
-            f"{('auto', *STRATEGIES)}. All but 'auto' and the random ones need memory_budget or step_memory."
+            f"{('auto', *STRATEGIES)}. All but 'auto' and the random ones need a budget, not channels_per_layer."
         },
     )
     seed: int = field(
@@ -222,8 +225,6 @@ class TraDyConfig(PeftConfig):
             budget = parse_budget(self.memory_budget)  # raises a clear error for a bad value
             if budget.unit == "values":
                 self.memory_budget = budget.amount  # a plain int, e.g. from numpy.int64: JSON-serialisable
-        elif self.channels_per_layer is None:
-            self.channels_per_layer = 0.1
         self._check_channels_per_layer()
         if self.top_k is not None:
             self.top_k = _integer("top_k", self.top_k, 1, "a positive int (number of ranked layers), or None")
@@ -249,9 +250,11 @@ class TraDyConfig(PeftConfig):
             close = difflib.get_close_matches(str(self.strategy).lower(), list(choices), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ValueError(f"strategy={self.strategy!r} is unknown{hint} Choose one of {choices}.")
-        if self.strategy in (*SCORING_STRATEGIES, "medyate") and not self.budgeted:
+        if self.strategy in (*SCORING_STRATEGIES, "medyate") and self.channels_per_layer is not None:
             raise ValueError(
-                f"strategy={self.strategy!r} selects channels under a budget: set memory_budget (or step_memory) too."
+                f"strategy={self.strategy!r} selects channels under a budget, not channels_per_layer="
+                f"{self.channels_per_layer!r}: drop channels_per_layer for the default budget, or set memory_budget "
+                "(or step_memory) instead."
             )
         if self.strategy not in (AUTO, *TOP_K_STRATEGIES) and (
             self.layer_ranking is not None or self.top_k is not None
@@ -406,6 +409,12 @@ class TraDyConfig(PeftConfig):
     def step_budget(self):
         """The parsed step_memory (a `trady_peft.memory.budget.Budget` in bytes), or None."""
         return None if self.step_memory is None else parse_step_memory(self.step_memory)
+
+    @property
+    def uses_default_budget(self) -> bool:
+        """Whether none of memory_budget, step_memory and channels_per_layer is set: the adapter then gets
+        `trady_peft.memory.budget.default_budget`, written into memory_budget when it is created."""
+        return self.memory_budget is None and self.step_memory is None and self.channels_per_layer is None
 
     @property
     def budgeted(self) -> bool:

@@ -32,12 +32,18 @@ from .core.quantized import requantize_refusal
 from .core.targets import default_targets
 from .files.format import PREFIX
 from .memory.backprop import BackpropStop
+from .memory.budget import DEFAULT_RANK, default_budget
 from .memory.frozen_path import apply_memory_saving, restore
 from .periods import Periods
 from .selection.state import SelectionState
 from .selection.strategies import AUTO, auto_strategy
 
 logger = logging.getLogger(__name__)
+
+
+#: Where a config records the default budget it was given (not a field: never saved), so that reusing
+#: the object for another model is caught.
+_DEFAULTED = "_trady_default_budget"
 
 
 def _supported_layer_names(model: nn.Module) -> list[str]:
@@ -199,6 +205,25 @@ class TraDyModel(BaseTuner):
     def _create_bank(self, name: str, on_meta: bool = False) -> None:
         """The adapter's bank; on the meta device for a ``low_cpu_mem_usage`` load, which makes it real."""
         config = self.peft_config[name]
+        defaulted = config.uses_default_budget or config.memory_budget == config.__dict__.get(_DEFAULTED, False)
+        if defaulted:
+            geometries = [layer.geometry for _, layer in self.trady_layers(name)]
+            budget = f"{default_budget(geometries, config.optimizer_state_bytes, config.bank_share)}B"
+            if config.memory_budget not in (None, budget):  # peft keeps the caller's object: it was another model's
+                raise ValueError(
+                    f"This TraDyConfig got memory_budget={config.memory_budget!r} as the default budget of another "
+                    f"model's layers; this model's default is {budget!r}. Pass a new TraDyConfig() for each model "
+                    "(or set memory_budget)."
+                )
+            config.memory_budget = config.__dict__[_DEFAULTED] = budget
+            logger.info(
+                "TraDy: no memory_budget, step_memory or channels_per_layer: adapter %r gets memory_budget=%r, a bank "
+                "of the values LoRA r=%d would train on its %d layers.",
+                name,
+                config.memory_budget,
+                DEFAULT_RANK,
+                len(geometries),
+            )
         if config.strategy == AUTO:
             config.strategy = auto_strategy(is_causal_lm(self.model), config.budgeted)
             logger.info("TraDy: strategy='auto' picked %r for adapter %r.", config.strategy, name)
@@ -209,7 +234,7 @@ class TraDyModel(BaseTuner):
         if "trady_bank" not in self._modules:
             self.trady_bank = nn.ModuleDict()
             self.trady_state = ResizableBufferDict()  # placeholders: a state dict holds the live states
-        capacity = 0 if config.inference_mode else self.periods.capacity(name)
+        capacity = 0 if config.inference_mode else self.periods.capacity(name, warn_if_all=not defaulted)
         bank = DeltaBank(name, capacity, torch.device("meta") if on_meta else device, layers[0][1].delta_dtype)
         if not config.init_weights and bank.weight.device.type != "meta":
             with torch.no_grad():

@@ -72,6 +72,8 @@ _BUDGET_RE = re.compile(r"^\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?
 MAX_BYTES = 2**62
 #: bytes of one trained fp32 value: the parameter and its gradient (optimizer state comes on top).
 PARAM_AND_GRAD_BYTES = 8
+#: The LoRA rank whose trainable values size the default budget (`default_budget`).
+DEFAULT_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,38 @@ def bank_capacity(budget: Budget, total_values: int, optimizer_state_bytes: int,
         return min(total_values, budget.amount)
     per_value = bytes_per_trained_value(optimizer_state_bytes)
     return min(total_values, int(budget.amount * bank_share) // per_value)
+
+
+def low_rank_values(geometry: ChannelGeometry, rank: int) -> int:
+    """Values a rank-``rank`` factorisation of a layer's weight trains (LoRA's A and B): ``rank * (rows +
+    columns)`` of the weight seen as a matrix of ``out_channels`` rows and ``in_channels / groups * kernel``
+    columns, at most the weight's own size.
+
+    >>> low_rank_values(ChannelGeometry("linear", 576, 1536), rank=8)  # 8 * (576 + 1536)
+    16896
+    >>> low_rank_values(ChannelGeometry("conv", 32, 32, groups=32, kernel_size=(3, 3)), rank=8)  # the whole weight
+    288
+    """
+    columns = geometry.in_per_group * math.prod(geometry.kernel_size)
+    return min(rank * (geometry.out_channels + columns), geometry.in_channels * geometry.slice_numel)
+
+
+def default_budget(
+    geometries: Iterable[ChannelGeometry], optimizer_state_bytes: int, bank_share: float, rank: int = DEFAULT_RANK
+) -> int:
+    """The byte budget an adapter gets when its config sets no memory_budget, step_memory or channels_per_layer.
+
+    Its bank (``bank_share`` of the budget) holds as many trainable values as LoRA of rank ``rank``
+    would train on the same layers (`low_rank_values`), each at `bytes_per_trained_value`; the rest of
+    the budget bounds the saved inputs of the selected channels. With the default ``bank_share`` (0.5)
+    that is the trainable state of LoRA r=8 twice over, whatever the batch or the sequence length.
+    """
+    values = sum(low_rank_values(g, rank) for g in geometries)
+    per_value = bytes_per_trained_value(optimizer_state_bytes)
+    budget = math.ceil(values * per_value / bank_share)
+    while int(budget * bank_share) // per_value < values:  # float rounding of the share
+        budget += 1
+    return budget
 
 
 def draw_limits(budget: Budget, capacity: int, optimizer_state_bytes: int) -> tuple[int, ...]:

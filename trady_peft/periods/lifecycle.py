@@ -192,9 +192,10 @@ class Periods:
             )
         return kept
 
-    def capacity(self, name: str) -> int:
+    def capacity(self, name: str, warn_if_all: bool = True) -> int:
         """Trainable values the bank holds: never more than any draw can use, nor than the budget allows
-        (none under step_memory: the probe sizes the bank, `resize_bank`)."""
+        (none under step_memory: the probe sizes the bank, `resize_bank`). ``warn_if_all``: warn when the
+        budget holds every candidate channel's weights (a budget the user chose, not the default)."""
         config = self.host.peft_config[name]
         if config.step_memory is not None:
             return 0
@@ -203,7 +204,7 @@ class Periods:
             return sum(config.channels_for(m.geometry.in_channels) * m.geometry.slice_numel for _, m in layers)
         total = sum(m.geometry.in_channels * m.geometry.slice_numel for _, m in layers)
         capacity = bank_capacity(config.budget, total, config.optimizer_state_bytes, config.bank_share)
-        if capacity == total and not config.inference_mode:
+        if capacity == total and warn_if_all and not config.inference_mode:
             per_value = 1 if config.budget.unit == "values" else bytes_per_trained_value(config.optimizer_state_bytes)
             unit = "values" if config.budget.unit == "values" else "bytes"
             smaller = total // 2 if unit == "values" else f"{max(1, total * per_value // 1024)}KiB"
