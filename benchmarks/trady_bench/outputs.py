@@ -81,15 +81,19 @@ def markers(preset: str, protocol: str = "sgd") -> tuple[str, str]:
 def update_docs_page(page: Path, table: str, preset: str = "quick", out: Path = OUT, protocol: str = "sgd") -> None:
     """Put the generated tables (``<out>/table.md`` or ``front.md``) between the page's markers for
     ``preset`` and ``protocol``; the plots they name are linked from the page's folder."""
-    begin, end = markers(preset, protocol)
-    text = page.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{page} lacks the {begin} ... {end} markers that bench.py fills.")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
     folder = Path(os.path.relpath(out, page.parent)).as_posix()  # table.md sits next to its plots
     table = re.sub(r"\]\(([\w-]+\.png)\)", lambda m: f"]({folder}/{m.group(1)})", table)
-    page.write_text(f"{head}{begin}\n{table}{end}{tail}")
+    replace_between(page, *markers(preset, protocol), table)
+
+
+def replace_between(page: Path, begin: str, end: str, text: str) -> None:
+    """Put ``text`` between the markers ``begin`` and ``end`` of ``page`` (a SystemExit if either is missing)."""
+    content = page.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{page} lacks the {begin} ... {end} markers that the benchmark fills.")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{text}{end}{tail}")
 
 
 def write_front_outputs(results: dict[str, dict], env: dict, out: Path) -> None:
