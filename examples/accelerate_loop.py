@@ -19,8 +19,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--budget",
-        default="2MiB",
-        help="memory_budget: an int (paper units) or bytes, e.g. 2MiB."
+        default=None,
+        help="memory_budget: an int (paper units) or bytes, e.g. 2MiB; None: TraDy's default, a bank of the values "
+        "LoRA r=8 would train on the same layers and as many bytes again for saved inputs."
         " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
         "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
         "the selected channels.",
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
     import evaluate
     import torch
     from accelerate import Accelerator
-    from offline_assets import ACCURACY, Classifier, fashion_mnist, say
+    from offline_assets import ACCURACY, Classifier, budget_label, fashion_mnist, say
     from peft import get_peft_model
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
     config = trady_peft.TraDyConfig(memory_budget=args.budget, strategy=args.strategy, modules_to_save=["_fc"])
     say("loading EfficientNet-Lite0 and Fashion-MNIST")
     model = get_peft_model(Classifier(), config)
+    budget = budget_label(args.budget, model.peft_config["default"])
     train = fashion_mnist("train", args.train_size, args.image_size)
     test = fashion_mnist("test", args.test_size, args.image_size, seed=1)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
@@ -67,9 +69,7 @@ def main(argv=None) -> dict:
             # fold, redraw, reset re-targeted moments (batches: for the strategies that score channels)
             trady_peft.next_period(model, optimizer, batches=loader)
         model.train()
-        for batch in tqdm(
-            loader, desc=f"TraDy ({args.budget}), epoch {epoch}", disable=not accelerator.is_main_process
-        ):
+        for batch in tqdm(loader, desc=f"TraDy ({budget}), epoch {epoch}", disable=not accelerator.is_main_process):
             loss = model(**batch)["loss"]  # the very first call probes sizes (d-det-rgn: scores) and draws
             accelerator.backward(loss)
             optimizer.step()

@@ -22,8 +22,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--budget",
-        default="16MiB",
-        help="memory_budget: int (paper units) or bytes such as 16MiB."
+        default=None,
+        help="memory_budget: int (paper units) or bytes such as 16MiB; None: TraDy's default, a bank of the values "
+        "LoRA r=8 would train on the same layers and as many bytes again for saved inputs."
         " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
         "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
         "the selected channels.",
@@ -46,7 +47,7 @@ def main(argv=None) -> dict:
     print("[trady-peft example] loading SmolLM2-135M-Instruct from its GGUF file (~15 s on 2 cores)", flush=True)
     import torch
     from datasets import Dataset
-    from offline_assets import hamlet, say, smollm2, with_method_label
+    from offline_assets import budget_label, hamlet, say, smollm2, with_method_label
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -71,7 +72,8 @@ def main(argv=None) -> dict:
     model = get_peft_model(model, trady_peft.TraDyConfig(memory_budget=args.budget))
     lr = args.lr or trady_peft.recommended_learning_rate(model)  # from the size of the adapter's bank
     say(f"strategy {model.peft_config['default'].strategy!r}, AdamW learning rate {lr:.2g}")
-    label = f"TraDy {model.peft_config['default'].strategy} ({args.budget})"
+    config = model.peft_config["default"]
+    label = f"TraDy {config.strategy} ({budget_label(args.budget, config)})"
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         run_name=label,

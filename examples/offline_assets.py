@@ -109,6 +109,13 @@ def say(message: str) -> None:
     print(f"[trady-peft example] {message}", flush=True)
 
 
+def budget_label(given, config) -> str:
+    """The run's budget for messages: ``--budget`` as given, or the default the adapter got when none was."""
+    if given is not None:
+        return str(given)
+    return f"default {int(str(config.memory_budget).removesuffix('B')) / 2**20:.1f}MiB"
+
+
 def compute_accuracy():
     """``compute_metrics`` for the Trainer: accuracy from the offline ``evaluate`` module in examples/metrics."""
     import evaluate

@@ -26,7 +26,7 @@ from pathlib import Path
 # torch, transformers and the data are imported in main(), after the arguments: `--help` is instant.
 
 
-def build(method: str, budget: str | int, seed: int):
+def build(method: str, budget: str | int | None, seed: int):
     import torch
     from offline_assets import Classifier
     from peft import get_peft_model
@@ -59,7 +59,7 @@ def measure(model, data, batch_size: int, lr: float):
 
 
 def run(method: str, args, train, test, workdir: Path) -> dict:
-    from offline_assets import compute_accuracy, say, with_method_label
+    from offline_assets import budget_label, compute_accuracy, say, with_method_label
     from transformers import Trainer, TrainingArguments
 
     import trady_peft
@@ -105,6 +105,7 @@ def run(method: str, args, train, test, workdir: Path) -> dict:
         model.save_pretrained(workdir / "trady_adapter")
         row["adapter"] = (workdir / "trady_adapter" / "adapter_model.safetensors").stat().st_size
         row["summary"] = model.base_model.selection_summary()
+        row["budget"] = budget_label(args.budget, model.peft_config["default"])
     return row
 
 
@@ -125,8 +126,10 @@ def main(argv=None):
     parser.add_argument(
         "--budget",
         type=lambda t: int(t) if t.isdigit() else t,
-        default="8MiB",
-        help="TraDy memory_budget: bytes such as 8MiB, or an int in the paper's units (values per sample)."
+        default=None,
+        help="TraDy memory_budget: bytes such as 8MiB, or an int in the paper's units (values per sample); None: "
+        "TraDy's default, a bank of the values LoRA r=8 would train on the same layers and as many bytes again "
+        "for saved inputs."
         " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
         "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
         "the selected channels.",
@@ -171,7 +174,7 @@ def report(rows: list[dict], args, workdir: Path | None) -> None:
         if "summary" in r:
             s = r["summary"]
             print(
-                f"TraDy ({args.budget} budget, {s['selected_cost']:,} B used): {s['selected_channels']} of "
+                f"TraDy ({r['budget']} budget, {s['selected_cost']:,} B used): {s['selected_channels']} of "
                 f"{s['total_channels']} input channels train per epoch in the top {s['candidate_layers']} of "
                 f"{s['layers']} layers; {s['touched_channels']} touched after {s['period'] + 1} epochs"
                 + (f"; adapter saved to {workdir / 'trady_adapter'}" if workdir else "")

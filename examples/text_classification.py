@@ -21,8 +21,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--budget",
-        default="4MiB",
-        help="memory_budget: int (paper units) or bytes such as 4MiB."
+        default=None,
+        help="memory_budget: int (paper units) or bytes such as 4MiB; None: TraDy's default, a bank of the values "
+        "LoRA r=8 would train on the same layers and as many bytes again for saved inputs."
         " A byte budget bounds everything the adapter adds to a training step: the bank parameter that holds "
         "the selected channels' trainable values, its gradient, its optimizer state, and the saved inputs of "
         "the selected channels.",
@@ -48,6 +49,7 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from offline_assets import (
         MiniLMClassifier,
+        budget_label,
         compute_accuracy,
         minilm_tokenizer,
         rotten_tomatoes,
@@ -77,13 +79,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     config = trady_peft.TraDyConfig(memory_budget=args.budget, modules_to_save=["classifier"])
     model = get_peft_model(MiniLMClassifier(), config)
+    budget = budget_label(args.budget, model.peft_config["default"])
     # AdamW: the bank at the rate recommended for its size (or --lr), the fresh classifier at the head rate
     optimizer = trady_peft.create_optimizer(model, lr=args.lr)
     lr, head_lr = (g["lr"] for g in optimizer.param_groups)
     say(f"strategy {model.peft_config['default'].strategy!r}, AdamW learning rate {lr:.2g} (classifier {head_lr:.2g})")
     training_args = TrainingArguments(
         output_dir=args.output_dir,
-        run_name=f"TraDy ({args.budget})",
+        run_name=f"TraDy ({budget})",
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=128,
@@ -105,7 +108,7 @@ def main(argv=None) -> dict:
         callbacks=[trady_peft.TraDyCallback()],
     )
 
-    with_method_label(trainer, f"TraDy ({args.budget})")
+    with_method_label(trainer, f"TraDy ({budget})")
     before = trainer.evaluate()["eval_accuracy"]
     trainer.train()
     after = trainer.evaluate()["eval_accuracy"]
@@ -113,8 +116,7 @@ def main(argv=None) -> dict:
     model.save_pretrained(f"{args.output_dir}/adapter")
     summary, strategy = model.base_model.selection_summary(), model.peft_config["default"].strategy
     print(
-        f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} "
-        f"(TraDy {strategy}, {args.budget} budget, lr {lr:.2g})"
+        f"test accuracy: {before:.3f} (untrained head) -> {after:.3f} (TraDy {strategy}, {budget} budget, lr {lr:.2g})"
     )
     print(
         f"one training step keeps {memory.saved_activations / 2**20:.1f} MiB of activations for backward; "

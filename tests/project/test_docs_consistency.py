@@ -160,7 +160,7 @@ def test_the_readme_quickstart_figures_are_what_the_code_measures_with_the_threa
         def __getitem__(self, rows):
             return {"pixel_values": images[rows], "labels": labels[rows]}
 
-    model = quickstart.build("TraDy", "8MiB", seed=0)
+    model = quickstart.build("TraDy", None, seed=0)  # no --budget: TraDy's default budget
     memory = quickstart.measure(model, Rows(), batch_size=32, lr=3e-3)
     measured = [memory.saved_activations, memory.trainable_parameters, memory.gradients, memory.optimizer_state]
     assert tuple(quickstart.kib(n) for n in measured) == row
