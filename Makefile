@@ -58,14 +58,16 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
 
 # Benchmarks (docs/benchmarks.md) on the offline tasks: the accuracy-memory front against LoRA (AdamW;
-# bench-quick: a reduced front, docs/benchmarks/front/), then for bench the paper's SGD protocol (every
-# strategy vs LoRA, head-only and full fine-tuning, speed, FLOPs, artifact; docs/benchmarks/full/).
+# bench-quick: a reduced front, docs/benchmarks/front/), then for bench where the defaults land on the
+# full front and the paper's SGD protocol (every strategy vs LoRA, head-only and full fine-tuning,
+# speed, FLOPs, artifact; docs/benchmarks/full/).
 .PHONY: bench-quick bench
 bench-quick: setup data
 	$(BIN)/python benchmarks/bench.py --preset quick --protocol adamw
 
 bench: setup data
 	$(BIN)/python benchmarks/bench.py --preset full --protocol adamw
+	$(BIN)/python benchmarks/defaults_on_front.py
 	$(BIN)/python benchmarks/bench.py --preset full --protocol sgd
 
 # What a session with a GPU runs once (benchmarks/gpu.sh; docs/distributed.md): the DeepSpeed tests incl.

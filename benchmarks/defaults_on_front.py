@@ -150,7 +150,9 @@ def main(argv=None) -> dict:
         result = run_task(name, front)
         results = json.loads(out.read_text())["tasks"] if out.exists() else {}  # another run may have added tasks
         results[name] = result
-        out.write_text(json.dumps({"front": str(args.front), "tasks": results}, indent=1))
+        front_path = args.front.resolve()
+        shown = front_path.relative_to(ROOT) if front_path.is_relative_to(ROOT) else front_path
+        out.write_text(json.dumps({"front": str(shown), "tasks": results}, indent=1))
     text = table(front, {n: results[n] for n in front["tasks"] if n in results})
     print(text)
     if args.front.resolve() == FRONT.resolve():
