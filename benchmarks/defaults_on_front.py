@@ -36,6 +36,7 @@ from trady_bench.accuracy import run_one
 from trady_bench.aggregate import diverged, summarize
 from trady_bench.environment import ROOT, quiet
 from trady_bench.front import is_lora
+from trady_bench.front_run import twin_records
 from trady_bench.front_verdict import answer_lora_points
 from trady_bench.memory import measure_memory
 from trady_bench.methods import Method, build_method, checkpointable, lora_targets_of, target_layers
@@ -43,7 +44,7 @@ from trady_bench.outputs import DOCS_PAGE, replace_between
 from trady_bench.tasks import TASKS, Task
 from trady_bench.training import OPTIMIZER_STATE_BYTES
 
-from trady_peft.memory.budget import bytes_per_trained_value, parse_budget
+from trady_peft.memory.budget import bytes_per_trained_value
 
 FRONT = ROOT / "docs" / "benchmarks" / "full" / "front" / "front.json"
 MARKERS = ("<!-- defaults_on_front.py -->", "<!-- /defaults_on_front.py -->")
@@ -59,7 +60,7 @@ def default_budget_bytes(task: Task) -> int:
         optimizer_state_bytes=OPTIMIZER_STATE_BYTES["adamw"],
     )
     model = get_peft_model(task.build(), config)
-    return parse_budget(model.peft_config["default"].memory_budget).amount
+    return model.peft_config["default"].budget.amount
 
 
 def run_task(name: str, front: dict) -> dict:
@@ -90,10 +91,14 @@ def as_default(row: dict) -> dict:
 
 def verdicts(name: str, traced: dict, result: dict) -> tuple[dict, list]:
     """The summary of the default and the front's LoRA points on task ``name``, and the verdict on each
-    LoRA point (`front_verdict.Answer`); the default with checkpointing trains exactly as without."""
-    mine = [as_default(r) for r in result["records"] if r["lr"] == result["lr"]]
+    LoRA point (`front_verdict.Answer`); the default with checkpointing gets its twin's records
+    (`front_run.twin_records`: it trains exactly as without)."""
+    trained = [r for r in result["records"] if r["lr"] == result["lr"]]
+    variants = [Method("auto", m["budget_bytes"], checkpointing=m["method"].endswith("-gc")) for m in result["memory"]]
+    measured = {(m["method"], m["budget_bytes"]) for m in result["memory"]}
+    mine = [as_default(r) for r in trained]
+    twins = [as_default(r) for r in twin_records(variants, measured, trained)]
     memory = [as_default(m) for m in result["memory"]]
-    twins = [{**r, "method": DEFAULT + "-gc"} for r in mine] if len(memory) > 1 else []
     lora = [r for r in traced["records"] if is_lora(r["method"])]
     lora_memory = [m for m in traced["memory"] if is_lora(m["method"])]
     answers = answer_lora_points(lora + mine + twins, lora_memory + memory, (DEFAULT,))[name]

@@ -113,7 +113,7 @@ def budget_label(given, config) -> str:
     """The run's budget for messages: ``--budget`` as given, or the default the adapter got when none was."""
     if given is not None:
         return str(given)
-    return f"default {int(str(config.memory_budget).removesuffix('B')) / 2**20:.1f}MiB"
+    return f"default {config.budget.amount / 2**20:.1f}MiB"
 
 
 def compute_accuracy():
